@@ -1,0 +1,235 @@
+"""The `agegender` command line. Thin: parse, call the library, print (JSON with --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table as RichTable
+from rich.text import Text
+
+from agegender import adience, cache, splits, synthetic
+from agegender.adience import MetadataError
+from agegender.config import CacheConfig, SplitConfig
+
+err = Console(stderr=True)
+out = Console()
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich bar on stderr and a throughput line, fed by the library's (done, total) callback.
+
+    Started on the first item, so work that turns out to be cached prints nothing.
+    """
+    start = time.perf_counter()
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err,
+    )  # fmt: skip
+    task: TaskID | None = None
+    done = 0
+
+    def update(n: int, total: int) -> None:
+        nonlocal task, done
+        if total == 0:
+            return
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total, rate="")
+        done = n
+        rate = n / max(time.perf_counter() - start, 1e-9)
+        bar.update(task, completed=n, total=total, rate=f"{rate:,.0f} img/s")
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+    if done:
+        secs = time.perf_counter() - start
+        err.print(f"{label}: {done:,} images in {secs:.1f} s ({done / secs:,.0f} img/s)")
+
+
+def _emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        human(data)
+
+
+def cmd_synth(a: argparse.Namespace) -> None:
+    with progress_bar("drawing faces") as bar:
+        res = synthetic.write_synthetic(a.out, size=a.size, per_fold=a.per_fold, seed=a.seed,
+                                        like_metadata=a.like_metadata, workers=a.workers,
+                                        progress=bar)  # fmt: skip
+    data = {"out": str(res.out), "rows": res.rows, "images": res.images, "written": res.rewritten}
+    _emit(data, a.json, lambda d: out.print(
+        f"wrote {d['written']:,} of {d['images']:,} images and {d['rows']:,} metadata rows to "
+        f"{d['out']}"))  # fmt: skip
+
+
+def cmd_prepare(a: argparse.Namespace) -> None:
+    config = CacheConfig(image_size=a.image_size, draft=not a.no_draft, workers=a.workers)
+    with progress_bar("decoding images") as bar:
+        res = cache.build_cache(a.data_root, a.cache, a.metadata, config, progress=bar)
+
+    def human(d: dict[str, Any]) -> None:
+        verb = "built" if res.rebuilt else "unchanged"
+        out.print(f"cache {verb}: {d['cache']}  ({d['images']:,} images, decoded {d['decoded']:,}, "
+                  f"reused {d['reused']:,}, skipped {d['skipped']:,})")  # fmt: skip
+        out.print(f"fingerprint {d['fingerprint'][:16]}")
+        if res.problems:
+            out.print(f"[yellow]{d['skipped']} problem(s) listed in {d['report']}:[/]")
+            for p in res.problems[:10]:
+                out.print(f"  {p.source}  {p.path}: {p.problem}")
+            if len(res.problems) > 10:
+                out.print(f"  ... and {len(res.problems) - 10} more")
+
+    _emit(res.as_dict(), a.json, human)
+
+
+def cmd_stats(a: argparse.Namespace) -> None:
+    if a.cache:
+        table = cache.open_cache(a.cache).table
+    elif a.metadata:
+        table = adience.read_metadata(a.metadata)
+    else:
+        raise ValueError("give --metadata DIR (fold_K_data.txt files) or --cache DIR")
+    data = adience.stats(table, a.age_policy)
+
+    def human(d: dict[str, Any]) -> None:
+        parts = {**{f"fold {k}": v for k, v in d["folds"].items()}, "total": d["total"]}
+        t = RichTable(title=f"Adience metadata (age policy: {d['age_policy']})")
+        t.add_column("")
+        for name in parts:
+            t.add_column(name, justify="right")
+        counts = ["rows", "duplicates", "users", "age_labelled", "gender_labelled", "both_labelled"]
+        for c in counts:
+            t.add_row(c, *(f"{p[c]:,}" for p in parts.values()))
+        for key, prefix in (("age_groups", "age "), ("genders", "gender ")):
+            for name in d["total"][key]:
+                t.add_row(prefix + name, *(f"{p[key][name]:,}" for p in parts.values()))
+        out.print(t)
+
+    _emit(data, a.json, human)
+
+
+def cmd_split(a: argparse.Namespace) -> None:
+    config = SplitConfig(protocol=a.protocol, age_policy=a.age_policy, val_fraction=a.val_fraction,
+                         seed=a.seed, lists=a.lists)  # fmt: skip
+    table = cache.open_cache(a.cache).table if a.cache else adience.read_metadata(a.metadata)
+    split = splits.make_split(table, a.fold, config)
+    data = split.summary(table)
+    for note in split.notes:
+        err.print(Text.assemble(("note: ", "yellow"), note), highlight=False)
+
+    def human(d: dict[str, Any]) -> None:
+        t = RichTable(title=f"fold {d['fold']} ({d['protocol']}, age policy {d['age_policy']})")
+        for c in ["part", "rows", "age", "gender", "users"]:
+            t.add_column(c, justify="right")
+        for p in splits.PARTS:
+            t.add_row(p, *(f"{d[p][c]:,}" for c in ["rows", "age", "gender", "users"]))
+        out.print(t)
+        out.print("shared users: " + ", ".join(f"{k} {v}" for k, v in d["shared_users"].items()))
+
+    _emit(data, a.json, human)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agegender", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic dataset in the Adience layout")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--size", type=int, default=816, help="image side in pixels (Adience: 816)")
+    s.add_argument("--per-fold", type=int, default=100, help="rows per fold (random structure)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--like-metadata",
+        type=Path,
+        default=None,
+        help="copy the users, folds and labels of these fold_K_data.txt files",
+    )
+    s.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("prepare", help="decode every image once into the memory-mapped cache")
+    s.add_argument("--data-root", type=Path, required=True, help="Adience download (has aligned/)")
+    s.add_argument("--cache", type=Path, required=True, help="cache directory to create/update")
+    s.add_argument(
+        "--metadata",
+        type=Path,
+        default=None,
+        help="folder of fold_K_data.txt (default: the data root)",
+    )
+    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full scale")
+    s.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_prepare)
+
+    data = sub.add_parser("data", help="inspect metadata and splits").add_subparsers(
+        dest="data_command", required=True)  # fmt: skip
+    for name, func, doc in [("stats", cmd_stats, "label and user counts per fold"),
+                            ("split", cmd_split, "train/val/test of one fold")]:  # fmt: skip
+        s = data.add_parser(name, help=doc)
+        src = s.add_mutually_exclusive_group(required=True)
+        src.add_argument("--metadata", type=Path, help="folder of fold_K_data.txt")
+        src.add_argument("--cache", type=Path, help="a prepared cache (rows that have images)")
+        s.add_argument("--age-policy", choices=["strict", "lenient"], default="strict")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=func)
+        if name == "split":
+            s.add_argument("--fold", type=int, required=True, choices=range(adience.N_FOLDS))
+            s.add_argument("--protocol", choices=["subject_disjoint", "levi_hassner"],
+                           default="subject_disjoint")  # fmt: skip
+            s.add_argument(
+                "--lists",
+                type=Path,
+                default=None,
+                help="Levi-Hassner list folder (test_fold_is_K/...)",
+            )
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--val-fraction", type=float, default=0.1)
+    return p
+
+
+def _error(message: str) -> None:
+    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValidationError as exc:
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e["loc"]) or "config"
+            _error(f"{loc}: {e['msg']}")
+        return 2
+    except (MetadataError, cache.CacheError, FileNotFoundError, ValueError) as exc:
+        _error(str(exc))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Fixtures: the real Adience metadata from ../shared (never committed), small synthetic sets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agegender.synthetic import SynthResult, write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared")) / "adience"
+
+
+def _shared(sub: str) -> Path:
+    path = SHARED / sub
+    if not path.is_dir():
+        pytest.skip(
+            f"real Adience {sub} not found at {path}: these files are not part of the repository; "
+            "put the shared/ folder beside the checkout (or set AGEGENDER_SHARED) to run this test"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_metadata() -> Path:
+    return _shared("metadata")
+
+
+@pytest.fixture(scope="session")
+def lh_lists() -> Path:
+    return _shared("levi_hassner_folds")
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
+    """A small synthetic Adience download (5 folds x 24 rows, 64 px), shared read-only by tests."""
+    return write_synthetic(
+        tmp_path_factory.mktemp("synth"), size=64, per_fold=24, seed=3, workers=1
+    )
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The installed console entry point, as a user would run it."""
+    cmd = [sys.executable, "-m", "agegender.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
