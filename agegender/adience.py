@@ -7,7 +7,7 @@ because a silently skipped or mis-parsed row changes the benchmark without anyon
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -90,13 +90,6 @@ class Table:
 
     def gender_labels(self) -> IntArray:
         return np.array([gender_label(r.gender) for r in self.rows], dtype=np.int64)
-
-    def subset(self, keep: Sequence[int] | IntArray) -> Table:
-        """The rows at `keep` (in that order); duplicate counts are kept for the folds present."""
-        rows = tuple(self.rows[int(i)] for i in keep)
-        folds = {r.fold for r in rows}
-        dups = {k: v for k, v in self.duplicates.items() if k in folds}
-        return Table(rows=rows, duplicates=dups, files=self.files)
 
 
 def fold_file(metadata_dir: Path, fold: int) -> Path:

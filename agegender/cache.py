@@ -207,6 +207,8 @@ def build_cache(
     reusable = _reusable(cache_dir, old, settings, unique)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in cache_dir.glob("images.tmp-*.npy"):  # left by a killed build
+        stale.unlink()
     tmp_images = cache_dir / f"images.tmp-{os.getpid()}.npy"
     size = config.image_size
     out = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8,

@@ -138,7 +138,7 @@ def cmd_split(a: argparse.Namespace) -> None:
     split = splits.make_split(table, a.fold, config)
     data = split.summary(table)
     for note in split.notes:
-        err.print(Text.assemble(("note: ", "yellow"), note), highlight=False)
+        err.print(Text.assemble(("note: ", "yellow"), note), highlight=False, soft_wrap=True)
 
     def human(d: dict[str, Any]) -> None:
         t = RichTable(title=f"fold {d['fold']} ({d['protocol']}, age policy {d['age_policy']})")
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> None:
-    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
+    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,18 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-__all__ = ["AGE_RANGES", "render_face"]
-
-AGE_RANGES: tuple[tuple[int, int], ...] = (
-    (0, 2),
-    (4, 6),
-    (8, 13),
-    (15, 20),
-    (25, 32),
-    (38, 43),
-    (48, 53),
-    (60, 100),
-)
+__all__ = ["render_face"]
 
 FArr = NDArray[np.float64]
 Color = tuple[int, int, int]
@@ -75,9 +64,13 @@ def _mix(a: FArr, b: FArr, t: float) -> FArr:
     return a * (1.0 - t) + b * t
 
 
+def _c8(v: float) -> int:
+    return 0 if v < 0.0 else 255 if v > 255.0 else int(v + 0.5)
+
+
 def _col(x: FArr) -> Color:
-    r, g, b = (int(v) for v in np.clip(np.round(x), 0, 255))
-    return (r, g, b)
+    r, g, b = x.tolist()
+    return (_c8(r), _c8(g), _c8(b))
 
 
 def _hsv(h: float, s: float, v: float) -> FArr:
@@ -102,7 +95,7 @@ def _sigmoid(x: float) -> float:
 class _User:
     """Album-level look: every photo in one Flickr album shares camera, room and light."""
 
-    bg_kind: int
+    bg_kind: int  # 0 plain backdrop, 1 room with fixed furniture, 2 bokeh blobs
     bg_from: FArr
     bg_to: FArr
     bg_dir: float
@@ -174,6 +167,7 @@ class _Shot:
     noise_seed: int
 
 
+@lru_cache(maxsize=512)
 def _make_user(seed: int, user_id: str) -> _User:
     r = _rng(seed, "user", user_id)
     base_h = float(r.uniform())
@@ -224,20 +218,23 @@ def _make_user(seed: int, user_id: str) -> _User:
     )
 
 
+@lru_cache(maxsize=2048)
 def _make_identity(
-    seed: int, user_id: str, face_id: int, age: float | None, gender: str | None, user: _User
+    seed: int, user_id: str, face_id: int, age: float | None, gender: str | None, skin_bias: float
 ) -> _Identity:
     r = _rng(seed, "face", user_id, face_id)
     # Fixed draw order: explicit age/gender must not shift the other traits.
     g_u, a_u = float(r.uniform()), float(r.uniform(0.0, 80.0))
-    gen = gender if gender in ("m", "f") else ("m" if g_u < 0.5 else "f")
-    skin_t = float(np.clip(0.6 * user.skin_bias + 0.4 * r.uniform() + r.normal(0, 0.08), 0, 1))
+    gen = gender if gender is not None else ("m" if g_u < 0.5 else "f")
+    skin_t = float(np.clip(0.6 * skin_bias + 0.4 * r.uniform() + r.normal(0, 0.08), 0, 1))
     pos = skin_t * (len(_SKIN) - 1)
     lo = min(int(pos), len(_SKIN) - 2)
     skin = _mix(_SKIN[lo], _SKIN[lo + 1], pos - lo) * np.exp(r.normal(0, 0.025, 3))
     dark = _smooth((skin_t - 0.35) / 0.4)
     hw = _mix(_HAIR_W_LIGHT, _HAIR_W_DARK, dark)
-    hair = _HAIR[int(r.choice(len(_HAIR), p=hw / hw.sum()))] * np.exp(r.normal(0, 0.08, 3))
+    hair = _HAIR[int(r.choice(len(_HAIR), p=hw / hw.sum()))] * np.exp(
+        r.normal(0, 0.1) + r.normal(0, 0.03, 3)
+    )
     ew = _mix(_EYES_W_LIGHT, _EYES_W_DARK, dark)
     eye = _EYES[int(r.choice(len(_EYES), p=ew / ew.sum()))]
     return _Identity(
@@ -312,7 +309,7 @@ def _make_shot(seed: int, user_id: str, face_id: int, image_name: str, user: _Us
         brightness=user.brightness * float(np.exp(r.normal(0, 0.1))),
         smile=float(r.uniform(0.3, 1.0)) if smile_u < 0.6 else 0.0,
         mouth_open=float(r.uniform(0.2, 1.0)) if r.uniform() < 0.3 else 0.0,
-        blink=bool(r.uniform() < 0.04),
+        blink=bool(r.uniform() < 0.03),
         noise=user.noise * float(r.uniform(0.6, 1.4)),
         clothes=_hsv(float(r.uniform()), float(r.uniform(0, 0.8)), float(r.uniform(0.1, 0.95))),
         earring_on=bool(r.uniform() < 0.85),
@@ -365,25 +362,35 @@ def _unit_circle(n: int) -> FArr:
 
 
 def _ellipse_pts(cx: float, cy: float, rx: float, ry: float, angle: float, n: int) -> FArr:
-    u = _unit_circle(n) * np.array([rx, ry])
+    u: FArr = _unit_circle(n) * np.array([rx, ry])
     if angle:
         c, s = math.cos(angle), math.sin(angle)
         u = u @ np.array([[c, s], [-s, c]])
-    return u + np.array([cx, cy])
+    out: FArr = u + np.array([cx, cy])
+    return out
+
+
+@lru_cache(maxsize=64)
+def _unit_grid(n: int) -> FArr:
+    return np.linspace(0.0, 1.0, n)
 
 
 def _arc(cx: float, cy: float, rx: float, ry: float, t0: float, t1: float, n: int) -> FArr:
-    t = np.linspace(t0, t1, n)
+    t = t0 + (t1 - t0) * _unit_grid(n)
     return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+
+@lru_cache(maxsize=8)
+def _bezier_basis(n: int) -> FArr:
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    return np.hstack([(1 - t) ** 2, 2 * (1 - t) * t, t**2])
 
 
 def _quad(
     p0: tuple[float, float], p1: tuple[float, float], p2: tuple[float, float], n: int = 9
 ) -> FArr:
     """Quadratic Bezier: cheap smooth curves for brows, lips and wrinkles."""
-    t = np.linspace(0.0, 1.0, n)[:, None]
-    a, b, c = np.array(p0), np.array(p1), np.array(p2)
-    out: FArr = (1 - t) ** 2 * a + 2 * (1 - t) * t * b + t**2 * c
+    out: FArr = _bezier_basis(n) @ np.array([p0, p1, p2], dtype=np.float64)
     return out
 
 
@@ -391,7 +398,7 @@ def _render_background(img: Image.Image, user: _User, shot: _Shot) -> None:
     size = img.size[0]
     d = ImageDraw.Draw(img)
     # Linear gradient as thin bands: far cheaper than resizing a gradient image at 816 px.
-    n = max(4, min(40, size // 4))
+    n = max(4, min(24, size // 6))
     u = np.array([math.cos(user.bg_dir), math.sin(user.bg_dir)])
     v = np.array([-u[1], u[0]])
     t = np.linspace(-0.75, 0.75, n + 1)
@@ -405,8 +412,9 @@ def _render_background(img: Image.Image, user: _User, shot: _Shot) -> None:
     cols = np.clip(np.round(user.bg_from * (1 - w) + user.bg_to * w), 0, 255).astype(int).tolist()
     for band, col in zip(bands, cols, strict=True):
         d.polygon(band, fill=tuple(col))
-    for x0, y0, x1, y1, ci in user.scene:
-        d.rectangle((x0 * size, y0 * size, x1 * size, y1 * size), fill=_col(user.palette[ci]))
+    if user.bg_kind == 1:  # indoor album: fixed furniture / windows behind everyone
+        for x0, y0, x1, y1, ci in user.scene:
+            d.rectangle((x0 * size, y0 * size, x1 * size, y1 * size), fill=_col(user.palette[ci]))
     for kind, cx, cy, rx, ry, ang, ci in shot.shapes:
         # Bokeh-style albums get blobs only; others mix blobs, boxes and triangles.
         n = 24 if user.bg_kind == 2 or kind == 0 else (4 if kind == 1 else 3)
@@ -476,7 +484,7 @@ def _derive(ident: _Identity, shot: _Shot) -> _Face:
         style = 0
     hair = _mix(_mix(ident.hair, _GREY, 0.85 * grey), _WHITE, 0.9 * white)
     hair = _mix(hair, np.array([205.0, 176.0, 128.0]), 0.25 * (1 - g))  # fine baby hair
-    hair = _mix(ident.skin, hair, hair_amt)
+    hair = _mix(ident.skin, hair, hair_amt**1.5)  # sparse newborn hair shows skin through
 
     head_len = (0.72 + 0.10 * g) * ident.length_k * (1.0 + 0.02 * sgn * c)
     y_top = -0.41
@@ -532,7 +540,9 @@ def _outline(f: _Face, n: int) -> FArr:
     t = np.linspace(math.pi, 2 * math.pi, n)
     top = np.stack([f.hw * np.cos(t), f.y_mid + (f.y_mid - f.y_top) * np.sin(t)], axis=1)
     u = np.linspace(0.0, 1.0, n)
-    xs = f.chin_w + (f.hw_low - f.chin_w) * (1.0 - u**f.jaw_p) ** (1.0 / f.jaw_p)
+    # Taper from cranium width to jaw width without a notch at the cheekbones.
+    base = f.hw_low + (f.hw - f.hw_low) * (1.0 - np.clip(u / 0.4, 0.0, 1.0) ** 2)
+    xs = f.chin_w + (base - f.chin_w) * (1.0 - u**f.jaw_p) ** (1.0 / f.jaw_p)
     ys = f.y_mid + (f.y_chin - f.y_mid) * u
     right = np.stack([xs, ys], axis=1)
     left = right[::-1] * np.array([-1.0, 1.0])
@@ -612,27 +622,37 @@ def _draw_skin(cv: _Canvas, f: _Face, ident: _Identity) -> None:
         )
     if f.beard <= 0.0:
         return
-    # Stubble or full beard below the cheekbones, plus moustache.
-    bcol = _mix(f.skin, f.hair, (0.85 if f.full_beard else 0.28) * f.beard)
-    jaw_pts = outline[outline[:, 1] > f.y_nose - (0.01 if f.full_beard else -0.02)]
+    # Stubble or full beard: jaw below the sideburns, bounded above by the cheek line.
+    fx, mw, nw, yn = f.fx, f.mw, f.nw, f.y_nose
     if f.full_beard:
-        jaw_pts = jaw_pts * np.array([1.04, 1.0]) + np.array([0.0, 0.02])
-    top_edge = _quad(
-        (f.hw_low * 0.9, f.y_nose), (f.fx, f.y_nose - 0.01), (-f.hw_low * 0.9, f.y_nose)
+        bcol = _mix(f.skin, f.hair, 0.85 * f.beard)
+    else:
+        bcol = _mix(f.skin, f.hair, 0.3 * f.beard) * (1.0 - 0.08 * f.beard)
+    jaw_pts = outline[outline[:, 1] > (f.y_eye + yn) / 2]
+    if f.full_beard:  # grows past the chin
+        below = np.clip((jaw_pts[:, 1] - f.y_mouth) / (f.y_chin - f.y_mouth), 0.0, 1.0)
+        jaw_pts = jaw_pts * np.array([1.03, 1.0]) + np.stack([0 * below, 0.03 * below], axis=1)
+    lift = 0.02 if f.full_beard else 0.0
+    cheek_x = np.array(
+        [-f.hw_low * 0.8, -(mw + 0.03), -nw * 1.1, nw * 1.1, mw + 0.03, f.hw_low * 0.8]
     )
-    cv.poly(np.concatenate([jaw_pts, top_edge]), bcol)
-    mw, fx = f.mw, f.fx
-    top_m = _quad(
-        (-mw * 1.1 + fx, f.y_mouth + 0.004),
-        (fx, f.y_nose - 0.004),
-        (mw * 1.1 + fx, f.y_mouth + 0.004),
-    )
-    bot_m = _quad(
-        (mw * 1.1 + fx, f.y_mouth + 0.008),
-        (fx, f.y_mouth - 0.028),
-        (-mw * 1.1 + fx, f.y_mouth + 0.008),
-    )
-    cv.poly(np.concatenate([top_m, bot_m]), bcol)
+    side_y, lip_y = yn + 0.01 - lift, yn + 0.02 - lift
+    cheek_y = np.array([side_y, lip_y, yn + 0.008, yn + 0.008, lip_y, side_y])
+    cheek = np.stack([cheek_x + fx * (np.abs(cheek_x) < f.hw_low * 0.5), cheek_y], axis=1)
+    cv.poly(np.concatenate([jaw_pts, cheek]), bcol)
+    if f.full_beard or ident.beard_u > 0.7:
+        top_m = _quad(
+            (-mw * 1.1 + fx, f.y_mouth + 0.004),
+            (fx, yn - 0.004),
+            (mw * 1.1 + fx, f.y_mouth + 0.004),
+        )
+        bot_m = _quad(
+            (mw * 1.1 + fx, f.y_mouth + 0.008),
+            (fx, f.y_mouth - 0.028),
+            (-mw * 1.1 + fx, f.y_mouth + 0.008),
+        )
+        mcol = _mix(f.skin, f.hair, 0.9 * f.beard)
+        cv.poly(np.concatenate([top_m, bot_m]), mcol)
 
 
 def _draw_wrinkles(cv: _Canvas, f: _Face) -> None:
@@ -840,18 +860,19 @@ def _draw_mouth(cv: _Canvas, f: _Face, ident: _Identity, shot: _Shot) -> None:
 
 def _draw_top_hair(cv: _Canvas, f: _Face, ident: _Identity) -> None:
     hw, vol = f.hw, f.vol
-    t_hl = 0.2 + 0.16 * f.recede + (0.0 if f.male else 0.05)
+    t_hl = 0.2 + 0.16 * f.recede + (0.0 if f.male else 0.05) - 0.12 * (1.0 - f.hair_amt)
     y_hl = f.y_top + f.head_len * t_hl * (0.8 + 0.2 * f.g)
     if ident.fringe and f.recede < 0.2 and f.g > 0.3:
         y_hl = f.y_brow - 0.045
-    y_side = f.y_eye + (-0.06 if f.style == 0 else 0.15)
+    y_side = f.y_eye + (-0.06 - 0.1 * (1.0 - f.hair_amt) if f.style == 0 else 0.15)
     outer = _arc(0.0, f.y_mid, hw + vol, f.y_mid - f.y_top + vol, math.pi, 2 * math.pi, 28)
     if f.style == 0:
         outer = outer[outer[:, 1] < y_side]
     xs = np.linspace(hw * 0.96, -hw * 0.96, 17)
     shape = np.abs(xs / (hw * 0.96)) ** 2.4
     part_shift = 0.02 * ident.part * (1.0 - shape) * (xs > 0)
-    inner = np.stack([xs, y_hl + (y_side - y_hl) * shape + part_shift], axis=1)
+    jag = 0.012 * (np.arange(len(xs)) % 2) * (1.0 - shape)  # ragged edge reads as hair
+    inner = np.stack([xs, y_hl + (y_side - y_hl) * shape + part_shift + jag], axis=1)
     if f.style >= 1:
         cap = np.concatenate(
             [outer, [[hw + vol, y_side + 0.08]], inner, [[-(hw + vol), y_side + 0.08]]]
@@ -859,6 +880,15 @@ def _draw_top_hair(cv: _Canvas, f: _Face, ident: _Identity) -> None:
     else:
         cap = np.concatenate([outer, inner])
     cv.poly(cap, f.hair)
+    if f.hair_amt > 0.7 and f.recede < 0.25:
+        # A few strands so the cap reads as hair rather than a hat.
+        ry = f.y_mid - f.y_top + vol
+        for k in range(5):
+            ex_, ey_ = float(inner[2 + 3 * k, 0]), float(inner[2 + 3 * k, 1])
+            sx_ = 0.4 * ex_ + 0.04 * ident.part
+            sy_ = f.y_mid - ry * math.sqrt(max(0.0, 1.0 - (sx_ / (hw + vol)) ** 2)) + 0.02
+            mid = (0.5 * (sx_ + ex_) * 1.15, 0.5 * (sy_ + ey_))
+            cv.line(_quad((sx_, sy_), mid, (ex_, ey_)), f.hair * 0.82, 0.004)
     if f.recede > 0.25:
         # Bald crown: skin over the top of the skull, hair left only at the sides.
         half = 1.1 * f.recede
@@ -871,7 +901,9 @@ def _draw_top_hair(cv: _Canvas, f: _Face, ident: _Identity) -> None:
             1.5 * math.pi + half,
             16,
         )
-        front = _quad((crown[-1, 0], crown[-1, 1]), (0.0, y_hl + 0.03), (crown[0, 0], crown[0, 1]))
+        # Control point placed so the curve's apex dips just below the old hairline.
+        apex = 2.0 * (y_hl + 0.02) - 0.5 * (crown[0, 1] + crown[-1, 1])
+        front = _quad((crown[-1, 0], crown[-1, 1]), (0.0, apex), (crown[0, 0], crown[0, 1]))
         cv.poly(np.concatenate([crown, front]), _mix(f.skin, _WHITE, 0.06))
 
 
@@ -941,8 +973,10 @@ def render_face(
     """
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
+    if gender not in ("m", "f", None):
+        raise ValueError(f"gender must be 'm', 'f' or None, got {gender!r}")
     user = _make_user(seed, str(user_id))
-    ident = _make_identity(seed, str(user_id), int(face_id), age_years, gender, user)
+    ident = _make_identity(seed, str(user_id), int(face_id), age_years, gender, user.skin_bias)
     shot = _make_shot(seed, str(user_id), int(face_id), str(image_name), user)
     if user.eff_res < size * 0.9:
         # Low-resolution album: draw small, upscale (soft, like an upsampled Flickr photo).

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that call `agegender` and log to MLflow (suite issue)."""

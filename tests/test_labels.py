@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from agegender.labels import (
     AGE_GROUPS,
+    AGE_RANGES,
     LENIENT_EXTRA,
     LEVI_HASSNER_AGE_STRINGS,
     NO_LABEL,
@@ -47,6 +50,11 @@ def test_lenient_single_ages_lie_in_or_next_to_their_group() -> None:
 def test_unknown_policy_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown age policy 'loose'"):
         age_label("(0, 2)", "loose")  # type: ignore[arg-type]
+
+
+def test_age_ranges_name_the_groups() -> None:
+    assert [f"{lo}-{hi}" for lo, hi in AGE_RANGES] == list(AGE_GROUPS)
+    assert all(a[1] < b[0] for a, b in pairwise(AGE_RANGES))
 
 
 def test_gender() -> None:
