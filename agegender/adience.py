@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agegender.labels import AGE_GROUPS, GENDERS, AgePolicy, age_label, gender_label
+from agegender.labels import AGE_GROUPS, GENDERS, NO_LABEL, AgePolicy, age_label, gender_label
 
 N_FOLDS = 5
 COLUMNS: tuple[str, ...] = (
@@ -90,6 +90,28 @@ class Table:
 
     def gender_labels(self) -> IntArray:
         return np.array([gender_label(r.gender) for r in self.rows], dtype=np.int64)
+
+    def labels(self, policy: AgePolicy = "strict") -> Labels:
+        return Labels(age=self.age_labels(policy), gender=self.gender_labels())
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Per-row targets with a mask per task: a multi-task model learns from rows with one label.
+
+    Derived when a table is read, never stored, so changing the age policy needs no rebuild.
+    """
+
+    age: IntArray  # 0..7, NO_LABEL where absent
+    gender: IntArray  # 0 = m, 1 = f, NO_LABEL where absent
+
+    @property
+    def age_mask(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(self.age != NO_LABEL)
+
+    @property
+    def gender_mask(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(self.gender != NO_LABEL)
 
 
 def fold_file(metadata_dir: Path, fold: int) -> Path:
@@ -216,8 +238,8 @@ def list_file(lists_dir: Path, fold: int, task: str, part: str) -> Path:
 
 def stats(table: Table, policy: AgePolicy = "strict") -> dict[str, Any]:
     """Counts per fold and in total: what `agegender data stats` prints."""
-    age = table.age_labels(policy)
-    gender = table.gender_labels()
+    labels = table.labels(policy)
+    age, gender = labels.age, labels.gender
 
     def count(mask: npt.NDArray[np.bool_], duplicates: int) -> dict[str, Any]:
         a, g = age[mask], gender[mask]
@@ -225,9 +247,9 @@ def stats(table: Table, policy: AgePolicy = "strict") -> dict[str, Any]:
             "rows": int(mask.sum()),
             "duplicates": duplicates,
             "users": len({u for u, m in zip(table.users, mask, strict=True) if m}),
-            "age_labelled": int((a >= 0).sum()),
-            "gender_labelled": int((g >= 0).sum()),
-            "both_labelled": int(((a >= 0) & (g >= 0)).sum()),
+            "age_labelled": int(labels.age_mask[mask].sum()),
+            "gender_labelled": int(labels.gender_mask[mask].sum()),
+            "both_labelled": int((labels.age_mask & labels.gender_mask)[mask].sum()),
             "age_groups": {name: int((a == i).sum()) for i, name in enumerate(AGE_GROUPS)},
             "genders": {name: int((g == i).sum()) for i, name in enumerate(GENDERS)},
         }

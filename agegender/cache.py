@@ -184,14 +184,14 @@ def build_cache(
     settings = _settings(config)
 
     problems: list[Problem] = []
-    present: list[tuple[int, Row, tuple[int, int]]] = []
-    for i, row in enumerate(table.rows):
+    present: list[tuple[Row, tuple[int, int]]] = []
+    for row in table.rows:
         st = _stat(aligned / row.path)
         if st is None:
             problems.append(Problem(row.path, row.source, "missing file"))
         else:
-            present.append((i, row, st))
-    unique = {row.path: st for _, row, st in present}
+            present.append((row, st))
+    unique = {row.path: st for row, st in present}
     fingerprint = _fingerprint(settings, metadata_digest(table),
                                [(p, *st) for p, st in unique.items()])  # fmt: skip
 
@@ -229,16 +229,16 @@ def build_cache(
     failed = {slot: err for slot, err in results if err}
 
     failed_paths = {p: failed[s] for p, s in slot_of.items() if s in failed}
-    kept: list[tuple[int, Row, tuple[int, int]]] = []
-    for i, row, st in present:
+    kept: list[tuple[Row, tuple[int, int]]] = []
+    for row, st in present:
         if row.path in failed_paths:
             problems.append(Problem(row.path, row.source, failed_paths[row.path]))
         else:
-            kept.append((i, row, st))
+            kept.append((row, st))
 
     (cache_dir / MANIFEST).unlink(missing_ok=True)
     os.replace(tmp_images, cache_dir / IMAGES)
-    _write_index(cache_dir / INDEX, [(slot_of[row.path], row, st) for _, row, st in kept])
+    _write_index(cache_dir / INDEX, [(slot_of[row.path], row, st) for row, st in kept])
     _write_report(cache_dir / REPORT, problems)
     n_images = len(unique) - len(failed)
     manifest = {

@@ -13,10 +13,10 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from agegender.adience import IntArray, MetadataError, Table, list_file, read_list
+from agegender.adience import IntArray, Labels, MetadataError, Table, list_file, read_list
 from agegender.config import SplitConfig
-from agegender.labels import NO_LABEL
 
 PARTS = ("train", "val", "test")
 
@@ -40,8 +40,7 @@ class Split:
     train: Part
     val: Part
     test: Part
-    age: IntArray  # per table row, NO_LABEL where absent
-    gender: IntArray
+    labels: Labels  # per table row
     notes: tuple[str, ...] = field(default=())
 
     def part(self, name: str) -> Part:
@@ -83,14 +82,13 @@ def make_split(table: Table, fold: int, config: SplitConfig | None = None) -> Sp
     return _subject_disjoint(table, fold, config)
 
 
-def _labelled(idx: IntArray, labels: IntArray) -> IntArray:
-    keep: IntArray = idx[labels[idx] != NO_LABEL]
+def _labelled(idx: IntArray, mask: npt.NDArray[np.bool_]) -> IntArray:
+    keep: IntArray = idx[mask[idx]]
     return keep
 
 
 def _subject_disjoint(table: Table, fold: int, config: SplitConfig) -> Split:
-    age = table.age_labels(config.age_policy)
-    gender = table.gender_labels()
+    labels = table.labels(config.age_policy)
     users = np.array(table.users)
     in_test = table.folds == fold
     others = sorted(set(users[~in_test].tolist()))
@@ -108,9 +106,9 @@ def _subject_disjoint(table: Table, fold: int, config: SplitConfig) -> Split:
 
     def part(mask: np.ndarray[Any, np.dtype[np.bool_]]) -> Part:
         idx = np.flatnonzero(mask).astype(np.int64)
-        return Part(age=_labelled(idx, age), gender=_labelled(idx, gender))
+        return Part(age=_labelled(idx, labels.age_mask), gender=_labelled(idx, labels.gender_mask))
 
-    split = Split(fold, config, part(in_train), part(in_val), part(in_test), age, gender)
+    split = Split(fold, config, part(in_train), part(in_val), part(in_test), labels)
     shared = split.shared_users(table)
     if any(shared.values()):  # cannot happen by construction; guards against future edits
         raise AssertionError(f"subject_disjoint split of fold {fold} shares users: {shared}")
@@ -120,10 +118,10 @@ def _subject_disjoint(table: Table, fold: int, config: SplitConfig) -> Split:
 def _levi_hassner(table: Table, fold: int, config: SplitConfig) -> Split:
     assert config.lists is not None
     # The lists only contain the eight exact strings, so their labels are the strict policy's.
-    labels = {"age": table.age_labels("strict"), "gender": table.gender_labels()}
+    labels = table.labels("strict")
     parts: dict[str, dict[str, IntArray]] = {p: {} for p in PARTS}
     missing = 0
-    for task, task_labels in labels.items():
+    for task, task_labels in (("age", labels.age), ("gender", labels.gender)):
         for p in PARTS:
             path = list_file(config.lists, fold, task, p)
             idx = []
@@ -140,7 +138,7 @@ def _levi_hassner(table: Table, fold: int, config: SplitConfig) -> Split:
                 idx.append(i)
             parts[p][task] = np.array(idx, dtype=np.int64)
     train, val, test = (Part(age=parts[p]["age"], gender=parts[p]["gender"]) for p in PARTS)
-    split = Split(fold, config, train, val, test, age=labels["age"], gender=labels["gender"])
+    split = Split(fold, config, train, val, test, labels)
     shared = split.shared_users(table)["train-val"]
     notes = [
         f"levi_hassner: the published validation list shares {shared} users with training "

@@ -64,7 +64,7 @@ def random_structure(per_fold: int, seed: int) -> list[list[list[str]]]:
     folds: list[list[list[str]]] = []
     face_id = 1
     for _ in range(N_FOLDS):
-        n_users = max(2, round(per_fold / 30))
+        n_users = max(3, round(per_fold / 12))
         users = [f"{rng.integers(10**7, 10**8)}@N0{rng.integers(0, 9)}" for _ in range(n_users)]
         n_faces = max(8, per_fold // 4)
         faces = []

@@ -44,6 +44,8 @@ def small_synth(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The installed console entry point, as a user would run it."""
-    cmd = [sys.executable, "-m", "agegender.cli", *map(str, args)]
+    """The installed `agegender` console script, as a user runs it."""
+    script = Path(sys.executable).with_name("agegender")
+    assert script.is_file(), f"{script}: console script not installed (run `make venv`)"
+    cmd = [str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)

@@ -31,10 +31,10 @@ def table(real_metadata: Path) -> Table:
 def test_subject_disjoint_is_disjoint_and_tests_on_fold_k(table: Table, fold: int) -> None:
     split = make_split(table, fold)
     assert split.shared_users(table) == {"train-val": 0, "train-test": 0, "val-test": 0}
-    labelled = (split.age >= 0) | (split.gender >= 0)
+    labelled = split.labels.age_mask | split.labels.gender_mask
     fold_rows = np.flatnonzero((table.folds == fold) & labelled)
     np.testing.assert_array_equal(split.test.rows, fold_rows)
-    np.testing.assert_array_equal(split.test.age, fold_rows[split.age[fold_rows] >= 0])
+    np.testing.assert_array_equal(split.test.age, fold_rows[split.labels.age_mask[fold_rows]])
     # train + val = every labelled row of the other four folds, each exactly once
     rest = np.flatnonzero((table.folds != fold) & labelled)
     np.testing.assert_array_equal(np.sort(np.concatenate([split.train.rows, split.val.rows])), rest)
