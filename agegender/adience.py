@@ -20,9 +20,19 @@ from agegender.labels import AGE_GROUPS, GENDERS, NO_LABEL, AgePolicy, age_label
 
 N_FOLDS = 5
 COLUMNS: tuple[str, ...] = (
-    "user_id", "original_image", "face_id", "age", "gender",
-    "x", "y", "dx", "dy", "tilt_ang", "fiducial_yaw_angle", "fiducial_score",
-)  # fmt: skip
+    "user_id",
+    "original_image",
+    "face_id",
+    "age",
+    "gender",
+    "x",
+    "y",
+    "dx",
+    "dy",
+    "tilt_ang",
+    "fiducial_yaw_angle",
+    "fiducial_score",
+)
 INT_COLUMNS = ("face_id", "x", "y", "dx", "dy", "tilt_ang", "fiducial_yaw_angle", "fiducial_score")
 
 IntArray = npt.NDArray[np.int64]
@@ -135,9 +145,11 @@ def read_fold(path: Path, fold: int) -> tuple[list[Row], int]:
     header = tuple(h.strip() for h in lines[0].split("\t"))
     if header != COLUMNS:
         raise MetadataError(
-            path, 1, f"unexpected header {list(header)}; expected the 12 tab-separated columns "
-            f"{list(COLUMNS)}"
-        )  # fmt: skip
+            path,
+            1,
+            f"unexpected header {list(header)}; expected the 12 tab-separated columns "
+            f"{list(COLUMNS)}",
+        )
     rows: list[Row] = []
     seen: set[str] = set()
     duplicates = 0
@@ -161,8 +173,11 @@ def _parse_row(line: str, path: Path, lineno: int, fold: int) -> Row:
     values = dict(zip(COLUMNS, cells, strict=True))
     for name in ("user_id", "original_image"):
         if not values[name].strip() or "/" in values[name]:
-            raise MetadataError(path, lineno, f"column {name!r} must be a non-empty file name "
-                                f"component, got {values[name]!r}")  # fmt: skip
+            raise MetadataError(
+                path,
+                lineno,
+                f"column {name!r} must be a non-empty file name component, got {values[name]!r}",
+            )
     for name in INT_COLUMNS:
         try:
             int(values[name])

@@ -34,8 +34,18 @@ MANIFEST = "manifest.json"
 IMAGES = "images.npy"
 INDEX = "index.tsv"
 REPORT = "report.tsv"
-INDEX_FIELDS = ("slot", "fold", "user_id", "original_image", "face_id", "age", "gender",
-                "source", "size", "mtime_ns")  # fmt: skip
+INDEX_FIELDS = (
+    "slot",
+    "fold",
+    "user_id",
+    "original_image",
+    "face_id",
+    "age",
+    "gender",
+    "source",
+    "size",
+    "mtime_ns",
+)
 
 UInt8Array = npt.NDArray[np.uint8]
 
@@ -192,13 +202,21 @@ def build_cache(
         else:
             present.append((row, st))
     unique = {row.path: st for row, st in present}
-    fingerprint = _fingerprint(settings, metadata_digest(table),
-                               [(p, *st) for p, st in unique.items()])  # fmt: skip
+    fingerprint = _fingerprint(
+        settings, metadata_digest(table), [(p, *st) for p, st in unique.items()]
+    )
 
     old = read_manifest(cache_dir)
     if old and old.get("fingerprint") == fingerprint and (cache_dir / IMAGES).is_file():
-        return BuildResult(cache_dir, fingerprint, int(old["images"]), 0, int(old["images"]),
-                           tuple(Problem(**p) for p in old["problems"]), rebuilt=False)  # fmt: skip
+        return BuildResult(
+            cache_dir,
+            fingerprint,
+            int(old["images"]),
+            0,
+            int(old["images"]),
+            tuple(Problem(**p) for p in old["problems"]),
+            rebuilt=False,
+        )
 
     # Slots: one per distinct image path, in metadata order.
     slot_of: dict[str, int] = {}
@@ -211,8 +229,9 @@ def build_cache(
         stale.unlink()
     tmp_images = cache_dir / f"images.tmp-{os.getpid()}.npy"
     size = config.image_size
-    out = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8,
-                                    shape=(max(1, len(slot_of)), size, size, 3))  # fmt: skip
+    out = np.lib.format.open_memmap(
+        tmp_images, mode="w+", dtype=np.uint8, shape=(max(1, len(slot_of)), size, size, 3)
+    )
     if reusable:
         old_images = np.load(cache_dir / IMAGES, mmap_mode="r")
         for path, old_slot in reusable.items():
@@ -254,14 +273,23 @@ def build_cache(
         "problems": [p.__dict__ for p in problems],
     }
     (cache_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return BuildResult(cache_dir, fingerprint, n_images, len(jobs) - len(failed), len(reusable),
-                       tuple(problems), rebuilt=True)  # fmt: skip
+    return BuildResult(
+        cache_dir,
+        fingerprint,
+        n_images,
+        len(jobs) - len(failed),
+        len(reusable),
+        tuple(problems),
+        rebuilt=True,
+    )
 
 
 def _reusable(
-    cache_dir: Path, old: dict[str, Any] | None, settings: dict[str, Any],
+    cache_dir: Path,
+    old: dict[str, Any] | None,
+    settings: dict[str, Any],
     files: dict[str, tuple[int, int]],
-) -> dict[str, int]:  # fmt: skip
+) -> dict[str, int]:
     """Old slot of every path whose file and decode settings are unchanged since the last build."""
     if not old or old.get("settings") != settings or not (cache_dir / INDEX).is_file():
         return {}
@@ -278,8 +306,20 @@ def _write_index(path: Path, entries: list[tuple[int, Row, tuple[int, int]]]) ->
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(INDEX_FIELDS)
         for slot, r, (size, mtime) in entries:
-            w.writerow([slot, r.fold, r.user_id, r.original_image, r.face_id, r.age, r.gender,
-                        r.source, size, mtime])  # fmt: skip
+            w.writerow(
+                [
+                    slot,
+                    r.fold,
+                    r.user_id,
+                    r.original_image,
+                    r.face_id,
+                    r.age,
+                    r.gender,
+                    r.source,
+                    size,
+                    mtime,
+                ]
+            )
 
 
 def _write_report(path: Path, problems: list[Problem]) -> None:
@@ -302,15 +342,24 @@ def open_cache(cache_dir: Path | str) -> Cache:
     if manifest is None:
         raise CacheError(f"{cache_dir}: no {MANIFEST}; run `agegender prepare` to build the cache")
     if manifest.get("format") != FORMAT_VERSION:
-        raise CacheError(f"{cache_dir}: cache format {manifest.get('format')}, this version reads "
-                         f"{FORMAT_VERSION}; rebuild it with `agegender prepare`")  # fmt: skip
+        raise CacheError(
+            f"{cache_dir}: cache format {manifest.get('format')}, this version reads "
+            f"{FORMAT_VERSION}; rebuild it with `agegender prepare`"
+        )
     recs = _read_index_records(cache_dir / INDEX)
     rows = tuple(
-        Row(fold=int(r["fold"]), user_id=r["user_id"], original_image=r["original_image"],
-            face_id=int(r["face_id"]), age=r["age"], gender=r["gender"], source=r["source"],
-            raw="")
+        Row(
+            fold=int(r["fold"]),
+            user_id=r["user_id"],
+            original_image=r["original_image"],
+            face_id=int(r["face_id"]),
+            age=r["age"],
+            gender=r["gender"],
+            source=r["source"],
+            raw="",
+        )
         for r in recs
-    )  # fmt: skip
+    )
     dups = {int(k): int(v) for k, v in manifest["duplicates"].items()}
     table = Table(rows=rows, duplicates=dups)
     slots = np.array([int(r["slot"]) for r in recs], dtype=np.int64)

@@ -24,9 +24,9 @@ from rich.progress import (
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from agegender import adience, cache, splits, synthetic
+from agegender import adience, cache, splits, synthetic, train
 from agegender.adience import MetadataError
-from agegender.config import CacheConfig, SplitConfig
+from agegender.config import CacheConfig, SplitConfig, load_config
 
 err = Console(stderr=True)
 out = Console()
@@ -40,9 +40,13 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
     """
     start = time.perf_counter()
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err,
-    )  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err,
+    )
     task: TaskID | None = None
     done = 0
 
@@ -76,13 +80,24 @@ def _emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]],
 
 def cmd_synth(a: argparse.Namespace) -> None:
     with progress_bar("drawing faces") as bar:
-        res = synthetic.write_synthetic(a.out, size=a.size, per_fold=a.per_fold, seed=a.seed,
-                                        like_metadata=a.like_metadata, workers=a.workers,
-                                        progress=bar)  # fmt: skip
+        res = synthetic.write_synthetic(
+            a.out,
+            size=a.size,
+            per_fold=a.per_fold,
+            seed=a.seed,
+            like_metadata=a.like_metadata,
+            workers=a.workers,
+            progress=bar,
+        )
     data = {"out": str(res.out), "rows": res.rows, "images": res.images, "written": res.rewritten}
-    _emit(data, a.json, lambda d: out.print(
-        f"wrote {d['written']:,} of {d['images']:,} images and {d['rows']:,} metadata rows to "
-        f"{d['out']}"))  # fmt: skip
+    _emit(
+        data,
+        a.json,
+        lambda d: out.print(
+            f"wrote {d['written']:,} of {d['images']:,} images and {d['rows']:,} metadata rows to "
+            f"{d['out']}"
+        ),
+    )
 
 
 def cmd_prepare(a: argparse.Namespace) -> None:
@@ -92,8 +107,10 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
     def human(d: dict[str, Any]) -> None:
         verb = "built" if res.rebuilt else "unchanged"
-        out.print(f"cache {verb}: {d['cache']}  ({d['images']:,} images, decoded {d['decoded']:,}, "
-                  f"reused {d['reused']:,}, skipped {d['skipped']:,})")  # fmt: skip
+        out.print(
+            f"cache {verb}: {d['cache']}  ({d['images']:,} images, decoded {d['decoded']:,}, "
+            f"reused {d['reused']:,}, skipped {d['skipped']:,})"
+        )
         out.print(f"fingerprint {d['fingerprint'][:16]}")
         if res.problems:
             out.print(f"[yellow]{d['skipped']} problem(s) listed in {d['report']}:[/]")
@@ -132,8 +149,13 @@ def cmd_stats(a: argparse.Namespace) -> None:
 
 
 def cmd_split(a: argparse.Namespace) -> None:
-    config = SplitConfig(protocol=a.protocol, age_policy=a.age_policy, val_fraction=a.val_fraction,
-                         seed=a.seed, lists=a.lists)  # fmt: skip
+    config = SplitConfig(
+        protocol=a.protocol,
+        age_policy=a.age_policy,
+        val_fraction=a.val_fraction,
+        seed=a.seed,
+        lists=a.lists,
+    )
     table = cache.open_cache(a.cache).table if a.cache else adience.read_metadata(a.metadata)
     split = splits.make_split(table, a.fold, config)
     data = split.summary(table)
@@ -150,6 +172,77 @@ def cmd_split(a: argparse.Namespace) -> None:
         out.print("shared users: " + ", ".join(f"{k} {v}" for k, v in d["shared_users"].items()))
 
     _emit(data, a.json, human)
+
+
+def _epoch_line(r: dict[str, Any]) -> str:
+    def f(key: str) -> str:
+        v = r.get(key)
+        return "-" if v is None else f"{v:.3f}"
+
+    parts = [f"epoch {r['epoch']:>3}", f"lr {r['lr']:.2e}", f"train loss {f('train_loss')}"]
+    parts.append(f"val loss {f('val_loss')}")
+    for key, name in (
+        ("val_age_acc", "age"),
+        ("val_age_1off", "1-off"),
+        ("val_gender_acc", "gender"),
+    ):
+        if key in r:
+            parts.append(f"{name} {f(key)}")
+    parts.append(f"{r['images_per_s']:,.0f} img/s")
+    return " | ".join(parts) + ("  *" if r["best"] else "")
+
+
+def cmd_train_fold(a: argparse.Namespace) -> None:
+    overrides = list(a.overrides) + ([f"train.task={a.task}"] if a.task else [])
+    config = load_config(a.config, overrides)
+    out_dir = a.out or Path("runs/train") / f"{config.train.task}-fold{a.fold}-{config.hash()}"
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task("epoch 1", total=None)
+    epoch = [1]
+
+    def progress(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total, description=f"epoch {epoch[0]}")
+
+    def log(record: dict[str, Any]) -> None:
+        bar.console.print(_epoch_line(record), highlight=False, soft_wrap=True)
+        epoch[0] = record["epoch"] + 1
+        bar.reset(task)
+
+    err.print(
+        f"training {config.train.task} on fold {a.fold} -> {out_dir} (config {config.hash()})",
+        highlight=False,
+    )
+    with bar:
+        res = train.train_fold(
+            a.cache, a.fold, config, out_dir, resume=a.resume, log=log, progress=progress
+        )
+    for note in res.summary["notes"]:
+        err.print(Text.assemble(("note: ", "yellow"), note), highlight=False, soft_wrap=True)
+
+    def human(d: dict[str, Any]) -> None:
+        test = d["test"]
+        t = RichTable(
+            title=f"fold {d['fold']} {d['task']}: test at epoch {d['best_epoch']} "
+            f"(selected by {d['selected_by']})"
+        )
+        t.add_column("metric")
+        t.add_column("centre crop", justify="right")
+        t.add_column("10-crop", justify="right")
+        for key in ("age_acc", "age_1off", "gender_acc"):
+            if key in test:
+                ten = test.get(f"{key}_10crop")
+                t.add_row(key, f"{test[key]:.4f}", "-" if ten is None else f"{ten:.4f}")
+        out.print(t)
+        out.print(f"results in {res.out_dir}")
+
+    _emit(res.summary, a.json, human)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,9 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     data = sub.add_parser("data", help="inspect metadata and splits").add_subparsers(
-        dest="data_command", required=True)  # fmt: skip
-    for name, func, doc in [("stats", cmd_stats, "label and user counts per fold"),
-                            ("split", cmd_split, "train/val/test of one fold")]:  # fmt: skip
+        dest="data_command", required=True
+    )
+    for name, func, doc in [
+        ("stats", cmd_stats, "label and user counts per fold"),
+        ("split", cmd_split, "train/val/test of one fold"),
+    ]:
         s = data.add_parser(name, help=doc)
         src = s.add_mutually_exclusive_group(required=True)
         src.add_argument("--metadata", type=Path, help="folder of fold_K_data.txt")
@@ -199,8 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
         if name == "split":
             s.add_argument("--fold", type=int, required=True, choices=range(adience.N_FOLDS))
-            s.add_argument("--protocol", choices=["subject_disjoint", "levi_hassner"],
-                           default="subject_disjoint")  # fmt: skip
+            s.add_argument(
+                "--protocol",
+                choices=["subject_disjoint", "levi_hassner"],
+                default="subject_disjoint",
+            )
             s.add_argument(
                 "--lists",
                 type=Path,
@@ -209,6 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--val-fraction", type=float, default=0.1)
+    s = sub.add_parser("train-fold", help="train and evaluate one cross-validation fold")
+    s.add_argument("--cache", type=Path, required=True, help="a prepared cache")
+    s.add_argument("--fold", type=int, required=True, choices=range(adience.N_FOLDS))
+    s.add_argument("--task", choices=["multitask", "age", "gender"], default=None)
+    s.add_argument("--config", type=Path, default=None, help="YAML or JSON config file")
+    s.add_argument("--out", type=Path, default=None, help="run directory (default under runs/)")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.add_argument("--json", action="store_true", help="print result.json to stdout")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=20")
+    s.set_defaults(func=cmd_train_fold)
     return p
 
 
@@ -225,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loc = ".".join(str(x) for x in e["loc"]) or "config"
             _error(f"{loc}: {e['msg']}")
         return 2
-    except (MetadataError, cache.CacheError, FileNotFoundError, ValueError) as exc:
+    except (MetadataError, cache.CacheError, train.RunError, FileNotFoundError, ValueError) as exc:
         _error(str(exc))
         return 2
     return 0

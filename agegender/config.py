@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agegender.labels import AgePolicy
 
@@ -38,3 +43,142 @@ class CacheConfig(_Strict):
     image_size: int = Field(256, ge=8, le=1024, description="side of the square cached image")
     draft: bool = Field(True, description="let the JPEG decoder downscale before the resize")
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
+
+
+Task = Literal["multitask", "age", "gender"]
+Metric = Literal["loss", "age_acc", "age_1off", "gender_acc", "mean_acc"]
+
+
+class DataConfig(_Strict):
+    """What the model sees: the split, the crop and the batch."""
+
+    split: SplitConfig = SplitConfig()
+    crop: int = Field(227, ge=16, le=1024, description="square crop fed to the net (cache: 256)")
+    batch_size: int = Field(50, ge=1, le=4096)
+    norm_images: int = Field(2000, ge=1, description="training images used for the mean/std")
+    preload: Literal["auto", "always", "never"] = Field(
+        "auto", description="keep the split's images in device memory (auto: when they fit)"
+    )
+    shuffle_labels: bool = Field(
+        False, description="control run: permute training/validation labels (test stays real)"
+    )
+
+
+class ModelConfig(_Strict):
+    norm: Literal["lrn", "batchnorm"] = "lrn"
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class OptimConfig(_Strict):
+    """The paper's Caffe solver by default: SGD 0.9, weight decay 5e-4, lr 1e-3 x0.1 per 10k its."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    decay_every: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="step schedule: decay after this fraction of training "
+        "(0.2 of 50k iterations = the paper's 10k)",
+    )
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class TrainConfig(_Strict):
+    task: Task = "multitask"
+    iterations: int = Field(50_000, ge=1, description="SGD steps (paper: 50k of batch 50)")
+    epochs: float | None = Field(None, gt=0, description="if set, replaces iterations")
+    age_weight: float = Field(1.0, ge=0.0)
+    gender_weight: float = Field(1.0, ge=0.0)
+    select_metric: Metric = Field("loss", description="validation metric that picks the epoch")
+    patience: int | None = Field(10, ge=1, description="epochs without improvement; null = off")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(False, description="bf16 autocast on CUDA (slow on CPUs without AVX-512)")
+    channels_last: bool = Field(True, description="NHWC memory format on CUDA")
+    tencrop: bool = Field(True, description="also test with 10-crop over-sampling")
+
+
+class Config(_Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def hash(self) -> str:
+        """Short content hash: equal configs train equal models (with equal data)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class ConfigError(ValueError):
+    """A config file or override that names an unknown key or holds a bad value."""
+
+
+def _check_keys(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> None:
+    for key, value in data.items():
+        fields = model.model_fields
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{hint}; "
+                f"{prefix.rstrip('.') or 'the top level'} has: "
+                f"{', '.join(fields)}"
+            )
+        sub = fields[key].annotation
+        if isinstance(value, Mapping) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_keys(sub, value, f"{prefix}{key}.")
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`a.b=value` strings applied to a nested dict; values are parsed as YAML scalars."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)"
+            )
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is a value, not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse the value ({exc})") from None
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then a YAML/JSON file, then `key=value` overrides; validated with named errors."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
+            )
+        data = loaded or {}
+    data = apply_overrides(data, overrides)
+    _check_keys(Config, data)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            problems.append(f"{loc}: {e['msg']} (got {e['input']!r})")
+        source = f"{path}: " if path else ""
+        raise ConfigError(source + "; ".join(problems)) from None

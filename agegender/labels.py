@@ -31,8 +31,15 @@ AGE_GROUPS: tuple[str, ...] = ("0-2", "4-6", "8-13", "15-20", "25-32", "38-43", 
 """Display names, in label order (label i is AGE_GROUPS[i])."""
 
 AGE_RANGES: tuple[tuple[int, int], ...] = (
-    (0, 2), (4, 6), (8, 13), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100),
-)  # fmt: skip
+    (0, 2),
+    (4, 6),
+    (8, 13),
+    (15, 20),
+    (25, 32),
+    (38, 43),
+    (48, 53),
+    (60, 100),
+)
 
 GENDERS: tuple[str, ...] = ("m", "f")
 """Label 0 is male, 1 is female: the order of the Levi-Hassner lists."""
@@ -78,8 +85,15 @@ _TABLES: dict[str, dict[str, int]] = {
 }
 
 LEVI_HASSNER_AGE_STRINGS: tuple[str, ...] = (
-    "(0, 2)", "(4, 6)", "(8, 12)", "(15, 20)", "(25, 32)", "(38, 43)", "(48, 53)", "(60, 100)",
-)  # fmt: skip
+    "(0, 2)",
+    "(4, 6)",
+    "(8, 12)",
+    "(15, 20)",
+    "(25, 32)",
+    "(38, 43)",
+    "(48, 53)",
+    "(60, 100)",
+)
 """The list files' label index is the position of the metadata string in this tuple."""
 
 

@@ -132,9 +132,11 @@ def _levi_hassner(table: Table, fold: int, config: SplitConfig) -> Split:
                     continue
                 if task_labels[i] != entry.label:
                     raise MetadataError(
-                        path, entry.line, f"{task} label {entry.label} disagrees with the metadata "
-                        f"({table.rows[i].source}: {getattr(table.rows[i], task)!r})"
-                    )  # fmt: skip
+                        path,
+                        entry.line,
+                        f"{task} label {entry.label} disagrees with the metadata "
+                        f"({table.rows[i].source}: {getattr(table.rows[i], task)!r})",
+                    )
                 idx.append(i)
             parts[p][task] = np.array(idx, dtype=np.int64)
     train, val, test = (Part(age=parts[p]["age"], gender=parts[p]["gender"]) for p in PARTS)

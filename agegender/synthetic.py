@@ -83,9 +83,22 @@ def random_structure(per_fold: int, seed: int) -> list[list[list[str]]]:
             image = f"{rng.integers(10**9, 10**10)}_{rng.bytes(5).hex()}_o.jpg"
             x, y = rng.integers(0, 1200, 2)
             d = int(rng.integers(200, 900))
-            rows.append([user, image, str(fid), age, gender, str(x), str(y), str(d), str(d),
-                         str(rng.integers(-120, 120)), str(rng.integers(-40, 40)),
-                         str(rng.integers(0, 120))])  # fmt: skip
+            rows.append(
+                [
+                    user,
+                    image,
+                    str(fid),
+                    age,
+                    gender,
+                    str(x),
+                    str(y),
+                    str(d),
+                    str(d),
+                    str(rng.integers(-120, 120)),
+                    str(rng.integers(-40, 40)),
+                    str(rng.integers(0, 120)),
+                ]
+            )
         if per_fold >= 20:
             rows.insert(int(rng.integers(1, len(rows))), list(rows[0]))
         folds.append(rows)
@@ -111,8 +124,15 @@ def _render_chunk(jobs: list[tuple[_Image, Path, int, int, int, bool]]) -> list[
             written.append(False)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        face = render_face(img.user_id, img.face_id, img.original_image, img.age_years,
-                           img.gender, size=size, seed=seed)  # fmt: skip
+        face = render_face(
+            img.user_id,
+            img.face_id,
+            img.original_image,
+            img.age_years,
+            img.gender,
+            size=size,
+            seed=seed,
+        )
         tmp = target.with_suffix(".tmp")
         face.save(tmp, format="JPEG", quality=quality)
         tmp.replace(target)
@@ -136,8 +156,11 @@ def write_synthetic(
     just continues); other settings redraw every image.
     """
     out = Path(out)
-    folds = (copied_structure(Path(like_metadata)) if like_metadata is not None
-             else random_structure(per_fold, seed))  # fmt: skip
+    folds = (
+        copied_structure(Path(like_metadata))
+        if like_metadata is not None
+        else random_structure(per_fold, seed)
+    )
     out.mkdir(parents=True, exist_ok=True)
     engine = hashlib.sha256(Path(faces.__file__).read_bytes()).hexdigest()[:16]
     settings = {"size": size, "seed": seed, "quality": quality, "engine": engine}
@@ -156,8 +179,14 @@ def write_synthetic(
                 continue
             # The face's place inside its age range is fixed per face, like a person's age.
             u = np.random.default_rng([seed, int(face)]).random()
-            images[path] = _Image(path, user, int(face), image, _age_years(age, u),
-                                  gender if gender in ("m", "f") else None)  # fmt: skip
+            images[path] = _Image(
+                path,
+                user,
+                int(face),
+                image,
+                _age_years(age, u),
+                gender if gender in ("m", "f") else None,
+            )
         n_rows += len(rows)
     aligned = out / "aligned"
     jobs = [(img, aligned / img.path, size, seed, quality, keep) for img in images.values()]

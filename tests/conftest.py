@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from agegender.cache import build_cache
+from agegender.config import CacheConfig
 from agegender.synthetic import SynthResult, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +43,15 @@ def small_synth(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
     return write_synthetic(
         tmp_path_factory.mktemp("synth"), size=64, per_fold=24, seed=3, workers=1
     )
+
+
+@pytest.fixture(scope="session")
+def learn_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic set big enough to learn from: 5 x 400 rows, 56 px cache (48 px crops)."""
+    root = tmp_path_factory.mktemp("learn")
+    write_synthetic(root / "adience", size=72, per_fold=400, seed=11)
+    build_cache(root / "adience", root / "cache", config=CacheConfig(image_size=56))
+    return root / "cache"
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

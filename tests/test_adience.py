@@ -12,8 +12,14 @@ HEADER = "\t".join(COLUMNS)
 ROW = "30601258@N03\t10399646885_67c7d20df9_o.jpg\t1\t(25, 32)\tf\t0\t414\t1086\t1383\t-115\t30\t17"
 
 # The figures the data layer must reproduce on the real metadata (issue 2, strict policy).
-REAL_TOTAL = {"rows": 19370, "duplicates": 117, "age_labelled": 17321, "gender_labelled": 17492,
-              "both_labelled": 16156, "users": 168}  # fmt: skip
+REAL_TOTAL = {
+    "rows": 19370,
+    "duplicates": 117,
+    "age_labelled": 17321,
+    "gender_labelled": 17492,
+    "both_labelled": 16156,
+    "users": 168,
+}
 REAL_FOLD_ROWS = [4484, 3730, 3894, 3446, 3816]
 
 

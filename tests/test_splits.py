@@ -56,8 +56,9 @@ def test_subject_disjoint_is_seeded(table: Table) -> None:
 @pytest.mark.parametrize("fold", range(5))
 def test_levi_hassner_lists_as_published(table: Table, lh_lists: Path, fold: int) -> None:
     split = make_split(table, fold, SplitConfig(protocol="levi_hassner", lists=lh_lists))
-    sizes = tuple(len(getattr(split.part(p), t)) for t in ("age", "gender")
-                  for p in ("train", "val", "test"))  # fmt: skip
+    sizes = tuple(
+        len(getattr(split.part(p), t)) for t in ("age", "gender") for p in ("train", "val", "test")
+    )
     assert sizes == LH_SIZES[fold]
     shared = split.shared_users(table)
     assert shared["train-val"] > 100
@@ -71,8 +72,19 @@ def test_data_split_cli(real_metadata: Path, lh_lists: Path) -> None:
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
     assert d["shared_users"] == {"train-val": 0, "train-test": 0, "val-test": 0}
-    res = run_cli("data", "split", "--metadata", real_metadata, "--fold", "3", "--protocol",
-                  "levi_hassner", "--lists", lh_lists, "--json")  # fmt: skip
+    res = run_cli(
+        "data",
+        "split",
+        "--metadata",
+        real_metadata,
+        "--fold",
+        "3",
+        "--protocol",
+        "levi_hassner",
+        "--lists",
+        lh_lists,
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
     assert (d["train"]["age"], d["val"]["age"], d["test"]["gender"]) == (12991, 1457, 3318)

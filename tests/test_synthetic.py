@@ -24,8 +24,10 @@ def test_random_structure_reads_back_with_every_class_in_every_fold(
         assert all(n > 0 for n in fold["genders"].values()), fold
     users = [{u for u, f in zip(table.users, table.folds, strict=True) if f == k} for k in range(5)]
     assert sum(len(u) for u in users) == len(set().union(*users))  # folds are user-disjoint
-    paths = sorted(p.relative_to(small_synth.out / "aligned").as_posix()
-                   for p in (small_synth.out / "aligned").rglob("*.jpg"))  # fmt: skip
+    paths = sorted(
+        p.relative_to(small_synth.out / "aligned").as_posix()
+        for p in (small_synth.out / "aligned").rglob("*.jpg")
+    )
     assert paths == sorted(set(table.paths))
     with Image.open(small_synth.out / "aligned" / paths[0]) as im:
         assert (im.format, im.size, im.mode) == ("JPEG", (64, 64), "RGB")

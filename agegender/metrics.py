@@ -1,0 +1,47 @@
+"""Classification metrics for the two heads: exact and 1-off accuracy, per-class, confusion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+def confusion(labels: npt.ArrayLike, preds: npt.ArrayLike, classes: int) -> npt.NDArray[np.int64]:
+    """Rows are the true class, columns the prediction."""
+    out = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(out, (np.asarray(labels), np.asarray(preds)), 1)
+    return out
+
+
+def head_metrics(
+    probs: npt.NDArray[np.floating[Any]], labels: npt.NDArray[np.int64], prefix: str
+) -> dict[str, Any]:
+    """Metrics of one head on the rows that carry its label (labels < 0 are ignored).
+
+    `age_1off` counts a prediction in the true or an adjacent group, as Levi & Hassner report.
+    """
+    keep = labels >= 0
+    probs, labels = probs[keep], labels[keep]
+    classes = probs.shape[1]
+    preds = probs.argmax(1)
+    cm = confusion(labels, preds, classes)
+    support = cm.sum(1)
+    per_class = [float(cm[i, i] / support[i]) if support[i] else None for i in range(classes)]
+    n = len(labels)
+    out: dict[str, Any] = {
+        f"{prefix}_acc": float((preds == labels).mean()) if n else None,
+        f"{prefix}_n": n,
+        f"{prefix}_per_class": per_class,
+        f"{prefix}_confusion": cm.tolist(),
+    }
+    if prefix == "age":
+        out["age_1off"] = float((np.abs(preds - labels) <= 1).mean()) if n else None
+    return out
+
+
+def mean_accuracy(metrics: dict[str, Any]) -> float:
+    """The mean of the available heads' accuracies (model selection for multi-task runs)."""
+    accs = [metrics[k] for k in ("age_acc", "gender_acc") if metrics.get(k) is not None]
+    return float(np.mean(accs)) if accs else float("nan")

@@ -1,0 +1,423 @@
+"""Training one cross-validation fold, with model selection on validation only.
+
+The seed picked its best epoch on the test fold. Here the test part is evaluated exactly once, at
+the checkpoint that the validation metric selected, with the centre crop and with 10-crop
+over-sampling. Every epoch writes a checkpoint; `resume=True` continues a killed run from it and
+ends with the same metrics as an uninterrupted run (all randomness lives in saved generators).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agegender.cache import Cache, open_cache
+from agegender.config import Config
+from agegender.data import FoldData, fold_data
+from agegender.evaluate import autocast, masked_losses, part_metrics, predict, to_input
+from agegender.labels import AGE_GROUPS, GENDERS
+from agegender.metrics import mean_accuracy
+from agegender.models import LeviHassner, build_model
+from agegender.splits import make_split
+from agegender.transforms import random_crop_flip
+
+CHECKPOINT = "last.pt"
+BEST = "best.pt"
+RESULT = "result.json"
+HISTORY = "history.json"
+
+EpochLog = Callable[[dict[str, Any]], None]
+Progress = Callable[[int, int], None]
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (exists, or belongs to another config)."""
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("train.device=cuda but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def fold_seeds(seed: int, fold: int) -> tuple[int, int, int]:
+    """Independent seeds for initialisation, data order/augmentation and dropout."""
+    a, b, c = np.random.SeedSequence([seed, fold]).generate_state(3).tolist()
+    return int(a), int(b), int(c)
+
+
+def total_iterations(config: Config, n_train: int) -> int:
+    if config.train.epochs is None:
+        return config.train.iterations
+    return max(1, math.ceil(config.train.epochs * n_train / config.data.batch_size))
+
+
+def lr_factor(config: Config, total: int) -> Callable[[int], float]:
+    o = config.optim
+    if o.schedule == "step":
+        every = max(1, round(o.decay_every * total))
+        return lambda it: float(o.gamma ** (it // every))
+    if o.schedule == "cosine":
+        return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+    return lambda it: 1.0
+
+
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    o = config.optim
+    params = list(model.parameters())
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+@dataclass
+class Run:
+    """Everything that changes while a fold trains; the checkpoint is exactly this."""
+
+    config: Config
+    fold: int
+    device: torch.device
+    data: FoldData
+    model: LeviHassner
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    gen_data: torch.Generator
+    gen_dropout: torch.Generator
+    total: int
+    fingerprint: str
+    notes: tuple[str, ...]
+    epoch: int = 0
+    iteration: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = -math.inf
+    bad_epochs: int = 0
+
+    @property
+    def channels_last(self) -> bool:
+        return self.config.train.channels_last and self.device.type == "cuda"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "config_hash": self.config.hash(),
+            "data_fingerprint": self.fingerprint,
+            "fold": self.fold,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "gen_data": self.gen_data.get_state(),
+            "gen_dropout": self.gen_dropout.get_state(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_score": self.best_score,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.gen_data.set_state(state["gen_data"])
+        self.gen_dropout.set_state(state["gen_dropout"])
+        for key in ("epoch", "iteration", "history", "best_epoch", "best_score", "bad_epochs"):
+            setattr(self, key, state[key])
+
+
+def prepare_run(cache: Cache, fold: int, config: Config) -> Run:
+    """Split, data on the device, a freshly initialised model and its optimiser."""
+    device = select_device(config.train.device)
+    split = make_split(cache.table, fold, config.data.split)
+    init_seed, data_seed, dropout_seed = fold_seeds(config.train.seed, fold)
+    gen_data = torch.Generator().manual_seed(data_seed)
+    data = fold_data(cache, split, config.train.task, config.data, device, gen_data)
+    if config.data.crop > cache.image_size:
+        raise RunError(
+            f"data.crop={config.data.crop} is larger than the cached images "
+            f"({cache.image_size} px); rebuild the cache or lower the crop"
+        )
+    model = build_model(config.train.task, config.data.crop, config.model, seed=init_seed)
+    model.to(device)
+    if config.train.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    gen_dropout = torch.Generator().manual_seed(dropout_seed)
+    model.set_generator(gen_dropout)
+    optimizer = make_optimizer(model, config)
+    total = total_iterations(config, len(data.train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
+    return Run(
+        config,
+        fold,
+        device,
+        data,
+        model,
+        optimizer,
+        scheduler,
+        gen_data,
+        gen_dropout,
+        total,
+        cache.fingerprint,
+        split.notes,
+    )
+
+
+def fit_batch(run: Run, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One SGD step on a ready input batch (the part a model-only benchmark also times)."""
+    t = run.config.train
+    with autocast(run.device, t.bf16):
+        out = run.model(x)
+    losses = masked_losses(out, targets)
+    weights = {"age": t.age_weight, "gender": t.gender_weight}
+    loss = sum((weights[h] * v for h, v in losses.items()), torch.zeros((), device=run.device))
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.iteration += 1
+    stats: dict[str, Any] = {"loss": loss.detach(), "n": x.shape[0]}
+    for head, logits in out.items():
+        y = targets[head]
+        stats[f"{head}_correct"] = ((logits.argmax(1) == y) & (y >= 0)).sum().detach()
+        stats[f"{head}_n"] = (y >= 0).sum().detach()
+    return stats
+
+
+def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:
+    """One pass over the shuffled training part (or what is left of the iteration budget)."""
+    run.model.train()
+    part, store, crop = run.data.train, run.data.store, run.config.data.crop
+    bs = run.config.data.batch_size
+    order = torch.randperm(len(part), generator=run.gen_data)
+    steps = min(math.ceil(len(part) / bs), run.total - run.iteration)
+    sums: dict[str, Any] = {}
+    start = time.perf_counter()
+    for step in range(steps):
+        sel = order[step * bs : (step + 1) * bs]
+        images = store.batch(part.index[sel])
+        x = to_input(
+            random_crop_flip(images, crop, run.gen_data), run.data.normalize, run.channels_last
+        )
+        targets = {"age": part.age[sel].to(run.device), "gender": part.gender[sel].to(run.device)}
+        stats = fit_batch(run, x, targets)
+        stats["loss"] = stats["loss"] * stats["n"]
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v
+        if progress:
+            progress(step + 1, steps)
+    seconds = time.perf_counter() - start
+    n = int(sums.get("n", 0))
+    out = {"train_loss": float(sums["loss"]) / max(n, 1), "images_per_s": n / max(seconds, 1e-9)}
+    for head in run.model.heads:
+        out[f"train_{head}_acc"] = float(sums[f"{head}_correct"]) / max(int(sums[f"{head}_n"]), 1)
+    return out
+
+
+def _score(metric: str, val: dict[str, Any]) -> float:
+    """Higher is better."""
+    if metric == "loss":
+        return -float(val["loss"])
+    if metric == "mean_acc":
+        return mean_accuracy(val)
+    value = val.get(metric)
+    if value is None:
+        raise RunError(f"train.select_metric={metric} is not measured for this task")
+    return float(value)
+
+
+def _save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def validate(run: Run) -> dict[str, Any]:
+    d, t = run.data, run.config.train
+    pred = predict(
+        run.model,
+        d.store,
+        d.val,
+        run.config.data.crop,
+        d.normalize,
+        run.config.data.batch_size * 2,
+        bf16=t.bf16,
+        channels_last=run.channels_last,
+    )
+    weights = {"age": t.age_weight, "gender": t.gender_weight}
+    metrics = part_metrics(pred.center, d.val)
+    metrics["loss"] = sum(weights[h] * v for h, v in pred.losses.items())
+    return metrics
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    out_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def test(self) -> dict[str, Any]:
+        return dict(self.summary["test"])
+
+
+def train_fold(
+    cache: Cache | Path | str,
+    fold: int,
+    config: Config,
+    out_dir: Path | str,
+    resume: bool = False,
+    log: EpochLog | None = None,
+    progress: Progress | None = None,
+) -> FoldResult:
+    """Train, select on validation, test once; files in `out_dir` (see README)."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    out = Path(out_dir)
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not resume:
+        raise RunError(
+            f"{out} already holds a run; pass --resume to continue it, or use another --out"
+        )
+    started = time.perf_counter()
+    run = prepare_run(cache, fold, config)
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=run.device, weights_only=False)
+        for key, ours in (
+            ("config_hash", config.hash()),
+            ("data_fingerprint", cache.fingerprint),
+            ("fold", fold),
+        ):
+            if state[key] != ours:
+                raise RunError(
+                    f"{ckpt} has {key} {state[key]}, this run {ours}: it is another "
+                    "run's checkpoint; use another --out"
+                )
+        run.load_state(state)
+        if (out / RESULT).exists():
+            return FoldResult(out, json.loads((out / RESULT).read_text()))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(
+        {"config": config.model_dump(mode="json"), "config_hash": config.hash()},
+        out / "config.json",
+    )
+
+    t = config.train
+    while run.iteration < run.total and not (t.patience and run.bad_epochs >= t.patience):
+        run.epoch += 1
+        record: dict[str, Any] = {"epoch": run.epoch, "lr": run.scheduler.get_last_lr()[0]}
+        record |= train_epoch(run, progress)
+        val = validate(run)
+        record |= {f"val_{k}": v for k, v in val.items() if not isinstance(v, list)}
+        record["iteration"] = run.iteration
+        score = _score(t.select_metric, val)
+        record["best"] = score > run.best_score
+        if record["best"]:
+            run.best_score, run.best_epoch, run.bad_epochs = score, run.epoch, 0
+            _save(
+                {
+                    "model": run.model.state_dict(),
+                    "epoch": run.epoch,
+                    "task": t.task,
+                    "crop": config.data.crop,
+                    "config": config.model_dump(mode="json"),
+                    "normalize": run.data.normalize.__dict__,
+                    "age_groups": AGE_GROUPS,
+                    "genders": GENDERS,
+                },
+                out / BEST,
+            )
+        else:
+            run.bad_epochs += 1
+        run.history.append(record)
+        _save(run.state(), ckpt)
+        _write_json(run.history, out / HISTORY)
+        if log:
+            log(record)
+
+    best = torch.load(out / BEST, map_location=run.device, weights_only=False)
+    run.model.load_state_dict(best["model"])
+    d = run.data
+    pred = predict(
+        run.model,
+        d.store,
+        d.test,
+        config.data.crop,
+        d.normalize,
+        config.data.batch_size * 2,
+        tencrop=t.tencrop,
+        bf16=t.bf16,
+        channels_last=run.channels_last,
+    )
+    test = part_metrics(pred.center, d.test)
+    if pred.tencrop is not None:
+        test |= part_metrics(pred.tencrop, d.test, suffix="_10crop")
+    _write_predictions(out / "test_predictions.csv", cache, d, pred.center, pred.tencrop)
+    best_val = next(h for h in run.history if h["epoch"] == run.best_epoch)
+    summary = {
+        "fold": fold,
+        "task": t.task,
+        "protocol": config.data.split.protocol,
+        "config_hash": config.hash(),
+        "data_fingerprint": cache.fingerprint,
+        "device": str(run.device),
+        "sizes": {p: len(d.part(p)) for p in ("train", "val", "test")},
+        "iterations": run.iteration,
+        "epochs": run.epoch,
+        "best_epoch": run.best_epoch,
+        "selected_by": f"val {t.select_metric}",
+        "stopped_early": run.iteration < run.total,
+        "val": {k[4:]: v for k, v in best_val.items() if k.startswith("val_")},
+        "test": test,
+        "normalize": d.normalize.__dict__,
+        "notes": list(run.notes),
+        "seconds": time.perf_counter() - started,
+    }
+    _write_json(summary, out / RESULT)
+    return FoldResult(out, summary)
+
+
+def _write_predictions(
+    path: Path, cache: Cache, d: FoldData, center: dict[str, Any], tencrop: dict[str, Any] | None
+) -> None:
+    """Per-image test outputs: the raw material for error analysis and later aggregation."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        heads = list(center)
+        w.writerow(
+            [
+                "path",
+                "fold",
+                "user_id",
+                *[c for h in heads for c in (f"{h}_true", f"{h}_pred", f"{h}_pred_10crop")],
+                *[f"{h}_prob_{i}" for h in heads for i in range(center[h].shape[1])],
+            ]
+        )
+        truth = {"age": d.test.age.numpy(), "gender": d.test.gender.numpy()}
+        for i, row in enumerate(d.test.rows):
+            r = cache.table.rows[row]
+            cells: list[Any] = [r.path, r.fold, r.user_id]
+            for h in heads:
+                ten = int(tencrop[h][i].argmax()) if tencrop is not None else ""
+                cells += [int(truth[h][i]), int(center[h][i].argmax()), ten]
+            cells += [f"{p:.4f}" for h in heads for p in center[h][i]]
+            w.writerow(cells)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agegender.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_the_papers_solver() -> None:
+    c = Config()
+    assert (c.optim.name, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (
+        "sgd",
+        1e-3,
+        0.9,
+        5e-4,
+    )
+    assert (c.data.batch_size, c.train.iterations, c.data.crop) == (50, 50_000, 227)
+    assert c.optim.decay_every * c.train.iterations == 10_000
+
+
+def test_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\ntrain:\n  epochs: 5\n")
+    c = load_config(path, ["train.epochs=20", "data.batch_size=64", "train.patience=null"])
+    assert (c.optim.lr, c.train.epochs, c.data.batch_size, c.train.patience) == (0.01, 20, 64, None)
+    assert c.hash() != Config().hash()
+    assert (
+        c.hash()
+        == load_config(
+            path, ["data.batch_size=64", "train.epochs=20", "train.patience=null"]
+        ).hash()
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        (["optim.lr=-1"], "optim.lr: Input should be greater than 0 (got -1)"),
+        (["optim.name=rmsprop"], "optim.name: Input should be 'sgd', 'adam' or 'adamw'"),
+        (["model.norm=group"], "model.norm: Input should be 'lrn' or 'batchnorm'"),
+        (["bogus=1"], "unknown config key 'bogus'; the top level has: data, model, optim, train"),
+        (["train"], "is not of the form key=value"),
+        (["data.split.protocol=levi_hassner"], "needs `lists`"),
+    ],
+)
+def test_errors_name_the_key_and_what_is_allowed(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert message in str(exc.value)
+
+
+def test_bad_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from agegender.evaluate import masked_losses
+from agegender.metrics import head_metrics
+from agegender.transforms import (
+    Normalize,
+    center_crop,
+    crop_batch,
+    random_crop_flip,
+    ten_crops,
+)
+
+IMAGES = torch.arange(2 * 10 * 12 * 3, dtype=torch.int64).reshape(2, 10, 12, 3).to(torch.uint8)
+
+
+def test_crop_batch_matches_slicing_and_mirrors() -> None:
+    top, left, flip = torch.tensor([1, 3]), torch.tensor([2, 0]), torch.tensor([False, True])
+    out = crop_batch(IMAGES, top, left, 6, flip)
+    assert out.shape == (2, 6, 6, 3)
+    assert torch.equal(out[0], IMAGES[0, 1:7, 2:8])
+    assert torch.equal(out[1], IMAGES[1, 3:9, 0:6].flip(1))
+
+
+def test_random_crops_come_from_the_generator() -> None:
+    a = random_crop_flip(IMAGES, 6, torch.Generator().manual_seed(0))
+    b = random_crop_flip(IMAGES, 6, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    # every crop is a window of its own image (maybe mirrored)
+    for i in range(2):
+        windows = [IMAGES[i, t : t + 6, s : s + 6] for t in range(5) for s in range(7)]
+        assert any(torch.equal(a[i], w) or torch.equal(a[i], w.flip(1)) for w in windows)
+
+
+def test_center_and_ten_crops() -> None:
+    assert torch.equal(center_crop(IMAGES, 6), IMAGES[:, 2:8, 3:9])
+    crops = ten_crops(IMAGES, 6)
+    assert len(crops) == 10
+    assert torch.equal(crops[0], IMAGES[:, 0:6, 0:6])
+    assert torch.equal(crops[3], IMAGES[:, 4:10, 6:12])
+    assert torch.equal(crops[4], center_crop(IMAGES, 6))
+    assert all(torch.equal(crops[i + 5], crops[i].flip(2)) for i in range(5))
+
+
+def test_normalize_measures_and_applies() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    norm = Normalize.measure(images, np.arange(40))
+    flat = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(norm.mean, flat.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(norm.std, flat.std(0), rtol=1e-4)
+    x = norm(torch.from_numpy(images))
+    assert x.shape == (40, 3, 8, 8)
+    assert abs(float(x.mean())) < 1e-3
+    assert abs(float(x.std()) - 1) < 1e-2
+
+
+def test_masked_losses_ignore_missing_labels() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]], requires_grad=True)
+    full = masked_losses({"gender": logits}, {"gender": torch.tensor([0, 1, -1])})["gender"]
+    expected = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([0, 1]))
+    assert torch.allclose(full, expected)
+    none = masked_losses({"gender": logits}, {"gender": torch.tensor([-1, -1, -1])})["gender"]
+    assert float(none.detach()) == 0.0
+    none.backward()  # a batch without labels still backpropagates (zero gradient)
+    assert logits.grad is not None
+    assert float(logits.grad.abs().sum()) == 0.0
+
+
+def test_head_metrics() -> None:
+    probs = np.eye(8, dtype=np.float32)[[0, 1, 3, 7, 7]]
+    m = head_metrics(probs, np.array([0, 2, 3, 6, -1]), "age")
+    assert m["age_n"] == 4
+    assert m["age_acc"] == 0.5
+    assert m["age_1off"] == 1.0  # 1 vs 2 and 7 vs 6 are adjacent groups
+    assert m["age_per_class"][0] == 1.0
+    assert m["age_per_class"][2] == 0.0
+    assert m["age_per_class"][4] is None
+    assert np.array(m["age_confusion"]).sum() == 4
