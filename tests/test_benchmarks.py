@@ -17,3 +17,25 @@ def test_prepare_benchmark_runs() -> None:
     assert res.returncode == 0, res.stderr
     assert "naive PIL loop" in res.stdout
     assert "ratio" in res.stdout
+
+
+@pytest.mark.integration
+def test_train_throughput_benchmark_runs() -> None:
+    cmd = [
+        sys.executable,
+        "benchmarks/train_throughput.py",
+        "--crop",
+        "48",
+        "--image-size",
+        "56",
+        "--iterations",
+        "2",
+        "--per-fold",
+        "16",
+        "--batch-size",
+        "8",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "model-only bound" in res.stdout
+    assert "ratio" in res.stdout

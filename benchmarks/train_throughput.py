@@ -1,0 +1,107 @@
+"""Training throughput through the real cache + loader vs a model-only bound, in one process.
+
+    python benchmarks/train_throughput.py [--crop 227 --image-size 256] [--iterations 10] [--bf16]
+
+Pipeline: `train_epoch` on a prepared fold (uint8 images from the image store, batched random
+crop + flip + normalisation on the device, forward, masked losses, backward, SGD step). Bound:
+`fit_batch` alone on one ready float batch already on the device (same model, batch size and
+optimiser). The ratio pipeline / bound says how much the data path costs; target >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from agegender.cache import build_cache, open_cache
+from agegender.config import CacheConfig, load_config
+from agegender.evaluate import to_input
+from agegender.synthetic import write_synthetic
+from agegender.train import Run, fit_batch, prepare_run, train_epoch
+from agegender.transforms import random_crop_flip
+
+
+def _sync(run: Run) -> None:
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def pipeline(run: Run, iterations: int) -> float:
+    """Images/s of `iterations` steps of the real training loop."""
+    _sync(run)
+    start = time.perf_counter()
+    target = run.iteration + iterations
+    run.total = target
+    while run.iteration < target:
+        train_epoch(run)
+    _sync(run)
+    return iterations * run.config.data.batch_size / (time.perf_counter() - start)
+
+
+def bound(run: Run, iterations: int) -> float:
+    """Images/s of the model step alone on one batch that is already on the device."""
+    part, bs = run.data.train, run.config.data.batch_size
+    sel = torch.arange(min(bs, len(part)))
+    crops = random_crop_flip(
+        run.data.store.batch(part.index[sel]), run.config.data.crop, run.gen_data
+    )
+    x = to_input(crops, run.data.normalize, run.channels_last)
+    targets = {"age": part.age[sel].to(run.device), "gender": part.gender[sel].to(run.device)}
+    run.model.train()
+    _sync(run)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        stats = fit_batch(run, x, targets)
+    float(stats["loss"])  # wait for the last step
+    _sync(run)
+    return iterations * len(sel) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--crop", type=int, default=227)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--per-fold", type=int, default=80)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_synthetic(root / "adience", size=a.image_size, per_fold=a.per_fold, seed=0)
+        build_cache(root / "adience", root / "cache", config=CacheConfig(image_size=a.image_size))
+        config = load_config(
+            None,
+            [
+                f"data.crop={a.crop}",
+                f"data.batch_size={a.batch_size}",
+                f"train.bf16={a.bf16}",
+                f"train.device={a.device}",
+            ],
+        )
+        run = prepare_run(open_cache(root / "cache"), 0, config)
+        pipeline(run, 2)  # warm-up: allocator, kernels, page cache
+        bound(run, 2)
+        b1 = bound(run, a.iterations)
+        p = pipeline(run, a.iterations)
+        b2 = bound(run, a.iterations)
+
+    name = torch.cuda.get_device_name() if run.device.type == "cuda" else "cpu"
+    b = (b1 + b2) / 2
+    print(
+        f"device {name}, crop {a.crop} of {a.image_size}, batch {a.batch_size}, "
+        f"bf16 {a.bf16 and run.device.type == 'cuda'}, images preloaded {run.data.store.preloaded}"
+    )
+    print(f"model-only bound : {b:9.1f} img/s  (runs {b1:.1f} and {b2:.1f})")
+    print(f"cache + loader   : {p:9.1f} img/s")
+    print(f"ratio            : {p / b:9.3f}  (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
