@@ -325,8 +325,21 @@ def _error(message: str) -> None:
     err.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    extra_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """Parse and dispatch; expected failures print one clear line and exit 2, no traceback."""
+    args = parser.parse_args(argv)
+    expected: tuple[type[Exception], ...] = (
+        MetadataError,
+        cache.CacheError,
+        train.RunError,
+        FileNotFoundError,
+        ValueError,
+        *extra_errors,
+    )
     try:
         args.func(args)
     except ValidationError as exc:
@@ -334,10 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             loc = ".".join(str(x) for x in e["loc"]) or "config"
             _error(f"{loc}: {e['msg']}")
         return 2
-    except (MetadataError, cache.CacheError, train.RunError, FileNotFoundError, ValueError) as exc:
+    except expected as exc:
         _error(str(exc))
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

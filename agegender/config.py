@@ -67,6 +67,9 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     norm: Literal["lrn", "batchnorm"] = "lrn"
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    init_from: Path | None = Field(
+        None, description="checkpoint (best.pt) whose backbone initialises this net; heads fresh"
+    )
 
 
 class OptimConfig(_Strict):
@@ -96,7 +99,9 @@ class TrainConfig(_Strict):
     select_metric: Metric = Field("loss", description="validation metric that picks the epoch")
     patience: int | None = Field(10, ge=1, description="epochs without improvement; null = off")
     seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto|cpu|cuda[:N]"
+    )
     bf16: bool = Field(False, description="bf16 autocast on CUDA (slow on CPUs without AVX-512)")
     channels_last: bool = Field(True, description="NHWC memory format on CUDA")
     tencrop: bool = Field(True, description="also test with 10-crop over-sampling")
@@ -109,8 +114,13 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
 
     def hash(self) -> str:
-        """Short content hash: equal configs train equal models (with equal data)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Short content hash: equal configs train equal models (with equal data).
+
+        The device is left out: it says where a fold ran, not what was trained.
+        """
+        blob = json.dumps(
+            self.model_dump(mode="json", exclude={"train": {"device"}}), sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -156,29 +166,90 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then a YAML/JSON file, then `key=value` overrides; validated with named errors."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
-            )
-        data = loaded or {}
-    data = apply_overrides(data, overrides)
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        kind = type(loaded).__name__
+        raise ConfigError(f"{path}: expected a mapping of sections, got a {kind}")
+    return loaded or {}
+
+
+def _describe(exc: ValidationError, prefix: str, path: Path | str | None) -> str:
+    problems = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        problems.append(f"{prefix}{loc}: {e['msg']} (got {e['input']!r})")
+    return (f"{path}: " if path else "") + "; ".join(problems)
+
+
+def _validate(data: dict[str, Any], path: Path | str | None) -> Config:
     _check_keys(Config, data)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for e in exc.errors():
-            loc = ".".join(str(x) for x in e["loc"])
-            problems.append(f"{loc}: {e['msg']} (got {e['input']!r})")
-        source = f"{path}: " if path else ""
-        raise ConfigError(source + "; ".join(problems)) from None
+        raise ConfigError(_describe(exc, "", path)) from None
+
+
+def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then a YAML/JSON file, then `key=value` overrides; validated with named errors."""
+    data = _read_file(Path(path)) if path is not None else {}
+    return _validate(apply_overrides(data, overrides), path)
+
+
+Variant = Literal["multitask", "multitask_pretrained", "age", "gender"]
+VARIANTS: tuple[Variant, ...] = ("multitask", "multitask_pretrained", "age", "gender")
+
+
+class SuiteConfig(_Strict):
+    """The paper's experiments as variants of one base config, each over the CV folds."""
+
+    name: str = Field("agegender", min_length=1, description="MLflow experiment name")
+    variants: tuple[Variant, ...] = VARIANTS
+    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    slots: int = Field(0, ge=0, description="folds at once; 0 = one per GPU, else 1")
+    image_size: int = Field(256, ge=8, le=1024, description="cache image side (paper: 256)")
+    pretrained: Path | None = Field(
+        None, description="checkpoint whose backbone initialises multitask_pretrained"
+    )
+    retries: int = Field(1, ge=0, description="a failed fold is retried, resuming its checkpoint")
+
+    @model_validator(mode="after")
+    def _pretrained_given(self) -> SuiteConfig:
+        if "multitask_pretrained" in self.variants and self.pretrained is None:
+            raise ValueError(
+                "variant multitask_pretrained needs `pretrained` (a best.pt "
+                "checkpoint); give suite.pretrained=PATH or drop the variant"
+            )
+        if not set(self.folds) <= {0, 1, 2, 3, 4}:
+            raise ValueError(f"folds must be among 0-4, got {list(self.folds)}")
+        return self
+
+    def variant_config(self, base: Config, variant: Variant) -> Config:
+        task: Task = "multitask" if variant.startswith("multitask") else variant  # type: ignore[assignment]
+        model = base.model
+        if variant == "multitask_pretrained":
+            model = model.model_copy(update={"init_from": self.pretrained})
+        train = base.train.model_copy(update={"task": task})
+        return base.model_copy(update={"model": model, "train": train})
+
+
+def load_suite_config(
+    path: Path | str | None = None, overrides: Sequence[str] = ()
+) -> tuple[SuiteConfig, Config]:
+    """Like `load_config`, with a `suite` section (or `suite.` overrides) for the suite itself."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_file(Path(path))
+    data = apply_overrides(data, overrides)
+    suite_data = data.pop("suite", {}) or {}
+    _check_keys(SuiteConfig, suite_data, "suite.")
+    try:
+        suite = SuiteConfig.model_validate(suite_data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, "suite.", path)) from None
+    return suite, _validate(data, path)

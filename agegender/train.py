@@ -46,8 +46,8 @@ class RunError(RuntimeError):
 
 
 def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("train.device=cuda but no CUDA device is available")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"train.device={name} but no CUDA device is available")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -154,6 +154,8 @@ def prepare_run(cache: Cache, fold: int, config: Config) -> Run:
             f"({cache.image_size} px); rebuild the cache or lower the crop"
         )
     model = build_model(config.train.task, config.data.crop, config.model, seed=init_seed)
+    if config.model.init_from is not None:
+        load_backbone(model, config.model.init_from)
     model.to(device)
     if config.train.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -176,6 +178,25 @@ def prepare_run(cache: Cache, fold: int, config: Config) -> Run:
         cache.fingerprint,
         split.notes,
     )
+
+
+def load_backbone(model: LeviHassner, checkpoint: Path) -> None:
+    """Copy conv1-3 and fc6/fc7 from another run's `best.pt`; the heads keep their fresh init."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise RunError(
+            f"model.init_from={checkpoint}: not a readable agegender checkpoint ({exc})"
+        ) from None
+    backbone = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    wrong = [k for k in ours if k not in backbone or backbone[k].shape != ours[k].shape]
+    if wrong:
+        raise RunError(
+            f"model.init_from={checkpoint}: its backbone does not fit this net "
+            f"(different crop or norm?): {wrong[:3]}"
+        )
+    model.load_state_dict(backbone, strict=False)
 
 
 def fit_batch(run: Run, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, Any]:

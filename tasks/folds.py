@@ -1,0 +1,208 @@
+"""Prefect tasks around one fold and one variant: train (or skip), log, aggregate.
+
+Thin by design: the work is `agegender.train.train_fold`; these tasks add slots, retries that
+resume from the checkpoint, skip-if-finished, and the MLflow records.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from agegender import plots
+from agegender.cache import open_cache
+from agegender.config import Config
+from agegender.labels import AGE_GROUPS, GENDERS
+from agegender.train import train_fold
+from tasks.tracking import Tracker, flatten, git_commit
+
+HEAD_LABELS = {"age": list(AGE_GROUPS), "gender": list(GENDERS)}
+
+# Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
+_slots: queue.Queue[str] = queue.Queue()
+
+
+def set_slots(n: int) -> int:
+    """n slots (0 = one per GPU, else 1); each is a device string a fold trains on."""
+    gpus = torch.cuda.device_count()
+    n = n or max(gpus, 1)
+    while not _slots.empty():
+        _slots.get_nowait()
+    for i in range(n):
+        _slots.put(f"cuda:{i % gpus}" if gpus else "cpu")
+    return n
+
+
+@contextmanager
+def slot() -> Iterator[str]:
+    device = _slots.get()
+    try:
+        yield device
+    finally:
+        _slots.put(device)
+
+
+def scalar_metrics(test: dict[str, Any]) -> dict[str, float]:
+    """The per-fold numbers that get a mean and a std (accuracies, 1-off, their 10-crop twins)."""
+    return {k: float(v) for k, v in test.items() if isinstance(v, float)}
+
+
+def fold_tags(
+    suite: str, variant: str, fold: int, config: Config, fingerprint: str
+) -> dict[str, str]:
+    return {
+        "suite": suite,
+        "variant": variant,
+        "fold": str(fold),
+        "task": config.train.task,
+        "protocol": config.data.split.protocol,
+        "config_hash": config.hash(),
+        "data_fingerprint": fingerprint,
+        "kind": "fold",
+    }
+
+
+@task(task_run_name="{variant}-fold{fold}", cache_policy=NO_CACHE, retry_delay_seconds=2)
+def train_fold_task(
+    cache_dir: str,
+    fold: int,
+    variant: str,
+    config: dict[str, Any],
+    run_root: str,
+    suite: str,
+    parent_id: str,
+) -> dict[str, Any]:
+    """Train one fold unless an identical one already finished; log it as a child run."""
+    log = get_run_logger()
+    cfg = Config.model_validate(config)
+    cache = open_cache(cache_dir)
+    tracker = Tracker(suite, Path(run_root))
+    tags = fold_tags(suite, variant, fold, cfg, cache.fingerprint)
+    done = tracker.find(tags | {"parent": parent_id})
+    if done is not None:
+        log.info(
+            f"{variant} fold {fold}: already finished (config {cfg.hash()}, data "
+            f"{cache.fingerprint[:8]}, run {done.info.run_id}); not trained again"
+        )
+        return {"variant": variant, "fold": fold, "run_id": done.info.run_id, "trained": False}
+    out = Path(run_root) / suite / variant / f"fold{fold}-{cfg.hash()}-{cache.fingerprint[:8]}"
+    with slot() as device:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
+        resumed = (out / "last.pt").exists()
+        log.info(
+            f"{variant} fold {fold}: {'resuming' if resumed else 'training'} on {device} -> {out}"
+        )
+        result = train_fold(cache, fold, cfg, out, resume=True)
+    s = result.summary
+    log.info(
+        f"{variant} fold {fold}: test "
+        + ", ".join(
+            f"{k} {v:.3f}" for k, v in scalar_metrics(s["test"]).items() if "10crop" not in k
+        )
+    )
+    run_id = tracker.start(
+        f"{variant} fold {fold}",
+        tags | {"parent": parent_id, "git_commit": git_commit(), "device": s["device"]},
+        parent_id,
+    )
+    try:
+        _log_fold(tracker, run_id, out, cfg, s)
+    except BaseException:
+        tracker.finish(run_id, failed=True)
+        raise
+    tracker.finish(run_id)
+    return {"variant": variant, "fold": fold, "run_id": run_id, "trained": True}
+
+
+def _log_fold(tracker: Tracker, run_id: str, out: Path, cfg: Config, s: dict[str, Any]) -> None:
+    history = json.loads((out / "history.json").read_text())
+    tracker.log(
+        run_id,
+        params=flatten(cfg.model_dump(mode="json")),
+        metrics={f"test_{k}": v for k, v in scalar_metrics(s["test"]).items()}
+        | {"best_epoch": s["best_epoch"], "epochs": s["epochs"]},
+    )
+    tracker.log_history(run_id, history)
+    plots.learning_curves(
+        history, out / "learning_curves.png", f"{cfg.train.task} fold {s['fold']}"
+    )
+    for head, labels in HEAD_LABELS.items():
+        if f"{head}_confusion" in s["test"]:
+            plots.confusion_matrix(
+                s["test"][f"{head}_confusion"],
+                labels,
+                out / f"confusion_{head}.png",
+                f"{head}, fold {s['fold']} test (centre crop)",
+            )
+    for name in (
+        "best.pt",
+        "result.json",
+        "history.json",
+        "config.json",
+        "test_predictions.csv",
+        "learning_curves.png",
+        "confusion_age.png",
+        "confusion_gender.png",
+    ):
+        if (out / name).exists():
+            tracker.artifact(run_id, out / name)
+
+
+def variant_table(values: dict[str, list[float]]) -> str:
+    lines = ["| metric | mean | std (ddof=1) | folds |", "|---|---|---|---|"]
+    for k, v in values.items():
+        lines.append(
+            f"| test_{k} | {np.mean(v):.4f} | {_std(v):.4f} | "
+            + ", ".join(f"{x:.3f}" for x in v)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _std(v: list[float]) -> float:
+    return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+
+
+@task(task_run_name="aggregate-{variant}", cache_policy=NO_CACHE)
+def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> dict[str, Any]:
+    """Mean and sample std across the parent's finished fold runs, a bar chart and a table."""
+    tracker = Tracker(suite, Path(run_root))
+    latest: dict[str, Any] = {}
+    for child in sorted(tracker.children(parent_id), key=lambda r: r.info.start_time):
+        latest[child.data.tags["fold"]] = child
+    folds = sorted(latest, key=int)
+    values: dict[str, list[float]] = {}
+    for fold in folds:
+        for k, v in latest[fold].data.metrics.items():
+            if k.startswith("test_"):
+                values.setdefault(k[5:], []).append(v)
+    values = {k: v for k, v in values.items() if len(v) == len(folds)}
+    metrics = {f"test_{k}_mean": float(np.mean(v)) for k, v in values.items()}
+    metrics |= {f"test_{k}_std": _std(v) for k, v in values.items() if len(v) > 1}
+    tracker.log(parent_id, metrics=metrics | {"folds": len(folds)})
+    with tempfile.TemporaryDirectory() as tmp:
+        main = {f"test_{k}": v for k, v in values.items() if "10crop" not in k}
+        plots.fold_bars(main, Path(tmp) / "fold_bars.png", f"{variant}: test metrics per fold")
+        tracker.artifact(parent_id, Path(tmp) / "fold_bars.png")
+    tracker.text(
+        parent_id,
+        f"# {variant}\n\nfolds {', '.join(folds)}\n\n{variant_table(values)}\n",
+        "results.md",
+    )
+    tracker.finish(parent_id)
+    return {
+        "variant": variant,
+        "folds": [int(f) for f in folds],
+        "values": values,
+        "parent_id": parent_id,
+    }

@@ -1,0 +1,171 @@
+"""Every MLflow call of the project, in one place.
+
+Runs are addressed by id through `MlflowClient` (no global "active run"), so folds logging from
+several threads cannot mix their runs. With `MLFLOW_TRACKING_URI` unset, tracking goes to a
+SQLite store and a local artifact folder under the suite's run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+T = TypeVar("T")
+_PARAM_MAX = 6000
+
+for _var, _value in (
+    ("MLFLOW_DISABLE_TELEMETRY", "true"),
+    ("DO_NOT_TRACK", "true"),
+    ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"),
+):
+    os.environ.setdefault(_var, _value)
+
+
+class Tracker:
+    """A tracking server (or local store) and the suite's experiment in it."""
+
+    def __init__(self, experiment: str, run_root: Path) -> None:
+        run_root = Path(run_root).resolve()
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_root / 'mlflow.db'}"
+        self.local = "MLFLOW_TRACKING_URI" not in os.environ
+        run_root.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._retry(lambda: self._experiment(experiment, run_root))
+
+    def _retry(self, call: Callable[[], T], attempts: int = 5) -> T:
+        """Transient store errors (a restarting server, a locked SQLite file) are retried."""
+        for i in range(attempts):
+            try:
+                return call()
+            except MlflowException as exc:
+                if i == attempts - 1:
+                    raise RuntimeError(f"MLflow at {self.uri}: {exc}") from exc
+                time.sleep(min(2**i, 10))
+        raise AssertionError("unreachable")
+
+    def _experiment(self, name: str, run_root: Path) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        location = (run_root / "mlartifacts" / name).as_uri() if self.local else None
+        return str(self.client.create_experiment(name, artifact_location=location))
+
+    def ui_command(self) -> str:
+        if self.local:
+            return f"mlflow ui --backend-store-uri '{self.uri}' --host 127.0.0.1 --port 5000"
+        return f"open {self.uri}"
+
+    def find(self, tags: Mapping[str, str], finished_only: bool = True) -> Run | None:
+        """The newest run carrying all `tags` (and FINISHED unless asked otherwise)."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if finished_only:
+            clauses.append("attributes.status = 'FINISHED'")
+        runs = self._retry(
+            lambda: self.client.search_runs(
+                [self.experiment_id],
+                " and ".join(clauses),
+                max_results=1,
+                order_by=["attributes.start_time DESC"],
+            )
+        )
+        return runs[0] if runs else None
+
+    def start(self, name: str, tags: Mapping[str, str], parent_id: str | None = None) -> str:
+        all_tags = dict(tags)
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self._retry(
+            lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        )
+        return str(run.info.run_id)
+
+    def children(self, parent_id: str) -> list[Run]:
+        query = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'"
+        return list(
+            self._retry(
+                lambda: self.client.search_runs([self.experiment_id], query, max_results=1000)
+            )
+        )
+
+    def log(
+        self,
+        run_id: str,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float | None] | None = None,
+        tags: Mapping[str, str] | None = None,
+        step: int = 0,
+    ) -> None:
+        now = int(time.time() * 1000)
+        p = [Param(k, str(v)[:_PARAM_MAX]) for k, v in (params or {}).items()]
+        m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+        t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        self._batches(run_id, m, p, t)
+
+    def log_history(self, run_id: str, history: Iterable[Mapping[str, Any]]) -> None:
+        """Per-epoch numbers as metric series (step = epoch): the MLflow UI draws the curves."""
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, int(h["epoch"]))
+            for h in history
+            for k, v in h.items()
+            if k != "epoch" and isinstance(v, int | float)
+        ]
+        self._batches(run_id, metrics, [], [])
+
+    def _batches(self, run_id: str, m: list[Metric], p: list[Param], t: list[RunTag]) -> None:
+        """log_batch within the REST API's limits (1000 metrics, 100 params, 100 tags)."""
+        for i in range(max(len(m) // 1000, len(p) // 100, len(t) // 100) + 1):
+            mb, pb, tb = (
+                m[i * 1000 : (i + 1) * 1000],
+                p[i * 100 : (i + 1) * 100],
+                t[i * 100 : (i + 1) * 100],
+            )
+
+            def call(mb: list[Metric] = mb, pb: list[Param] = pb, tb: list[RunTag] = tb) -> None:
+                self.client.log_batch(run_id, mb, pb, tb)
+
+            if mb or pb or tb:
+                self._retry(call)
+
+    def artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        self._retry(lambda: self.client.log_artifact(run_id, str(path), folder))
+
+    def text(self, run_id: str, text: str, name: str) -> None:
+        self._retry(lambda: self.client.log_text(run_id, text, name))
+
+    def finish(self, run_id: str, failed: bool = False) -> None:
+        status = "FAILED" if failed else "FINISHED"
+        self._retry(lambda: self.client.set_terminated(run_id, status))
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> dotted keys, as MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def git_commit() -> str:
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return res.stdout.strip() or "unknown"
