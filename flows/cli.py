@@ -24,7 +24,7 @@ def cmd_suite(a: argparse.Namespace) -> None:
     from flows.suite import run_suite  # Prefect starts only for this command
 
     res = run_suite(suite, base, cache_dir, run_root, a.data_root)
-    cli.out.print(res["summary"]["markdown"], highlight=False, markup=False)
+    cli.out.print(res["summary"]["markdown"], highlight=False, markup=False, soft_wrap=True)
     cli.out.print(f"\n{res['trained']} fold(s) trained, {res['skipped']} already finished.")
     cli.out.print(
         f"MLflow UI on these results:\n  {sys.executable.rsplit('/', 1)[0]}/{res['ui']}",

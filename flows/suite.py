@@ -28,17 +28,15 @@ from tasks.folds import aggregate_task, set_slots, train_fold_task  # noqa: E402
 from tasks.tracking import Tracker  # noqa: E402
 
 # Published 5-fold results on Adience (mean, std), for the benchmark table. Not our runs.
-PUBLISHED: dict[str, dict[str, tuple[float, float]]] = {
-    "Levi & Hassner 2015 (over-sampling)": {
-        "age_acc": (0.507, 0.051),
-        "age_1off": (0.847, 0.022),
-        "gender_acc": (0.868, 0.014),
-    },
-    "Eidinger et al. 2014 (dropout-SVM)": {
-        "age_acc": (0.451, 0.026),
-        "age_1off": (0.795, 0.014),
-        "gender_acc": (0.778, 0.013),
-    },
+PUBLISHED: dict[str, tuple[str, dict[str, tuple[float, float]]]] = {
+    "levi_hassner": (
+        "Levi & Hassner 2015 (over-sampling)",
+        {"age_acc": (0.507, 0.051), "age_1off": (0.847, 0.022), "gender_acc": (0.868, 0.014)},
+    ),
+    "eidinger": (
+        "Eidinger et al. 2014 (dropout-SVM)",
+        {"age_acc": (0.451, 0.026), "age_1off": (0.795, 0.014), "gender_acc": (0.778, 0.013)},
+    ),
 }
 METRICS = ("age_acc", "age_1off", "gender_acc")
 
@@ -175,7 +173,7 @@ def summarize(aggregates: dict[str, dict[str, Any]], protocol: str) -> dict[str,
                 for m in METRICS
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        for name, ref in PUBLISHED.items():
+        for key, (name, ref) in PUBLISHED.items():
             lines.append(
                 f"| {name} | "
                 + " | ".join(f"{100 * ref[m][0]:.1f} ± {100 * ref[m][1]:.1f}" for m in METRICS)
@@ -185,22 +183,25 @@ def summarize(aggregates: dict[str, dict[str, Any]], protocol: str) -> dict[str,
                 ours = vals["multitask"].get(m + "_10crop", vals["multitask"].get(m))
                 if ours and len(ours) > 1:
                     p = float(stats.ttest_1samp(ours, ref[m][0]).pvalue)
-                    rows.append({"reference": name, "metric": m, "p_one_sample": p})
+                    rows.append(
+                        {"key": f"p_ours_vs_{key}_{m}", "reference": name, "metric": m, "p": p}
+                    )
         lines += [
             "",
             "(published numbers are theirs, not re-run; p-values: one-sample t-test of "
-            "our 10-crop folds against the published mean)",
+            "our folds, 10-crop when measured, against the published mean)",
             "",
         ]
-        lines += [f"- {r['metric']} vs {r['reference']}: p = {r['p_one_sample']:.3g}" for r in rows]
+        lines += [f"- {r['metric']} vs {r['reference']}: p = {r['p']:.3g}" for r in rows]
         lines.append("")
         tables["benchmark"] = rows
 
-    pairs = []
+    pairs: list[tuple[str, str, list[tuple[str, str, str, str, str]]]] = []
     if {"multitask", "multitask_pretrained"} <= vals.keys():
         pairs.append(
             (
                 "Pretrained vs from scratch",
+                "pretrained_vs_scratch",
                 [(m, "multitask_pretrained", m, "multitask", m) for m in METRICS],
             )
         )
@@ -208,6 +209,7 @@ def summarize(aggregates: dict[str, dict[str, Any]], protocol: str) -> dict[str,
         pairs.append(
             (
                 "Multi-task vs single-task",
+                "multitask_vs_single",
                 [
                     (m, "multitask", m, single, m)
                     for m, single in (
@@ -219,7 +221,7 @@ def summarize(aggregates: dict[str, dict[str, Any]], protocol: str) -> dict[str,
                 ],
             )
         )
-    for title, comparisons in pairs:
+    for title, prefix, comparisons in pairs:
         rows = []
         lines += [
             f"## {title}",
@@ -234,12 +236,13 @@ def summarize(aggregates: dict[str, dict[str, Any]], protocol: str) -> dict[str,
             p = _ttest(a, b)
             rows.append(
                 {
+                    "key": f"p_{prefix}_{metric}",
                     "metric": metric,
                     "a": va,
                     "b": vb,
                     "mean_a": float(np.mean(a)),
                     "mean_b": float(np.mean(b)),
-                    "p_paired": p,
+                    "p": p,
                     "folds": common,
                 }
             )
@@ -260,24 +263,8 @@ def _log_summary(
     found = tracker.find(tags, finished_only=False)
     run_id = str(found.info.run_id) if found else tracker.start("summary", tags)
     tracker.text(run_id, summary["markdown"], "summary.md")
-    metrics = {}
-    for title, rows in summary["tables"].items():
-        key = "benchmark" if title == "benchmark" else title.split()[0].lower()
-        for r in rows:
-            p = r.get("p_paired", r.get("p_one_sample"))
-            if p is not None and not np.isnan(p):
-                metrics[f"p_{key}_{r['metric']}_{r.get('b', r.get('reference', ''))[:12]}"] = p
-    tracker.log(
-        run_id,
-        metrics={
-            k.replace(" ", "_")
-            .replace("&", "and")
-            .replace(",", "")
-            .replace("(", "")
-            .replace(")", ""): v
-            for k, v in metrics.items()
-        },
-    )
+    p_values = {r["key"]: r["p"] for rows in summary["tables"].values() for r in rows}
+    tracker.log(run_id, metrics={k: p for k, p in p_values.items() if not np.isnan(p)})
     groups = {
         v: {
             m: (float(np.mean(a["values"][m])), float(np.std(a["values"][m], ddof=1)))
@@ -286,7 +273,7 @@ def _log_summary(
         }
         for v, a in aggregates.items()
     }
-    groups |= {name: dict(ref) for name, ref in PUBLISHED.items()}
+    groups |= {name: dict(ref) for name, ref in PUBLISHED.values()}
     path = Path(run_root) / suite.name / "compare.png"
     plots.compare_bars(groups, path, f"{suite.name}: mean ± std over folds")
     tracker.artifact(run_id, path)

@@ -88,7 +88,11 @@ def train_fold_task(
     cache = open_cache(cache_dir)
     tracker = Tracker(suite, Path(run_root))
     tags = fold_tags(suite, variant, fold, cfg, cache.fingerprint)
-    done = tracker.find(tags | {"parent": parent_id})
+    tags |= {"parent": parent_id}
+    latest = tracker.find(tags, finished_only=False)
+    if latest is not None and latest.info.status == "RUNNING":  # its process was killed
+        tracker.finish(latest.info.run_id, status="KILLED")
+    done = tracker.find(tags)
     if done is not None:
         log.info(
             f"{variant} fold {fold}: already finished (config {cfg.hash()}, data "
@@ -96,12 +100,15 @@ def train_fold_task(
         )
         return {"variant": variant, "fold": fold, "run_id": done.info.run_id, "trained": False}
     out = Path(run_root) / suite / variant / f"fold{fold}-{cfg.hash()}-{cache.fingerprint[:8]}"
+    finished = (out / "result.json").exists()  # trained, but killed before it was logged
     with slot() as device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
-        resumed = (out / "last.pt").exists()
-        log.info(
-            f"{variant} fold {fold}: {'resuming' if resumed else 'training'} on {device} -> {out}"
+        state = (
+            "logging its finished result"
+            if finished
+            else ("resuming from its checkpoint" if (out / "last.pt").exists() else "training")
         )
+        log.info(f"{variant} fold {fold}: {state} on {device} -> {out}")
         result = train_fold(cache, fold, cfg, out, resume=True)
     s = result.summary
     log.info(
@@ -112,16 +119,16 @@ def train_fold_task(
     )
     run_id = tracker.start(
         f"{variant} fold {fold}",
-        tags | {"parent": parent_id, "git_commit": git_commit(), "device": s["device"]},
+        tags | {"git_commit": git_commit(), "device": s["device"]},
         parent_id,
     )
     try:
         _log_fold(tracker, run_id, out, cfg, s)
     except BaseException:
-        tracker.finish(run_id, failed=True)
+        tracker.finish(run_id, status="FAILED")
         raise
     tracker.finish(run_id)
-    return {"variant": variant, "fold": fold, "run_id": run_id, "trained": True}
+    return {"variant": variant, "fold": fold, "run_id": run_id, "trained": not finished}
 
 
 def _log_fold(tracker: Tracker, run_id: str, out: Path, cfg: Config, s: dict[str, Any]) -> None:

@@ -141,8 +141,7 @@ class Tracker:
     def text(self, run_id: str, text: str, name: str) -> None:
         self._retry(lambda: self.client.log_text(run_id, text, name))
 
-    def finish(self, run_id: str, failed: bool = False) -> None:
-        status = "FAILED" if failed else "FINISHED"
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._retry(lambda: self.client.set_terminated(run_id, status))
 
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from agegender.cache import open_cache
 from agegender.config import load_config
 from agegender.splits import make_split
-from agegender.train import RunError, train_fold
+from agegender.train import RunError, prepare_run, train_fold
 from tests.conftest import REPO, run_cli
 
 # Small and quick on a CPU: 48 px crops of 56 px images, batch norm, Adam with a cosine decay.
@@ -161,3 +162,25 @@ def test_killed_run_resumes_to_the_same_result(learn_cache: Path, tmp_path: Path
         assert isinstance(a["test"][key], float), key
     assert a["test"] == b["test"]
     assert _history(killed) == _history(tmp_path / "straight")
+
+
+def test_backbone_transfer(learn_cache: Path, tmp_path: Path) -> None:
+    source = train_fold(
+        learn_cache,
+        0,
+        load_config(None, [*SMALL, "train.iterations=2", "train.tencrop=false"]),
+        tmp_path / "source",
+    )
+    checkpoint = torch.load(source.out_dir / "best.pt", weights_only=False)["model"]
+    config = load_config(None, [*SMALL, f"model.init_from={source.out_dir / 'best.pt'}"])
+    run = prepare_run(open_cache(learn_cache), 1, config)
+    for name, value in run.model.state_dict().items():
+        if name.startswith("heads."):
+            assert not torch.equal(value, checkpoint[name]), name  # fresh heads
+        else:
+            assert torch.equal(value, checkpoint[name]), name  # the backbone is the checkpoint's
+    wrong = load_config(
+        None, [*SMALL, "data.crop=40", f"model.init_from={source.out_dir / 'best.pt'}"]
+    )
+    with pytest.raises(RunError, match="does not fit this net"):
+        prepare_run(open_cache(learn_cache), 1, wrong)

@@ -1,0 +1,183 @@
+"""The orchestrated suite end to end: Prefect (ephemeral API), MLflow (SQLite store), real folds."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from agegender.cache import build_cache
+from agegender.config import CacheConfig, load_config
+from agegender.synthetic import SynthResult
+from agegender.train import train_fold
+from tests.conftest import REPO
+
+TINY = [
+    "data.crop=48",
+    "train.iterations=6",
+    "model.norm=batchnorm",
+    "optim.name=adam",
+    "optim.weight_decay=0",
+    "train.patience=null",
+]
+VARIANTS = {"multitask", "multitask_pretrained", "age", "gender"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(small_synth: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in "larger face set" checkpoint: another synthetic set, trained briefly."""
+    root = tmp_path_factory.mktemp("pretrain")
+    build_cache(small_synth.out, root / "cache", config=CacheConfig(image_size=56))
+    config = load_config(None, [*TINY, "train.iterations=3", "train.tencrop=false"])
+    return train_fold(root / "cache", 0, config, root / "run").out_dir / "best.pt"
+
+
+def _cmd(cache: Path, run_root: Path, pretrained: Path, *extra: str) -> list[str]:
+    script = Path(sys.executable).with_name("agegender")
+    return [
+        str(script),
+        "suite",
+        "--cache",
+        str(cache),
+        "--run-root",
+        str(run_root),
+        f"suite.pretrained={pretrained}",
+        *TINY,
+        *extra,
+    ]
+
+
+def _client(run_root: Path) -> tuple[MlflowClient, str]:
+    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("agegender")
+    assert experiment is not None
+    return client, experiment.experiment_id
+
+
+def _runs(run_root: Path, kind: str) -> list:  # type: ignore[type-arg]
+    client, exp = _client(run_root)
+    query = f"tags.kind = '{kind}' and attributes.status = 'FINISHED'"
+    return list(client.search_runs([exp], query, max_results=1000))
+
+
+def _fold_metrics(run_root: Path) -> dict[tuple[str, str], dict[str, float]]:
+    """Every logged number of every fold but the throughput (the machine's, not the model's)."""
+    return {
+        (r.data.tags["variant"], r.data.tags["fold"]): {
+            k: v for k, v in r.data.metrics.items() if k != "images_per_s"
+        }
+        for r in _runs(run_root, "fold")
+    }
+
+
+def _summary(output: str) -> str:
+    match = re.search(r"(Protocol: .*?)\n\d+ fold\(s\) trained", output, re.S)
+    assert match, output[-3000:]
+    return match.group(1)
+
+
+@pytest.mark.integration
+def test_suite_survives_a_kill_and_tracks_everything(
+    learn_cache: Path, pretrained: Path, tmp_path: Path
+) -> None:
+    run_root = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(learn_cache, run_root, pretrained),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(list(run_root.glob("*/*/fold*/result.json"))) < 6:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Prefect server it started
+    proc.wait()
+    logged = len(_runs(run_root, "fold"))
+    assert 4 <= logged < 20, f"{logged} folds were logged before the kill"
+
+    rerun = subprocess.run(
+        _cmd(learn_cache, run_root, pretrained),
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=900,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    output = rerun.stdout + rerun.stderr
+    assert output.count("not trained again") == logged
+    trained = int(re.search(r"(\d+) fold\(s\) trained", rerun.stdout).group(1))  # type: ignore[union-attr]
+    assert trained <= 20 - logged  # a fold that finished but was not logged is not retrained
+
+    straight_root = tmp_path / "straight"
+    straight = subprocess.run(
+        _cmd(learn_cache, straight_root, pretrained, "suite.slots=2"),
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=900,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "20 fold(s) trained" in straight.stdout
+    # Same seeds -> same folds and the same final tables, whatever the kill and the scheduling.
+    assert _fold_metrics(run_root) == _fold_metrics(straight_root)
+    assert _summary(rerun.stdout) == _summary(straight.stdout)
+
+    client, _ = _client(run_root)
+    parents = {r.data.tags["variant"]: r for r in _runs(run_root, "parent")}
+    folds = _runs(run_root, "fold")
+    assert set(parents) == VARIANTS
+    assert len(folds) == 20
+    assert parents["multitask_pretrained"].data.tags["pretrained_from"] == str(pretrained)
+    for variant, parent in parents.items():
+        children = [r for r in folds if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        assert sorted(r.data.tags["fold"] for r in children) == ["0", "1", "2", "3", "4"]
+        means = {k for k in parent.data.metrics if k.endswith("_mean")}
+        assert {"test_age_acc_mean", "test_gender_acc_mean"} & means
+        for key in means:
+            values = [r.data.metrics[key[: -len("_mean")]] for r in children]
+            assert parent.data.metrics[key] == pytest.approx(np.mean(values), abs=1e-12)
+            std = parent.data.metrics[key[: -len("_mean")] + "_std"]
+            assert std == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+            "fold_bars.png",
+            "results.md",
+        }
+        child = children[0]
+        assert child.data.params["optim.name"] == "adam"
+        assert child.data.params["train.task"] == (
+            "multitask" if "multitask" in variant else variant
+        )
+        for tag in ("fold", "task", "protocol", "git_commit", "data_fingerprint", "config_hash"):
+            assert child.data.tags[tag], tag
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {
+            "best.pt",
+            "learning_curves.png",
+            "test_predictions.csv",
+            "result.json",
+        } <= artifacts
+        heads = {"age", "gender"} if "multitask" in variant else {variant}
+        assert {f"confusion_{h}.png" for h in heads} <= artifacts
+        history = client.get_metric_history(child.info.run_id, "val_loss")
+        assert len(history) >= 1
+    summary = _runs(run_root, "summary")
+    assert len(summary) == 1
+    text = client.download_artifacts(summary[0].info.run_id, "summary.md", str(tmp_path))
+    body = Path(text).read_text()
+    for title in (
+        "Benchmark",
+        "Pretrained vs from scratch",
+        "Multi-task vs single-task",
+        "Protocol: subject_disjoint",
+        "Levi & Hassner",
+    ):
+        assert title in body
