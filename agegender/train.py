@@ -190,7 +190,8 @@ def load_backbone(model: LeviHassner, checkpoint: Path) -> None:
         ) from None
     backbone = {k: v for k, v in state.items() if not k.startswith("heads.")}
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
-    wrong = [k for k in ours if k not in backbone or backbone[k].shape != ours[k].shape]
+    wrong = sorted(set(ours) ^ set(backbone))
+    wrong += [k for k in ours if k in backbone and backbone[k].shape != ours[k].shape]
     if wrong:
         raise RunError(
             f"model.init_from={checkpoint}: its backbone does not fit this net "

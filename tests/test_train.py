@@ -180,7 +180,7 @@ def test_backbone_transfer(learn_cache: Path, tmp_path: Path) -> None:
         else:
             assert torch.equal(value, checkpoint[name]), name  # the backbone is the checkpoint's
     wrong = load_config(
-        None, [*SMALL, "data.crop=40", f"model.init_from={source.out_dir / 'best.pt'}"]
+        None, [*SMALL, "model.norm=lrn", f"model.init_from={source.out_dir / 'best.pt'}"]
     )
     with pytest.raises(RunError, match="does not fit this net"):
         prepare_run(open_cache(learn_cache), 1, wrong)
