@@ -20,8 +20,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from agegender import plots
-from agegender.cache import open_cache
-from agegender.config import Config
+from agegender.cache import build_cache, open_cache
+from agegender.config import CacheConfig, Config
 from agegender.labels import AGE_GROUPS, GENDERS
 from agegender.train import train_fold
 from tasks.tracking import Tracker, flatten, git_commit
@@ -50,6 +50,17 @@ def slot() -> Iterator[str]:
         yield device
     finally:
         _slots.put(device)
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_cache_task(data_root: str, cache_dir: str, image_size: int) -> str:
+    """Decode-once cache of the data root (a no-op when it is up to date)."""
+    res = build_cache(data_root, cache_dir, config=CacheConfig(image_size=image_size))
+    get_run_logger().info(
+        f"cache {cache_dir}: {res.images} images, decoded {res.decoded}, "
+        f"skipped {len(res.problems)} (fingerprint {res.fingerprint[:12]})"
+    )
+    return cache_dir
 
 
 def scalar_metrics(test: dict[str, Any]) -> dict[str, float]:

@@ -21,13 +21,6 @@ from mlflow.tracking import MlflowClient
 T = TypeVar("T")
 _PARAM_MAX = 6000
 
-for _var, _value in (
-    ("MLFLOW_DISABLE_TELEMETRY", "true"),
-    ("DO_NOT_TRACK", "true"),
-    ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"),
-):
-    os.environ.setdefault(_var, _value)
-
 
 class Tracker:
     """A tracking server (or local store) and the suite's experiment in it."""
