@@ -70,6 +70,9 @@ class ModelConfig(_Strict):
     init_from: Path | None = Field(
         None, description="checkpoint (best.pt) whose backbone initialises this net; heads fresh"
     )
+    freeze: Literal["none", "conv"] = Field(
+        "none", description="conv: keep conv1-3 (and their norms) fixed, as the seed fine-tuned"
+    )
 
 
 class OptimConfig(_Strict):
@@ -88,6 +91,9 @@ class OptimConfig(_Strict):
         "(0.2 of 50k iterations = the paper's 10k)",
     )
     gamma: float = Field(0.1, gt=0.0, le=1.0)
+    backbone_lr: float = Field(
+        1.0, ge=0.0, le=1.0, description="backbone learning rate as a fraction of lr (fine-tuning)"
+    )
 
 
 class TrainConfig(_Strict):

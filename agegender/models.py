@@ -69,6 +69,7 @@ class LeviHassner(nn.Module):
         self, task: Task = "multitask", crop: int = 227, config: ModelConfig | None = None
     ):
         super().__init__()
+        self.frozen = False
         config = config or ModelConfig()
         side = feature_side(crop)
         if side < 1:
@@ -102,6 +103,18 @@ class LeviHassner(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         h = self.fc(self.features(x))
         return {name: head(h) for name, head in self.heads.items()}
+
+    def freeze_features(self) -> None:
+        """Fix conv1-3: no gradients, and their batch norms (if any) keep their statistics."""
+        self.frozen = True
+        self.features.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> LeviHassner:
+        super().train(mode)
+        if self.frozen:
+            self.features.eval()
+        return self
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [*self.features.parameters(), *self.fc.parameters()]

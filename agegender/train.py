@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from agegender.cache import Cache, open_cache
 from agegender.config import Config
@@ -75,9 +74,14 @@ def lr_factor(config: Config, total: int) -> Callable[[int], float]:
     return lambda it: 1.0
 
 
-def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+def make_optimizer(model: LeviHassner, config: Config) -> torch.optim.Optimizer:
+    """Heads at `lr`, the backbone at `lr * backbone_lr`; frozen layers are left out entirely."""
     o = config.optim
-    params = list(model.parameters())
+    heads = list(model.heads.parameters())
+    backbone = [p for p in model.backbone_parameters() if p.requires_grad]
+    params: list[dict[str, Any]] = [{"params": heads, "lr": o.lr}]
+    if backbone:
+        params.append({"params": backbone, "lr": o.lr * o.backbone_lr})
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adam":
@@ -159,6 +163,8 @@ def prepare_run(cache: Cache, fold: int, config: Config) -> Run:
     model.to(device)
     if config.train.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    if config.model.freeze == "conv":
+        model.freeze_features()
     gen_dropout = torch.Generator().manual_seed(dropout_seed)
     model.set_generator(gen_dropout)
     optimizer = make_optimizer(model, config)

@@ -15,7 +15,7 @@ import torch
 from agegender.cache import open_cache
 from agegender.config import load_config
 from agegender.splits import make_split
-from agegender.train import RunError, prepare_run, train_fold
+from agegender.train import RunError, prepare_run, train_epoch, train_fold
 from tests.conftest import REPO, run_cli
 
 # Small and quick on a CPU: 48 px crops of 56 px images, batch norm, Adam with a cosine decay.
@@ -179,6 +179,29 @@ def test_backbone_transfer(learn_cache: Path, tmp_path: Path) -> None:
             assert not torch.equal(value, checkpoint[name]), name  # fresh heads
         else:
             assert torch.equal(value, checkpoint[name]), name  # the backbone is the checkpoint's
+    # Fine-tuning as the seed did: conv1-3 frozen (batch-norm statistics included), the rest at a
+    # lower learning rate for the backbone.
+    tune = load_config(
+        None,
+        [
+            *SMALL,
+            f"model.init_from={source.out_dir / 'best.pt'}",
+            "model.freeze=conv",
+            "optim.backbone_lr=0.1",
+            "train.iterations=3",
+        ],
+    )
+    run = prepare_run(open_cache(learn_cache), 1, tune)
+    assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([5e-4, 5e-5])
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    train_epoch(run)
+    after = run.model.state_dict()
+    assert run.iteration == 3
+    for name, value in after.items():
+        if name.startswith("features."):
+            assert torch.equal(value, before[name]), name
+    assert not torch.equal(after["fc.1.weight"], before["fc.1.weight"])
+    assert not torch.equal(after["heads.age.weight"], before["heads.age.weight"])
     wrong = load_config(
         None, [*SMALL, "model.norm=lrn", f"model.init_from={source.out_dir / 'best.pt'}"]
     )
