@@ -188,8 +188,10 @@ def _read_file(path: Path) -> dict[str, Any]:
 def _describe(exc: ValidationError, prefix: str, path: Path | str | None) -> str:
     problems = []
     for e in exc.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        problems.append(f"{prefix}{loc}: {e['msg']} (got {e['input']!r})")
+        loc = (prefix + ".".join(str(x) for x in e["loc"])).rstrip(".") or "config"
+        # a whole-section check (empty location) would echo the whole section: leave it out
+        got = f" (got {e['input']!r})" if e["loc"] else ""
+        problems.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}{got}")
     return (f"{path}: " if path else "") + "; ".join(problems)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from agegender.config import Config, ConfigError, load_config
+from agegender.config import Config, ConfigError, load_config, load_suite_config
 
 
 def test_defaults_are_the_papers_solver() -> None:
@@ -42,7 +42,7 @@ def test_file_then_overrides(tmp_path: Path) -> None:
         (["model.norm=group"], "model.norm: Input should be 'lrn' or 'batchnorm'"),
         (["bogus=1"], "unknown config key 'bogus'; the top level has: data, model, optim, train"),
         (["train"], "is not of the form key=value"),
-        (["data.split.protocol=levi_hassner"], "needs `lists`"),
+        (["data.split.protocol=levi_hassner"], "data.split: protocol 'levi_hassner' needs `lists`"),
     ],
 )
 def test_errors_name_the_key_and_what_is_allowed(overrides: list[str], message: str) -> None:
@@ -58,3 +58,17 @@ def test_bad_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_suite_section() -> None:
+    suite, base = load_suite_config(
+        None, ["suite.variants=[multitask, age]", "suite.slots=2", "train.epochs=3"]
+    )
+    assert (suite.variants, suite.slots, base.train.epochs) == (("multitask", "age"), 2, 3)
+    assert suite.variant_config(base, "age").train.task == "age"
+    with pytest.raises(ConfigError, match=r"^suite: variant multitask_pretrained needs"):
+        load_suite_config(None, [])
+    with pytest.raises(ConfigError, match=r"unknown config key 'suite.slot' \(did you mean"):
+        load_suite_config(None, ["suite.slot=2"])
+    pre = load_suite_config(None, ["suite.pretrained=x/best.pt"])[0]
+    assert pre.variant_config(base, "multitask_pretrained").model.init_from == Path("x/best.pt")
