@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from agegender import adience, cache, splits, synthetic, train
+from agegender import adience, cache, sources, splits, synthetic, train
 from agegender.adience import MetadataError
 from agegender.config import CacheConfig, SplitConfig, load_config
 
@@ -78,11 +78,32 @@ def _emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]],
         human(data)
 
 
+SYNTH_SIZES = {"adience": 816, "celeba": 178, "utkface": 200}  # each layout's real image side
+
+
 def cmd_synth(a: argparse.Namespace) -> None:
+    size = a.size or SYNTH_SIZES[a.format]
+    if a.format != "adience":
+        with progress_bar("drawing faces") as bar:
+            src = sources.write_synthetic_source(
+                a.format, a.out, n=a.count, size=size, seed=a.seed, workers=a.workers, progress=bar
+            )
+        info = {
+            "out": str(a.out),
+            "format": a.format,
+            "images": len(src),
+            "problems": len(src.problems),
+        }
+        _emit(
+            info,
+            a.json,
+            lambda d: out.print(f"wrote {d['images']:,} {d['format']} images to {d['out']}"),
+        )
+        return
     with progress_bar("drawing faces") as bar:
         res = synthetic.write_synthetic(
             a.out,
-            size=a.size,
+            size=size,
             per_fold=a.per_fold,
             seed=a.seed,
             like_metadata=a.like_metadata,
@@ -249,9 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agegender", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="write a synthetic dataset in the Adience layout")
+    s = sub.add_parser("synth", help="write a synthetic dataset in a real dataset's layout")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--size", type=int, default=816, help="image side in pixels (Adience: 816)")
+    s.add_argument("--format", choices=sorted(SYNTH_SIZES), default="adience")
+    s.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image side in pixels (default: the real one, e.g. Adience 816)",
+    )
+    s.add_argument("--count", type=int, default=200, help="images (celeba, utkface)")
     s.add_argument("--per-fold", type=int, default=100, help="rows per fold (random structure)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from agegender.sources import (
     read_utkface,
     write_synthetic_source,
 )
+from tests.conftest import run_cli
 
 N, SIZE, SEED = 40, 32, 5
 
@@ -291,3 +293,26 @@ def test_writer_reruns_but_never_mixes_draws(tmp_path: Path) -> None:
     assert write_synthetic_source("utkface", tmp_path, n=3, size=16, workers=1) == first
     with pytest.raises(FileExistsError, match="write to an empty folder"):
         write_synthetic_source("utkface", tmp_path, n=3, size=16, seed=1, workers=1)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fmt", ["celeba", "utkface"])
+def test_synth_cli_writes_the_official_layout(fmt: str, tmp_path: Path) -> None:
+    res = run_cli(
+        "synth",
+        "--format",
+        fmt,
+        "--out",
+        tmp_path / fmt,
+        "--count",
+        "12",
+        "--size",
+        "24",
+        "--workers",
+        "1",
+        "--json",
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["images"] == 12
+    data = read_source(fmt, tmp_path / fmt)
+    assert (len(data), data.problems) == (12, ())
