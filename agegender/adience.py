@@ -95,14 +95,11 @@ class Table:
     def index_of_path(self) -> dict[str, int]:
         return {p: i for i, p in enumerate(self.paths)}
 
-    def age_labels(self, policy: AgePolicy = "strict") -> IntArray:
-        return np.array([age_label(r.age, policy) for r in self.rows], dtype=np.int64)
-
-    def gender_labels(self) -> IntArray:
-        return np.array([gender_label(r.gender) for r in self.rows], dtype=np.int64)
-
     def labels(self, policy: AgePolicy = "strict") -> Labels:
-        return Labels(age=self.age_labels(policy), gender=self.gender_labels())
+        return Labels(
+            age=np.array([age_label(r.age, policy) for r in self.rows], dtype=np.int64),
+            gender=np.array([gender_label(r.gender) for r in self.rows], dtype=np.int64),
+        )
 
 
 @dataclass(frozen=True)

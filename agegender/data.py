@@ -44,17 +44,19 @@ class ImageStore:
         self.slots = cache.slots[rows]
         self.source = cache.images
         nbytes = len(rows) * int(np.prod(cache.images.shape[1:]))
-        self.preloaded = preload == "always" or (
-            preload == "auto" and nbytes < _free_bytes(device) / 2
-        )
+        preloaded = preload == "always" or (preload == "auto" and nbytes < _free_bytes(device) / 2)
         self.data: Tensor | None = None
-        if self.preloaded:
+        if preloaded:
             order = np.argsort(self.slots)  # sequential reads from the memmap
             host = np.empty((len(rows), *cache.images.shape[1:]), dtype=np.uint8)
             for i in range(0, len(order), 256):
                 part = order[i : i + 256]
                 host[part] = cache.images[self.slots[part]]
             self.data = torch.from_numpy(host).to(device)
+
+    @property
+    def preloaded(self) -> bool:
+        return self.data is not None
 
     def batch(self, positions: Tensor) -> Tensor:
         """uint8 (B, H, W, 3) on the device."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,11 @@ def head_metrics(
     if prefix == "age":
         out["age_1off"] = float((np.abs(preds - labels) <= 1).mean()) if n else None
     return out
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """The ± of cross-validation: sample std (ddof=1) across folds; NaN for fewer than two."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
 def mean_accuracy(metrics: dict[str, Any]) -> float:

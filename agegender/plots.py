@@ -21,6 +21,8 @@ import numpy.typing as npt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from agegender.metrics import sample_std
+
 DPI = 120
 """Resolution of every PNG written here."""
 
@@ -255,7 +257,7 @@ def fold_bars(
             )
             continue
         mean = float(present.mean())
-        std = float(present.std(ddof=1)) if present.size > 1 else math.nan
+        std = sample_std(present.tolist())
         ax.hlines(
             mean,
             x[i] - group / 2,

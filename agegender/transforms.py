@@ -7,6 +7,7 @@ centre crop or the 10-crop over-sampling (4 corners + centre, and their mirrors)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +25,7 @@ class Normalize:
     def __call__(self, crops: Tensor) -> Tensor:
         """uint8 (B, h, w, 3) -> float (B, 3, h, w), channels-last in memory (free: a view)."""
         x = crops.permute(0, 3, 1, 2).float()
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = _stats(self, x.device)
         return (x - mean) / std
 
     @classmethod
@@ -45,6 +45,13 @@ class Normalize:
         std = np.sqrt(np.maximum(squares / count - mean**2, 1.0))
         m, s = [float(v) for v in mean], [float(v) for v in std]
         return cls((m[0], m[1], m[2]), (s[0], s[1], s[2]))
+
+
+@functools.cache
+def _stats(norm: Normalize, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The statistics as (1, 3, 1, 1) tensors on a device, made once, not once per batch."""
+    mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
+    return mean, torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
 
 
 def crop_batch(images: Tensor, top: Tensor, left: Tensor, size: int, flip: Tensor) -> Tensor:

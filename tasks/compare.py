@@ -12,6 +12,7 @@ from scipy import stats
 
 from agegender import plots
 from agegender.config import SuiteConfig
+from agegender.metrics import sample_std
 from tasks.tracking import Tracker
 
 # Published 5-fold results on Adience (mean, std), for the benchmark table. Not our runs.
@@ -36,8 +37,7 @@ def _ttest(a: list[float], b: list[float]) -> float:
 
 
 def _fmt(values: list[float]) -> str:
-    std = np.std(values, ddof=1) if len(values) > 1 else float("nan")
-    return f"{100 * np.mean(values):.1f} ± {100 * std:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * sample_std(values):.1f}"
 
 
 def summarize(aggregates: dict[str, dict[str, Any]], protocol: str) -> dict[str, Any]:
@@ -166,7 +166,7 @@ def _log_summary(
     tracker.log(run_id, metrics={k: p for k, p in p_values.items() if not np.isnan(p)})
     groups = {
         v: {
-            m: (float(np.mean(a["values"][m])), float(np.std(a["values"][m], ddof=1)))
+            m: (float(np.mean(a["values"][m])), sample_std(a["values"][m]))
             for m in METRICS
             if m in a["values"] and len(a["values"][m]) > 1
         }

@@ -23,6 +23,7 @@ from agegender import plots
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, Config
 from agegender.labels import AGE_GROUPS, GENDERS
+from agegender.metrics import sample_std
 from agegender.train import train_fold
 from tasks.tracking import Tracker, flatten, git_commit
 
@@ -180,15 +181,11 @@ def variant_table(values: dict[str, list[float]]) -> str:
     lines = ["| metric | mean | std (ddof=1) | folds |", "|---|---|---|---|"]
     for k, v in values.items():
         lines.append(
-            f"| test_{k} | {np.mean(v):.4f} | {_std(v):.4f} | "
+            f"| test_{k} | {np.mean(v):.4f} | {sample_std(v):.4f} | "
             + ", ".join(f"{x:.3f}" for x in v)
             + " |"
         )
     return "\n".join(lines)
-
-
-def _std(v: list[float]) -> float:
-    return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
 
 
 @task(task_run_name="aggregate-{variant}", cache_policy=NO_CACHE)
@@ -206,7 +203,7 @@ def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> d
                 values.setdefault(k[5:], []).append(v)
     values = {k: v for k, v in values.items() if len(v) == len(folds)}
     metrics = {f"test_{k}_mean": float(np.mean(v)) for k, v in values.items()}
-    metrics |= {f"test_{k}_std": _std(v) for k, v in values.items() if len(v) > 1}
+    metrics |= {f"test_{k}_std": sample_std(v) for k, v in values.items() if len(v) > 1}
     tracker.log(parent_id, metrics=metrics | {"folds": len(folds)})
     with tempfile.TemporaryDirectory() as tmp:
         main = {f"test_{k}": v for k, v in values.items() if "10crop" not in k}

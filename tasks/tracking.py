@@ -7,6 +7,7 @@ SQLite store and a local artifact folder under the suite's run directory.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -149,6 +150,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@functools.cache
 def git_commit() -> str:
     try:
         res = subprocess.run(
