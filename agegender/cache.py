@@ -1,11 +1,14 @@
-"""The decode-once image cache: every Adience image decoded once into a uint8 memmap.
+"""The decode-once image cache: every image of a dataset decoded once into a uint8 memmap.
 
 Training reads ~50 epochs x 15k images; decoding 816x816 JPEGs each time would starve any GPU.
-The cache stores square RGB uint8 images (plain resize, as the paper) in `images.npy`, the
-metadata rows that have an image in `index.tsv`, the images that could not be used in
+The cache stores square RGB uint8 images (plain resize, as the paper; a non-square image such as
+CelebA's 178x218 aligned faces is centre-cropped to a square first) in `images.npy`, the labelled
+rows that have an image in `index.tsv`, the images and rows that could not be used in
 `report.tsv`, and in `manifest.json` a fingerprint of inputs and settings. A rebuild on unchanged
 inputs decodes nothing; a changed dataset reuses every image whose file did not change.
 
+Adience (`build_cache`, `open_cache`) and the pretraining sources CelebA and UTKFace
+(`build_source_cache`, `open_source_cache`) share all of this; only the index columns differ.
 The manifest is written last, so a killed build leaves either the old cache or none.
 """
 
@@ -28,24 +31,19 @@ from PIL import Image
 from agegender.adience import Row, Table, metadata_digest, read_metadata
 from agegender.config import CacheConfig
 from agegender.parallel import Progress, map_chunks, torch_threads
+from agegender.sources import FaceRecord, SourceData, read_source
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a `path` column for every dataset; non-square images centre-cropped
 MANIFEST = "manifest.json"
 IMAGES = "images.npy"
 INDEX = "index.tsv"
 REPORT = "report.tsv"
-INDEX_FIELDS = (
-    "slot",
-    "fold",
-    "user_id",
-    "original_image",
-    "face_id",
-    "age",
-    "gender",
-    "source",
-    "size",
-    "mtime_ns",
-)
+DATASET_NAMES = {"adience": "Adience", "celeba": "CelebA", "utkface": "UTKFace"}
+FILE_FIELDS = ("slot", "path", "size", "mtime_ns")
+LABEL_FIELDS = {
+    "adience": ("fold", "user_id", "original_image", "face_id", "age", "gender", "source"),
+    "source": ("age", "gender", "partition", "source"),
+}
 
 UInt8Array = npt.NDArray[np.uint8]
 
@@ -84,11 +82,10 @@ class BuildResult:
 
 
 @dataclass(frozen=True)
-class Cache:
-    """An opened cache: `images[slots[i]]` is the picture of `table.rows[i]`."""
+class ImageCache:
+    """An opened cache of any dataset: `images[slots[i]]` is the picture of row i."""
 
     path: Path
-    table: Table
     slots: npt.NDArray[np.int64]
     images: UInt8Array
     manifest: dict[str, Any]
@@ -101,8 +98,30 @@ class Cache:
     def image_size(self) -> int:
         return int(self.manifest["settings"]["image_size"])
 
+    @property
+    def dataset(self) -> str:
+        return str(self.manifest["dataset"])
+
     def image(self, row: int) -> UInt8Array:
         return np.asarray(self.images[self.slots[row]])
+
+
+@dataclass(frozen=True)
+class Cache(ImageCache):
+    """An Adience cache: row i is `table.rows[i]`."""
+
+    table: Table
+
+
+@dataclass(frozen=True)
+class SourceCache(ImageCache):
+    """A pretraining source's cache: row i is `records[i]`; age label k is `age_classes[k]`."""
+
+    records: tuple[FaceRecord, ...]
+    age_classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.records)
 
 
 def aligned_dir(data_root: Path) -> Path:
@@ -128,6 +147,11 @@ def decode_image(path: Path | str, size: int, draft: bool = True) -> UInt8Array:
         if draft and im.format == "JPEG":
             im.draft("RGB", (size, size))  # DCT scaling, never below the requested size
         rgb = np.array(im.convert("RGB"))  # writable, as torch.from_numpy wants
+    h, w = rgb.shape[:2]
+    if h != w:  # the centre square: aligned faces sit in the middle (CelebA is 178x218)
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        rgb = np.ascontiguousarray(rgb[top : top + side, left : left + side])
     if rgb.shape[:2] == (size, size):
         return rgb.copy()
     t = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
@@ -137,6 +161,15 @@ def decode_image(path: Path | str, size: int, draft: bool = True) -> UInt8Array:
 
 def _settings(config: CacheConfig) -> dict[str, Any]:
     return {"image_size": config.image_size, "draft": config.draft, "format": FORMAT_VERSION}
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One labelled row to cache: its image (relative to the image folder) and index columns."""
+
+    path: str
+    source: str  # where the row is listed, for the report
+    labels: tuple[Any, ...]  # the dataset's LABEL_FIELDS, in order
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -186,25 +219,84 @@ def build_cache(
     config: CacheConfig | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Decode every image the metadata names into `cache_dir`, reusing what is already there."""
-    config = config or CacheConfig()
+    """Decode every image the Adience metadata names into `cache_dir`, reusing what is there."""
     aligned = aligned_dir(Path(data_root))
-    cache_dir = Path(cache_dir)
     table = read_metadata(metadata_dir if metadata_dir is not None else Path(data_root))
-    settings = _settings(config)
+    items = [
+        _Item(
+            r.path,
+            r.source,
+            (r.fold, r.user_id, r.original_image, r.face_id, r.age, r.gender, r.source),
+        )
+        for r in table.rows
+    ]
+    extra = {
+        "dataset": "adience",
+        "data_root": str(Path(data_root).resolve()),
+        "metadata": [str(f.resolve()) for f in table.files],
+        "duplicates": table.duplicates,
+    }
+    return _build(aligned, items, metadata_digest(table), Path(cache_dir), config, progress, extra)
 
-    problems: list[Problem] = []
-    present: list[tuple[Row, tuple[int, int]]] = []
-    for row in table.rows:
-        st = _stat(aligned / row.path)
-        if st is None:
-            problems.append(Problem(row.path, row.source, "missing file"))
-        else:
-            present.append((row, st))
-    unique = {row.path: st for row, st in present}
-    fingerprint = _fingerprint(
-        settings, metadata_digest(table), [(p, *st) for p, st in unique.items()]
+
+def build_source_cache(
+    name: str,
+    root: Path | str,
+    cache_dir: Path | str,
+    config: CacheConfig | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """The same decode-once cache for a pretraining source ("celeba" or "utkface")."""
+    src = read_source(name, root)
+    items = [_Item(r.path, r.source, (r.age, r.gender, r.partition, r.source)) for r in src.records]
+    skipped = [Problem("", name, text) for text in src.problems]
+    extra = {
+        "dataset": name,
+        "data_root": str(Path(root).resolve()),
+        "age_classes": list(src.age_classes),
+    }
+    return _build(
+        src.image_dir,
+        items,
+        _records_digest(src),
+        Path(cache_dir),
+        config,
+        progress,
+        extra,
+        skipped,
     )
+
+
+def _records_digest(src: SourceData) -> str:
+    """Content hash of a source's labels (its part of the data fingerprint)."""
+    h = hashlib.sha256(f"{src.name}\t{','.join(src.age_classes)}\n".encode())
+    for r in src.records:
+        h.update(f"{r.path}\t{r.age}\t{r.gender}\t{r.partition}\n".encode())
+    return h.hexdigest()
+
+
+def _build(
+    image_dir: Path,
+    items: list[_Item],
+    digest: str,
+    cache_dir: Path,
+    config: CacheConfig | None,
+    progress: Progress | None,
+    extra: dict[str, Any],
+    skipped: Sequence[Problem] = (),
+) -> BuildResult:
+    config = config or CacheConfig()
+    settings = _settings(config)
+    problems: list[Problem] = list(skipped)
+    present: list[tuple[_Item, tuple[int, int]]] = []
+    for item in items:
+        st = _stat(image_dir / item.path)
+        if st is None:
+            problems.append(Problem(item.path, item.source, "missing file"))
+        else:
+            present.append((item, st))
+    unique = {item.path: st for item, st in present}
+    fingerprint = _fingerprint(settings, digest, [(p, *st) for p, st in unique.items()])
 
     old = read_manifest(cache_dir)
     if old and old.get("fingerprint") == fingerprint and (cache_dir / IMAGES).is_file():
@@ -218,7 +310,7 @@ def build_cache(
             rebuilt=False,
         )
 
-    # Slots: one per distinct image path, in metadata order.
+    # Slots: one per distinct image path, in row order.
     slot_of: dict[str, int] = {}
     for path in unique:
         slot_of[path] = len(slot_of)
@@ -237,7 +329,7 @@ def build_cache(
         for path, old_slot in reusable.items():
             out[slot_of[path]] = old_images[old_slot]
         del old_images
-    jobs = [(slot, str(aligned / p)) for p, slot in slot_of.items() if p not in reusable]
+    jobs = [(slot, str(image_dir / p)) for p, slot in slot_of.items() if p not in reusable]
     # Threads, not processes: PIL's decoder and torch's resize release the GIL, and threads need
     # no interpreter start-up (measured: 2 threads ~1.9x one, 4 processes cost seconds to spawn).
     decode = partial(_decode_into, out, size, config.draft)
@@ -248,28 +340,27 @@ def build_cache(
     failed = {slot: err for slot, err in results if err}
 
     failed_paths = {p: failed[s] for p, s in slot_of.items() if s in failed}
-    kept: list[tuple[Row, tuple[int, int]]] = []
-    for row, st in present:
-        if row.path in failed_paths:
-            problems.append(Problem(row.path, row.source, failed_paths[row.path]))
+    kept: list[tuple[int, _Item, tuple[int, int]]] = []
+    for item, st in present:
+        if item.path in failed_paths:
+            problems.append(Problem(item.path, item.source, failed_paths[item.path]))
         else:
-            kept.append((row, st))
+            kept.append((slot_of[item.path], item, st))
 
     (cache_dir / MANIFEST).unlink(missing_ok=True)
     os.replace(tmp_images, cache_dir / IMAGES)
-    _write_index(cache_dir / INDEX, [(slot_of[row.path], row, st) for row, st in kept])
+    kind = "adience" if extra["dataset"] == "adience" else "source"
+    _write_index(cache_dir / INDEX, LABEL_FIELDS[kind], kept)
     _write_report(cache_dir / REPORT, problems)
     n_images = len(unique) - len(failed)
     manifest = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "settings": settings,
-        "data_root": str(Path(data_root).resolve()),
-        "metadata": [str(f.resolve()) for f in table.files],
+        **extra,
         "rows": len(kept),
         "images": n_images,
         "slots": len(slot_of),
-        "duplicates": table.duplicates,
         "problems": [p.__dict__ for p in problems],
     }
     (cache_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -295,31 +386,19 @@ def _reusable(
         return {}
     out: dict[str, int] = {}
     for rec in _read_index_records(cache_dir / INDEX):
-        path = f"{rec['user_id']}/landmark_aligned_face.{rec['face_id']}.{rec['original_image']}"
-        if files.get(path) == (int(rec["size"]), int(rec["mtime_ns"])):
-            out[path] = int(rec["slot"])
+        if files.get(rec["path"]) == (int(rec["size"]), int(rec["mtime_ns"])):
+            out[rec["path"]] = int(rec["slot"])
     return out
 
 
-def _write_index(path: Path, entries: list[tuple[int, Row, tuple[int, int]]]) -> None:
+def _write_index(
+    path: Path, fields: tuple[str, ...], entries: list[tuple[int, _Item, tuple[int, int]]]
+) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(INDEX_FIELDS)
-        for slot, r, (size, mtime) in entries:
-            w.writerow(
-                [
-                    slot,
-                    r.fold,
-                    r.user_id,
-                    r.original_image,
-                    r.face_id,
-                    r.age,
-                    r.gender,
-                    r.source,
-                    size,
-                    mtime,
-                ]
-            )
+        w.writerow((*FILE_FIELDS, *fields))
+        for slot, item, (size, mtime) in entries:
+            w.writerow([slot, item.path, size, mtime, *item.labels])
 
 
 def _write_report(path: Path, problems: list[Problem]) -> None:
@@ -335,18 +414,34 @@ def _read_index_records(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-def open_cache(cache_dir: Path | str) -> Cache:
-    """Open a finished cache (memory-mapped, read-only)."""
-    cache_dir = Path(cache_dir)
+def _open(cache_dir: Path, want: str) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Manifest and index records of a finished cache of the wanted kind."""
     manifest = read_manifest(cache_dir)
+    build = "run `agegender prepare`" if want == "adience" else "`agegender pretrain` builds it"
     if manifest is None:
-        raise CacheError(f"{cache_dir}: no {MANIFEST}; run `agegender prepare` to build the cache")
+        raise CacheError(f"{cache_dir}: no {MANIFEST}; {build}")
     if manifest.get("format") != FORMAT_VERSION:
         raise CacheError(
             f"{cache_dir}: cache format {manifest.get('format')}, this version reads "
-            f"{FORMAT_VERSION}; rebuild it with `agegender prepare`"
+            f"{FORMAT_VERSION}; rebuild it ({build})"
         )
-    recs = _read_index_records(cache_dir / INDEX)
+    dataset = manifest["dataset"]
+    if (want == "adience") != (dataset == "adience"):
+        wanted = "Adience" if want == "adience" else "CelebA or UTKFace"
+        raise CacheError(
+            f"{cache_dir}: a cache of {DATASET_NAMES[dataset]}, but one of {wanted} is needed here"
+        )
+    return manifest, _read_index_records(cache_dir / INDEX)
+
+
+def _slots(recs: list[dict[str, str]]) -> npt.NDArray[np.int64]:
+    return np.array([int(r["slot"]) for r in recs], dtype=np.int64)
+
+
+def open_cache(cache_dir: Path | str) -> Cache:
+    """Open a finished Adience cache (memory-mapped, read-only)."""
+    cache_dir = Path(cache_dir)
+    manifest, recs = _open(cache_dir, "adience")
     rows = tuple(
         Row(
             fold=int(r["fold"]),
@@ -361,7 +456,25 @@ def open_cache(cache_dir: Path | str) -> Cache:
         for r in recs
     )
     dups = {int(k): int(v) for k, v in manifest["duplicates"].items()}
-    table = Table(rows=rows, duplicates=dups)
-    slots = np.array([int(r["slot"]) for r in recs], dtype=np.int64)
     images = np.load(cache_dir / IMAGES, mmap_mode="r")
-    return Cache(cache_dir, table, slots, images, manifest)
+    return Cache(cache_dir, _slots(recs), images, manifest, Table(rows=rows, duplicates=dups))
+
+
+def open_source_cache(cache_dir: Path | str) -> SourceCache:
+    """Open a finished CelebA / UTKFace cache (memory-mapped, read-only)."""
+    cache_dir = Path(cache_dir)
+    manifest, recs = _open(cache_dir, "source")
+    records = tuple(
+        FaceRecord(
+            path=r["path"],
+            age=int(r["age"]),
+            gender=int(r["gender"]),
+            partition=int(r["partition"]),
+            source=r["source"],
+        )
+        for r in recs
+    )
+    images = np.load(cache_dir / IMAGES, mmap_mode="r")
+    return SourceCache(
+        cache_dir, _slots(recs), images, manifest, records, tuple(manifest["age_classes"])
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -122,12 +123,33 @@ class Config(_Strict):
     def hash(self) -> str:
         """Short content hash: equal configs train equal models (with equal data).
 
-        The device is left out: it says where a fold ran, not what was trained.
+        The device is left out: it says where a fold ran, not what was trained. A checkpoint in
+        `model.init_from` counts by its content, not its path: the same weights downloaded to
+        another folder give the same hash, retrained weights at the same path do not.
         """
-        blob = json.dumps(
-            self.model_dump(mode="json", exclude={"train": {"device"}}), sort_keys=True
-        )
+        data = self.model_dump(mode="json", exclude={"train": {"device"}})
+        if self.model.init_from is not None:
+            data["model"]["init_from"] = file_digest(self.model.init_from)
+        blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes ("missing:PATH" when absent), cached while it is unchanged."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return f"missing:{path}"
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 class ConfigError(ValueError):
@@ -211,6 +233,39 @@ def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -
 
 Variant = Literal["multitask", "multitask_pretrained", "age", "gender"]
 VARIANTS: tuple[Variant, ...] = ("multitask", "multitask_pretrained", "age", "gender")
+Source = Literal["celeba", "utkface"]
+
+
+class PretrainConfig(_Strict):
+    """Multi-task pretraining on a larger face set (the paper's second experiment)."""
+
+    source: Source = Field("celeba", description="celeba | utkface")
+    root: Path | None = Field(None, description="the source's download (its official layout)")
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="UTKFace only (CelebA has an official partition)"
+    )
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="UTKFace only")
+    seed: int = Field(0, ge=0, description="UTKFace split seed")
+    overrides: tuple[str, ...] = Field(
+        (), description="key=value on the base config for pretraining only, e.g. train.epochs=5"
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> PretrainConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+    def train_config(self, base: Config) -> Config:
+        """The base config with the overrides, multi-task, from scratch, nothing frozen."""
+        data = apply_overrides(base.model_dump(mode="json"), self.overrides)
+        data = apply_overrides(
+            data, ["train.task=multitask", "model.init_from=", "model.freeze=none"]
+        )
+        return _validate(data, "pretrain.overrides")
 
 
 class SuiteConfig(_Strict):
@@ -221,43 +276,78 @@ class SuiteConfig(_Strict):
     folds: tuple[int, ...] = (0, 1, 2, 3, 4)
     slots: int = Field(0, ge=0, description="folds at once; 0 = one per GPU, else 1")
     image_size: int = Field(256, ge=8, le=1024, description="cache image side (paper: 256)")
-    pretrained: Path | None = Field(
-        None, description="checkpoint whose backbone initialises multitask_pretrained"
+    pretrained: str | None = Field(
+        None,
+        description="backbone for multitask_pretrained: a best.pt path, runs:/RUN_ID/PATH or "
+        "models:/NAME/VERSION|@ALIAS; unset = pretrain first on `pretrain`",
+    )
+    pretrain: PretrainConfig = PretrainConfig()
+    freeze: Literal["none", "conv"] = Field(
+        "none", description="multitask_pretrained: conv = keep conv1-3 fixed (as the seed)"
+    )
+    backbone_lr: float = Field(
+        1.0, ge=0.0, le=1.0, description="multitask_pretrained: backbone lr as a fraction of lr"
     )
     retries: int = Field(1, ge=0, description="a failed fold is retried, resuming its checkpoint")
 
     @model_validator(mode="after")
     def _pretrained_given(self) -> SuiteConfig:
-        if "multitask_pretrained" in self.variants and self.pretrained is None:
+        if (
+            "multitask_pretrained" in self.variants
+            and self.pretrained is None
+            and self.pretrain.root is None
+        ):
             raise ValueError(
-                "variant multitask_pretrained needs `pretrained` (a best.pt "
-                "checkpoint); give suite.pretrained=PATH or drop the variant"
+                "variant multitask_pretrained needs a backbone: give suite.pretrain.root=DIR "
+                "(a CelebA or UTKFace download, pretrained first) or suite.pretrained=PATH|"
+                "runs:/...|models:/..., or drop the variant"
             )
         if not set(self.folds) <= {0, 1, 2, 3, 4}:
             raise ValueError(f"folds must be among 0-4, got {list(self.folds)}")
         return self
 
-    def variant_config(self, base: Config, variant: Variant) -> Config:
+    def variant_config(
+        self, base: Config, variant: Variant, checkpoint: Path | None = None
+    ) -> Config:
+        """The base config for one variant; multitask_pretrained starts from `checkpoint`."""
         task: Task = "multitask" if variant.startswith("multitask") else variant  # type: ignore[assignment]
-        model = base.model
+        model, optim = base.model, base.optim
         if variant == "multitask_pretrained":
-            model = model.model_copy(update={"init_from": self.pretrained})
+            if checkpoint is None:
+                raise ValueError("multitask_pretrained needs the pretrained checkpoint's path")
+            model = model.model_copy(update={"init_from": checkpoint, "freeze": self.freeze})
+            optim = optim.model_copy(update={"backbone_lr": self.backbone_lr})
         train = base.train.model_copy(update={"task": task})
-        return base.model_copy(update={"model": model, "train": train})
+        return base.model_copy(update={"model": model, "optim": optim, "train": train})
+
+
+def _sectioned(
+    section: str, model: type[BaseModel], path: Path | str | None, overrides: Sequence[str]
+) -> tuple[Any, Config]:
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_file(Path(path))
+    data = apply_overrides(data, overrides)
+    section_data = data.pop(section, {}) or {}
+    _check_keys(model, section_data, f"{section}.")
+    try:
+        sub = model.model_validate(section_data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, f"{section}.", path)) from None
+    return sub, _validate(data, path)
 
 
 def load_suite_config(
     path: Path | str | None = None, overrides: Sequence[str] = ()
 ) -> tuple[SuiteConfig, Config]:
     """Like `load_config`, with a `suite` section (or `suite.` overrides) for the suite itself."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_file(Path(path))
-    data = apply_overrides(data, overrides)
-    suite_data = data.pop("suite", {}) or {}
-    _check_keys(SuiteConfig, suite_data, "suite.")
-    try:
-        suite = SuiteConfig.model_validate(suite_data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, "suite.", path)) from None
-    return suite, _validate(data, path)
+    suite, config = _sectioned("suite", SuiteConfig, path, overrides)
+    return suite, config
+
+
+def load_pretrain_config(
+    path: Path | str | None = None, overrides: Sequence[str] = ()
+) -> tuple[PretrainConfig, Config]:
+    """Like `load_config`, with a `pretrain` section (or `pretrain.` overrides)."""
+    pretrain, config = _sectioned("pretrain", PretrainConfig, path, overrides)
+    return pretrain, config

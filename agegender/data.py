@@ -10,7 +10,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from agegender.cache import Cache
+from agegender.cache import ImageCache
 from agegender.config import DataConfig, Task
 from agegender.labels import NO_LABEL
 from agegender.splits import PARTS, Split
@@ -38,7 +38,11 @@ class ImageStore:
     """
 
     def __init__(
-        self, cache: Cache, rows: npt.NDArray[np.int64], device: torch.device, preload: str = "auto"
+        self,
+        cache: ImageCache,
+        rows: npt.NDArray[np.int64],
+        device: torch.device,
+        preload: str = "auto",
     ) -> None:
         self.device = device
         self.slots = cache.slots[rows]
@@ -103,36 +107,45 @@ def _permute_labelled(labels: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def fold_data(
-    cache: Cache,
+    cache: ImageCache,
     split: Split,
     task: Task,
     config: DataConfig,
     device: torch.device,
     generator: torch.Generator,
 ) -> FoldData:
-    """Targets per part, the image store and the training split's normalisation."""
+    """An Adience fold: the split's parts, with the targets of `task`."""
     rows = {p: _task_rows(split, p, task) for p in PARTS}
     for p, r in rows.items():
         if len(r) == 0:
             raise ValueError(f"fold {split.fold}: the {p} part has no rows with a {task} label")
+    return parts_data(
+        cache, rows, split.labels.age, split.labels.gender, task, config, device, generator
+    )
+
+
+def parts_data(
+    cache: ImageCache,
+    rows: dict[str, npt.NDArray[np.int64]],
+    age: npt.NDArray[np.int64],
+    gender: npt.NDArray[np.int64],
+    task: Task,
+    config: DataConfig,
+    device: torch.device,
+    generator: torch.Generator,
+) -> FoldData:
+    """Targets per part (cache rows -> `age` / `gender` labels), the image store and the
+    training part's normalisation; any dataset, once its rows are split."""
     stored = np.unique(np.concatenate(list(rows.values())))
     store = ImageStore(cache, stored, device, config.preload)
     parts = {}
     for p, r in rows.items():
-        age = (
-            torch.from_numpy(split.labels.age[r])
-            if task != "gender"
-            else torch.full((len(r),), NO_LABEL)
-        )
-        gender = (
-            torch.from_numpy(split.labels.gender[r])
-            if task != "age"
-            else torch.full((len(r),), NO_LABEL)
-        )
+        a = torch.from_numpy(age[r]) if task != "gender" else torch.full((len(r),), NO_LABEL)
+        g = torch.from_numpy(gender[r]) if task != "age" else torch.full((len(r),), NO_LABEL)
         if config.shuffle_labels and p != "test":
-            age, gender = _permute_labelled(age, generator), _permute_labelled(gender, generator)
+            a, g = _permute_labelled(a, generator), _permute_labelled(g, generator)
         index = torch.from_numpy(np.searchsorted(stored, r))
-        parts[p] = PartData(index=index, age=age.long(), gender=gender.long(), rows=r)
+        parts[p] = PartData(index=index, age=a.long(), gender=g.long(), rows=r)
     train_slots = cache.slots[rows["train"]]
     picks = np.linspace(0, len(train_slots) - 1, min(config.norm_images, len(train_slots)))
     sample = np.unique(train_slots[picks.astype(int)])

@@ -21,7 +21,8 @@ def head_metrics(
 ) -> dict[str, Any]:
     """Metrics of one head on the rows that carry its label (labels < 0 are ignored).
 
-    `age_1off` counts a prediction in the true or an adjacent group, as Levi & Hassner report.
+    `age_1off` counts a prediction in the true or an adjacent group, as Levi & Hassner report;
+    it is left out for a two-class age head (CelebA's young/old), where it would always be 1.
     """
     keep = labels >= 0
     probs, labels = probs[keep], labels[keep]
@@ -37,7 +38,7 @@ def head_metrics(
         f"{prefix}_per_class": per_class,
         f"{prefix}_confusion": cm.tolist(),
     }
-    if prefix == "age":
+    if prefix == "age" and classes > 2:
         out["age_1off"] = float((np.abs(preds - labels) <= 1).mean()) if n else None
     return out
 

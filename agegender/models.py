@@ -66,8 +66,13 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 class LeviHassner(nn.Module):
     def __init__(
-        self, task: Task = "multitask", crop: int = 227, config: ModelConfig | None = None
+        self,
+        task: Task = "multitask",
+        crop: int = 227,
+        config: ModelConfig | None = None,
+        classes: dict[str, int] | None = None,
     ):
+        """`classes` (head -> classes) replaces Adience's head sizes, e.g. CelebA's binary age."""
         super().__init__()
         self.frozen = False
         config = config or ModelConfig()
@@ -96,7 +101,8 @@ class LeviHassner(nn.Module):
             nn.ReLU(inplace=True),
             SeededDropout(config.dropout),
         )
-        self.heads = nn.ModuleDict({n: nn.Linear(512, k) for n, k in HEADS[task].items()})
+        sizes = classes if classes is not None else HEADS[task]
+        self.heads = nn.ModuleDict({n: nn.Linear(512, k) for n, k in sizes.items()})
         self.task = task
         self.crop = crop
 
@@ -140,9 +146,13 @@ class LeviHassner(nn.Module):
 
 
 def build_model(
-    task: Task, crop: int, config: ModelConfig | None = None, seed: int | None = None
+    task: Task,
+    crop: int,
+    config: ModelConfig | None = None,
+    seed: int | None = None,
+    classes: dict[str, int] | None = None,
 ) -> LeviHassner:
-    model = LeviHassner(task, crop, config)
+    model = LeviHassner(task, crop, config, classes)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     model.reset_parameters(gen)
     return model

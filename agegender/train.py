@@ -1,9 +1,12 @@
-"""Training one cross-validation fold, with model selection on validation only.
+"""Training one split dataset (a cross-validation fold, or a pretraining source), with model
+selection on validation only.
 
 The seed picked its best epoch on the test fold. Here the test part is evaluated exactly once, at
 the checkpoint that the validation metric selected, with the centre crop and with 10-crop
 over-sampling. Every epoch writes a checkpoint; `resume=True` continues a killed run from it and
 ends with the same metrics as an uninterrupted run (all randomness lives in saved generators).
+What is trained on is a `TrainSet`: `adience_fold` here, `agegender.pretrain.source_set` for
+CelebA / UTKFace; the loop is the same.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from agegender.cache import Cache, open_cache
+from agegender.cache import Cache, ImageCache, open_cache
 from agegender.config import Config
 from agegender.data import FoldData, fold_data
 from agegender.evaluate import autocast, masked_losses, part_metrics, predict, to_input
 from agegender.labels import AGE_GROUPS, GENDERS
 from agegender.metrics import mean_accuracy
-from agegender.models import LeviHassner, build_model
+from agegender.models import HEADS, LeviHassner, build_model
 from agegender.splits import make_split
 from agegender.transforms import random_crop_flip
 
@@ -94,7 +97,7 @@ class Run:
     """Everything that changes while a fold trains; the checkpoint is exactly this."""
 
     config: Config
-    fold: int
+    trainset: TrainSet
     device: torch.device
     data: FoldData
     model: LeviHassner
@@ -103,8 +106,6 @@ class Run:
     gen_data: torch.Generator
     gen_dropout: torch.Generator
     total: int
-    fingerprint: str
-    notes: tuple[str, ...]
     epoch: int = 0
     iteration: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -120,8 +121,8 @@ class Run:
         return {
             "config": self.config.model_dump(mode="json"),
             "config_hash": self.config.hash(),
-            "data_fingerprint": self.fingerprint,
-            "fold": self.fold,
+            "data_fingerprint": self.trainset.cache.fingerprint,
+            "trained_on": self.trainset.name,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -145,19 +146,64 @@ class Run:
             setattr(self, key, state[key])
 
 
-def prepare_run(cache: Cache, fold: int, config: Config) -> Run:
-    """Split, data on the device, a freshly initialised model and its optimiser."""
-    device = select_device(config.train.device)
+@dataclass(frozen=True)
+class TrainSet:
+    """A split dataset to train on, from any source; everything else about a run is config."""
+
+    name: str  # "fold 0", "celeba": a checkpoint resumes only the run it belongs to
+    seed_index: int  # seeds derive from (train.seed, seed_index): the fold for Adience
+    cache: ImageCache
+    classes: dict[str, tuple[str, ...]]  # head -> class names
+    load: Callable[[torch.device, torch.Generator], FoldData]  # the parts, on the device
+    ids: Callable[[int], list[Any]]  # a cache row's id columns in test_predictions.csv
+    id_fields: tuple[str, ...]
+    info: dict[str, Any]  # what result.json says about the data
+    notes: tuple[str, ...] = ()
+
+
+def adience_fold(cache: Cache, fold: int, config: Config) -> TrainSet:
+    """Fold `fold` of an Adience cache, split by `config.data.split`."""
     split = make_split(cache.table, fold, config.data.split)
-    init_seed, data_seed, dropout_seed = fold_seeds(config.train.seed, fold)
+
+    def load(device: torch.device, gen: torch.Generator) -> FoldData:
+        return fold_data(cache, split, config.train.task, config.data, device, gen)
+
+    def ids(row: int) -> list[Any]:
+        r = cache.table.rows[row]
+        return [r.path, r.fold, r.user_id]
+
+    return TrainSet(
+        name=f"fold {fold}",
+        seed_index=fold,
+        cache=cache,
+        classes={"age": AGE_GROUPS, "gender": GENDERS},
+        load=load,
+        ids=ids,
+        id_fields=("path", "fold", "user_id"),
+        info={"fold": fold, "protocol": config.data.split.protocol},
+        notes=split.notes,
+    )
+
+
+def prepare_run(cache: Cache, fold: int, config: Config) -> Run:
+    """An Adience fold's run, ready to train (see `start_run`)."""
+    return start_run(adience_fold(cache, fold, config), config)
+
+
+def start_run(ts: TrainSet, config: Config) -> Run:
+    """Data on the device, a freshly initialised model and its optimiser."""
+    device = select_device(config.train.device)
+    init_seed, data_seed, dropout_seed = fold_seeds(config.train.seed, ts.seed_index)
     gen_data = torch.Generator().manual_seed(data_seed)
-    data = fold_data(cache, split, config.train.task, config.data, device, gen_data)
-    if config.data.crop > cache.image_size:
+    if config.data.crop > ts.cache.image_size:
         raise RunError(
             f"data.crop={config.data.crop} is larger than the cached images "
-            f"({cache.image_size} px); rebuild the cache or lower the crop"
+            f"({ts.cache.image_size} px); rebuild the cache or lower the crop"
         )
-    model = build_model(config.train.task, config.data.crop, config.model, seed=init_seed)
+    data = ts.load(device, gen_data)
+    task = config.train.task
+    classes = {h: len(ts.classes[h]) for h in HEADS[task]}
+    model = build_model(task, config.data.crop, config.model, seed=init_seed, classes=classes)
     if config.model.init_from is not None:
         load_backbone(model, config.model.init_from)
     model.to(device)
@@ -170,20 +216,7 @@ def prepare_run(cache: Cache, fold: int, config: Config) -> Run:
     optimizer = make_optimizer(model, config)
     total = total_iterations(config, len(data.train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
-    return Run(
-        config,
-        fold,
-        device,
-        data,
-        model,
-        optimizer,
-        scheduler,
-        gen_data,
-        gen_dropout,
-        total,
-        cache.fingerprint,
-        split.notes,
-    )
+    return Run(config, ts, device, data, model, optimizer, scheduler, gen_data, gen_dropout, total)
 
 
 def load_backbone(model: LeviHassner, checkpoint: Path) -> None:
@@ -318,8 +351,20 @@ def train_fold(
     log: EpochLog | None = None,
     progress: Progress | None = None,
 ) -> FoldResult:
-    """Train, select on validation, test once; files in `out_dir` (see README)."""
+    """Train fold `fold` of an Adience cache, select on validation, test once (see `train`)."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    return train(adience_fold(cache, fold, config), config, out_dir, resume, log, progress)
+
+
+def train(
+    ts: TrainSet,
+    config: Config,
+    out_dir: Path | str,
+    resume: bool = False,
+    log: EpochLog | None = None,
+    progress: Progress | None = None,
+) -> FoldResult:
+    """Train, select on validation, test once; files in `out_dir` (see README)."""
     out = Path(out_dir)
     ckpt = out / CHECKPOINT
     if ckpt.exists() and not resume:
@@ -327,17 +372,17 @@ def train_fold(
             f"{out} already holds a run; pass --resume to continue it, or use another --out"
         )
     started = time.perf_counter()
-    run = prepare_run(cache, fold, config)
+    run = start_run(ts, config)
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location=run.device, weights_only=False)
         for key, ours in (
             ("config_hash", config.hash()),
-            ("data_fingerprint", cache.fingerprint),
-            ("fold", fold),
+            ("data_fingerprint", ts.cache.fingerprint),
+            ("trained_on", ts.name),
         ):
-            if state[key] != ours:
+            if state.get(key) != ours:
                 raise RunError(
-                    f"{ckpt} has {key} {state[key]}, this run {ours}: it is another "
+                    f"{ckpt} has {key} {state.get(key)}, this run {ours}: it is another "
                     "run's checkpoint; use another --out"
                 )
         run.load_state(state)
@@ -369,8 +414,9 @@ def train_fold(
                     "crop": config.data.crop,
                     "config": config.model_dump(mode="json"),
                     "normalize": run.data.normalize.__dict__,
-                    "age_groups": AGE_GROUPS,
-                    "genders": GENDERS,
+                    "labels": {h: list(ts.classes[h]) for h in run.model.heads},
+                    "trained_on": ts.name,
+                    "data_fingerprint": ts.cache.fingerprint,
                 },
                 out / BEST,
             )
@@ -399,14 +445,15 @@ def train_fold(
     test = part_metrics(pred.center, d.test)
     if pred.tencrop is not None:
         test |= part_metrics(pred.tencrop, d.test, suffix="_10crop")
-    _write_predictions(out / "test_predictions.csv", cache, d, pred.center, pred.tencrop)
+    _write_predictions(out / "test_predictions.csv", ts, d, pred.center, pred.tencrop)
     best_val = next(h for h in run.history if h["epoch"] == run.best_epoch)
     summary = {
-        "fold": fold,
+        **ts.info,
+        "trained_on": ts.name,
         "task": t.task,
-        "protocol": config.data.split.protocol,
+        "classes": {h: list(ts.classes[h]) for h in run.model.heads},
         "config_hash": config.hash(),
-        "data_fingerprint": cache.fingerprint,
+        "data_fingerprint": ts.cache.fingerprint,
         "device": str(run.device),
         "sizes": {p: len(d.part(p)) for p in ("train", "val", "test")},
         "iterations": run.iteration,
@@ -417,7 +464,7 @@ def train_fold(
         "val": {k[4:]: v for k, v in best_val.items() if k.startswith("val_")},
         "test": test,
         "normalize": d.normalize.__dict__,
-        "notes": list(run.notes),
+        "notes": list(ts.notes),
         "seconds": time.perf_counter() - started,
     }
     _write_json(summary, out / RESULT)
@@ -425,7 +472,7 @@ def train_fold(
 
 
 def _write_predictions(
-    path: Path, cache: Cache, d: FoldData, center: dict[str, Any], tencrop: dict[str, Any] | None
+    path: Path, ts: TrainSet, d: FoldData, center: dict[str, Any], tencrop: dict[str, Any] | None
 ) -> None:
     """Per-image test outputs: the raw material for error analysis and later aggregation."""
     with path.open("w", newline="") as f:
@@ -433,17 +480,14 @@ def _write_predictions(
         heads = list(center)
         w.writerow(
             [
-                "path",
-                "fold",
-                "user_id",
+                *ts.id_fields,
                 *[c for h in heads for c in (f"{h}_true", f"{h}_pred", f"{h}_pred_10crop")],
                 *[f"{h}_prob_{i}" for h in heads for i in range(center[h].shape[1])],
             ]
         )
         truth = {"age": d.test.age.numpy(), "gender": d.test.gender.numpy()}
         for i, row in enumerate(d.test.rows):
-            r = cache.table.rows[row]
-            cells: list[Any] = [r.path, r.fold, r.user_id]
+            cells: list[Any] = ts.ids(int(row))
             for h in heads:
                 ten = int(tencrop[h][i].argmax()) if tencrop is not None else ""
                 cells += [int(truth[h][i]), int(center[h][i].argmax()), ten]

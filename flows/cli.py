@@ -7,12 +7,14 @@ Prefect or MLflow.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from agegender import cli
-from agegender.config import ConfigError, load_suite_config
+from agegender.config import ConfigError, load_pretrain_config, load_suite_config
+from tasks import TrackingError
 
 
 def cmd_suite(a: argparse.Namespace) -> None:
@@ -32,6 +34,36 @@ def cmd_suite(a: argparse.Namespace) -> None:
         markup=False,
         soft_wrap=True,
     )
+
+
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    overrides = [f"pretrain.source={a.source}", f"pretrain.root={a.data_root}", *a.overrides]
+    pretrain, base = load_pretrain_config(a.config, overrides)
+    from flows.pretrain import run_pretrain  # Prefect starts only for this command
+
+    res = run_pretrain(pretrain, base, a.run_root, a.experiment, a.image_size, a.cache)
+    result = json.loads((Path(res["checkpoint"]).parent / "result.json").read_text())
+    res["test"] = {k: v for k, v in result["test"].items() if isinstance(v, float)}
+
+    def human(d: dict[str, object]) -> None:
+        verb = "pretrained" if d["trained"] else "already pretrained (reused)"
+        cli.out.print(
+            f"{verb}: MLflow run {d['run_id']}, registered as {d['model_uri']}", soft_wrap=True
+        )
+        cli.out.print(
+            "test: " + ", ".join(f"{k} {v:.4f}" for k, v in res["test"].items()),
+            highlight=False,
+        )
+        cli.out.print(f"checkpoint {d['checkpoint']}")
+        cli.out.print(
+            f"start the multitask_pretrained variant from it:\n  agegender suite ... "
+            f"--run-root {a.run_root} suite.pretrained={d['model_uri']}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+    cli._emit(res, a.json, human)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,11 +88,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. suite.slots=2 suite.pretrained=PATH train.epochs=20",
     )
     s.set_defaults(func=cmd_suite)
+
+    s = sub.add_parser(
+        "pretrain",
+        help="multi-task pretraining on CelebA or UTKFace (MLflow run + registered model)",
+    )
+    s.add_argument("--source", choices=["celeba", "utkface"], required=True)
+    s.add_argument(
+        "--data-root", type=Path, required=True, help="the source's download (official layout)"
+    )
+    s.add_argument("--cache", type=Path, default=None, help="default RUN_ROOT/cache-SOURCE")
+    s.add_argument(
+        "--image-size", type=int, default=256, help="cached image side (crop: data.crop)"
+    )
+    s.add_argument(
+        "--config", type=Path, default=None, help="YAML/JSON: pretrain + config sections"
+    )
+    s.add_argument(
+        "--run-root",
+        type=Path,
+        default=Path("runs/suite"),
+        help="as the suite's, so that it finds the run (when no MLflow server is configured)",
+    )
+    s.add_argument("--experiment", default="agegender", help="MLflow experiment (= suite.name)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5")
+    s.set_defaults(func=cmd_pretrain)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(build_parser(), argv, extra_errors=(ConfigError,))
+    return cli.run(build_parser(), argv, extra_errors=(ConfigError, TrackingError))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The paper's experiments as Prefect flows: every fold of every variant, tracked in MLflow.
 
-`suite` prepares the cache, fans out variants x folds as tasks on a thread pool bounded by the
-slots (folds carry their own generators, so results do not depend on scheduling), aggregates each
-variant's folds into its parent run and writes the comparison tables as a summary run.
-`cross_validate` is the same for one variant.
+`suite` prepares the cache, gets the pretrained backbone when `multitask_pretrained` is asked
+for (pretraining first, once, when no checkpoint is given), fans out variants x folds as tasks
+on a thread pool bounded by the slots (folds carry their own generators, so results do not
+depend on scheduling), aggregates each variant's folds into its parent run and writes the
+comparison tables as a summary run. `cross_validate` is the same for one variant.
 """
 
 from __future__ import annotations
@@ -18,11 +19,37 @@ from agegender.cache import open_cache
 from agegender.config import Config, SuiteConfig, Variant
 from tasks.compare import compare_task
 from tasks.folds import aggregate_task, prepare_cache_task, set_slots, train_fold_task
+from tasks.pretrain import pretrain_task, resolve_pretrained_task
 from tasks.tracking import Tracker
 
 
+def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> tuple[Path, dict[str, str]]:
+    """The local checkpoint for multitask_pretrained, and the tags that say where it is from."""
+    if suite.pretrained is not None:
+        got = resolve_pretrained_task(suite.pretrained, run_root, suite.name)
+        source = suite.pretrained
+    else:
+        got = pretrain_task(
+            suite.pretrain.model_dump(mode="json"),
+            suite.pretrain.train_config(base).model_dump(mode="json"),
+            run_root,
+            suite.name,
+            suite.image_size,
+        )
+        source = got["model_uri"]
+    tags = {"pretrained_from": source}
+    if got["run_id"]:
+        tags["pretrain_run_id"] = got["run_id"]
+    return Path(got["checkpoint"]), tags
+
+
 def _parent(
-    tracker: Tracker, suite: SuiteConfig, variant: str, config: Config, fingerprint: str
+    tracker: Tracker,
+    suite: SuiteConfig,
+    variant: str,
+    config: Config,
+    fingerprint: str,
+    extra: dict[str, str],
 ) -> str:
     tags = {
         "suite": suite.name,
@@ -36,17 +63,21 @@ def _parent(
     found = tracker.find(tags, finished_only=False)
     if found is not None:
         return str(found.info.run_id)
-    if variant == "multitask_pretrained":
-        tags["pretrained_from"] = str(suite.pretrained)
-    return tracker.start(variant, tags)
+    return tracker.start(variant, tags | extra)
 
 
 def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dict[str, Any]:
     log = get_run_logger()
     tracker = Tracker(suite.name, Path(run_root))
     fingerprint = open_cache(cache_dir).fingerprint
-    configs = {v: suite.variant_config(base, v) for v in suite.variants}
-    parents = {v: _parent(tracker, suite, v, c, fingerprint) for v, c in configs.items()}
+    checkpoint, extra = None, {}
+    if "multitask_pretrained" in suite.variants:
+        checkpoint, from_tags = _backbone(suite, base, run_root)
+        extra["multitask_pretrained"] = from_tags
+    configs = {v: suite.variant_config(base, v, checkpoint) for v in suite.variants}
+    parents = {
+        v: _parent(tracker, suite, v, c, fingerprint, extra.get(v, {})) for v, c in configs.items()
+    }
     futures = [
         train_fold_task.with_options(retries=suite.retries).submit(
             cache_dir, k, v, configs[v].model_dump(mode="json"), run_root, suite.name, parents[v]
@@ -82,6 +113,7 @@ def suite_flow(
     data_root: str | None = None,
 ) -> dict[str, Any]:
     s, base = SuiteConfig.model_validate(suite), Config.model_validate(config)
+    set_slots(s.slots)
     if data_root is not None:
         prepare_cache_task(data_root, cache_dir, s.image_size)
     return _run(s, base, cache_dir, run_root)
@@ -92,6 +124,7 @@ def cross_validate(
     variant: Variant, cache_dir: str, suite: dict[str, Any], config: dict[str, Any], run_root: str
 ) -> dict[str, Any]:
     s = SuiteConfig.model_validate(suite | {"variants": [variant]})
+    set_slots(s.slots)
     return _run(s, Config.model_validate(config), cache_dir, run_root)
 
 

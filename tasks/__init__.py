@@ -13,3 +13,10 @@ for _var, _value in {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }.items():
     os.environ.setdefault(_var, _value)
+
+
+class TrackingError(RuntimeError):
+    """The tracking server (or store) refused or failed a request, after retries.
+
+    Here and not in `tasks.tracking`, so the CLI can catch it without importing MLflow.
+    """

@@ -22,12 +22,9 @@ from prefect.cache_policies import NO_CACHE
 from agegender import plots
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, Config
-from agegender.labels import AGE_GROUPS, GENDERS
 from agegender.metrics import sample_std
 from agegender.train import train_fold
 from tasks.tracking import Tracker, flatten, git_commit
-
-HEAD_LABELS = {"age": list(AGE_GROUPS), "gender": list(GENDERS)}
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
 _slots: queue.Queue[str] = queue.Queue()
@@ -135,7 +132,7 @@ def train_fold_task(
         parent_id,
     )
     try:
-        _log_fold(tracker, run_id, out, cfg, s)
+        log_training(tracker, run_id, out, cfg, s, f"{cfg.train.task} fold {fold}")
     except BaseException:
         tracker.finish(run_id, status="FAILED")
         raise
@@ -143,7 +140,17 @@ def train_fold_task(
     return {"variant": variant, "fold": fold, "run_id": run_id, "trained": not finished}
 
 
-def _log_fold(tracker: Tracker, run_id: str, out: Path, cfg: Config, s: dict[str, Any]) -> None:
+def log_training(
+    tracker: Tracker,
+    run_id: str,
+    out: Path,
+    cfg: Config,
+    s: dict[str, Any],
+    title: str,
+    checkpoint_folder: str | None = None,
+) -> None:
+    """A finished training run (fold or pretraining): params, test metrics, per-epoch series,
+    learning curves and confusion matrices, and its files as artifacts."""
     history = json.loads((out / "history.json").read_text())
     tracker.log(
         run_id,
@@ -152,29 +159,21 @@ def _log_fold(tracker: Tracker, run_id: str, out: Path, cfg: Config, s: dict[str
         | {"best_epoch": s["best_epoch"], "epochs": s["epochs"]},
     )
     tracker.log_history(run_id, history)
-    plots.learning_curves(
-        history, out / "learning_curves.png", f"{cfg.train.task} fold {s['fold']}"
-    )
-    for head, labels in HEAD_LABELS.items():
+    plots.learning_curves(history, out / "learning_curves.png", title)
+    for head, labels in s["classes"].items():
         if f"{head}_confusion" in s["test"]:
             plots.confusion_matrix(
                 s["test"][f"{head}_confusion"],
                 labels,
                 out / f"confusion_{head}.png",
-                f"{head}, fold {s['fold']} test (centre crop)",
+                f"{head}, {title} test (centre crop)",
             )
-    for name in (
-        "best.pt",
-        "result.json",
-        "history.json",
-        "config.json",
-        "test_predictions.csv",
-        "learning_curves.png",
-        "confusion_age.png",
-        "confusion_gender.png",
-    ):
+    files = ["result.json", "history.json", "config.json", "test_predictions.csv"]
+    files += ["learning_curves.png", *(f"confusion_{h}.png" for h in s["classes"])]
+    for name in files:
         if (out / name).exists():
             tracker.artifact(run_id, out / name)
+    tracker.artifact(run_id, out / "best.pt", checkpoint_folder)
 
 
 def variant_table(values: dict[str, list[float]]) -> str:

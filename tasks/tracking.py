@@ -15,12 +15,17 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mlflow.artifacts import download_artifacts
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks import TrackingError
+
 T = TypeVar("T")
 _PARAM_MAX = 6000
+_FINAL = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
 
 
 class Tracker:
@@ -35,13 +40,14 @@ class Tracker:
         self.experiment_id = self._retry(lambda: self._experiment(experiment, run_root))
 
     def _retry(self, call: Callable[[], T], attempts: int = 5) -> T:
-        """Transient store errors (a restarting server, a locked SQLite file) are retried."""
+        """Transient store errors (a restarting server, a locked SQLite file) are retried;
+        answers that retrying cannot change (no such run or model, a bad value) are not."""
         for i in range(attempts):
             try:
                 return call()
             except MlflowException as exc:
-                if i == attempts - 1:
-                    raise RuntimeError(f"MLflow at {self.uri}: {exc}") from exc
+                if i == attempts - 1 or exc.error_code in _FINAL:
+                    raise TrackingError(f"MLflow at {self.uri}: {exc.message}") from exc
                 time.sleep(min(2**i, 10))
         raise AssertionError("unreachable")
 
@@ -137,6 +143,48 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._retry(lambda: self.client.set_terminated(run_id, status))
+
+    def register(self, run_id: str, artifact_path: str, name: str, tags: Mapping[str, str]) -> str:
+        """A version of registered model `name` for a run's artifact folder (once per run)."""
+        models = self._retry(lambda: self.client.search_registered_models(f"name = '{name}'"))
+        if not models:
+            self._retry(lambda: self.client.create_registered_model(name))
+        found = self._retry(
+            lambda: self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        )
+        if found:
+            return str(found[0].version)
+        version = self._retry(
+            lambda: self.client.create_model_version(
+                name, f"runs:/{run_id}/{artifact_path}", run_id, tags=dict(tags)
+            )
+        )
+        return str(version.version)
+
+    def _version(self, uri: str) -> ModelVersion:
+        name, sep, alias = uri.removeprefix("models:/").partition("@")
+        if sep:
+            return self._retry(lambda: self.client.get_model_version_by_alias(name, alias))
+        name, _, version = name.partition("/")
+        return self._retry(lambda: self.client.get_model_version(name, version))
+
+    def run_of(self, uri: str) -> str:
+        """The run behind `runs:/RUN_ID/...` or `models:/NAME/VERSION` / `models:/NAME@ALIAS`."""
+        if uri.startswith("runs:/") and uri.removeprefix("runs:/").strip("/"):
+            return uri.removeprefix("runs:/").strip("/").split("/")[0]
+        if uri.startswith("models:/") and len(uri) > len("models:/"):
+            return str(self._version(uri).run_id)
+        raise ValueError(f"{uri}: not a runs:/RUN_ID/PATH or models:/NAME/VERSION|@ALIAS URI")
+
+    def download(self, uri: str, dst: Path) -> Path:
+        """A run's or model version's artifacts (file or folder) under `dst`."""
+        if uri.startswith("models:/"):  # its source, so that only this tracking URI is used
+            uri = str(self._version(uri).source)
+        dst.mkdir(parents=True, exist_ok=True)
+        local = self._retry(
+            lambda: download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri)
+        )
+        return Path(local)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
+from agegender.sources import write_synthetic_source
 from agegender.synthetic import SynthResult, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,22 @@ def learn_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_synthetic(root / "adience", size=72, per_fold=400, seed=11)
     build_cache(root / "adience", root / "cache", config=CacheConfig(image_size=56))
     return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def synth_celeba(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic CelebA download (160 images, 48 x 59 px), shared read-only by tests."""
+    root = tmp_path_factory.mktemp("celeba")
+    write_synthetic_source("celeba", root, n=160, size=48, seed=7)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_utkface(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic UTKFace download (160 images, 48 px), shared read-only by tests."""
+    root = tmp_path_factory.mktemp("utkface")
+    write_synthetic_source("utkface", root, n=160, size=48, seed=7)
+    return root
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from agegender.config import Config, ConfigError, load_config, load_suite_config
+from agegender.config import (
+    Config,
+    ConfigError,
+    load_config,
+    load_pretrain_config,
+    load_suite_config,
+)
 
 
 def test_defaults_are_the_papers_solver() -> None:
@@ -70,5 +76,50 @@ def test_suite_section() -> None:
         load_suite_config(None, [])
     with pytest.raises(ConfigError, match=r"unknown config key 'suite.slot' \(did you mean"):
         load_suite_config(None, ["suite.slot=2"])
-    pre = load_suite_config(None, ["suite.pretrained=x/best.pt"])[0]
-    assert pre.variant_config(base, "multitask_pretrained").model.init_from == Path("x/best.pt")
+    pre = load_suite_config(
+        None, ["suite.pretrained=x/best.pt", "suite.freeze=conv", "suite.backbone_lr=0.1"]
+    )[0]
+    tuned = pre.variant_config(base, "multitask_pretrained", Path("x/best.pt"))
+    assert tuned.model.init_from == Path("x/best.pt")
+    assert (tuned.model.freeze, tuned.optim.backbone_lr) == ("conv", 0.1)
+    # the fine-tuning options never touch the variants trained from scratch
+    scratch = pre.variant_config(base, "multitask")
+    assert (scratch.model.init_from, scratch.model.freeze, scratch.optim.backbone_lr) == (
+        None,
+        "none",
+        1.0,
+    )
+    # or pretrain first: a source download instead of a checkpoint
+    auto = load_suite_config(
+        None,
+        [
+            "suite.pretrain.root=celeba",
+            "suite.pretrain.overrides=[train.epochs=2, optim.lr=0.01]",
+            "model.freeze=conv",
+        ],
+    )[0]
+    assert auto.pretrain.source == "celeba"
+    pre_cfg = auto.pretrain.train_config(base.model_copy(update={"model": tuned.model}))
+    assert (pre_cfg.train.epochs, pre_cfg.optim.lr, pre_cfg.train.task) == (2, 0.01, "multitask")
+    assert (pre_cfg.model.init_from, pre_cfg.model.freeze) == (None, "none")
+    with pytest.raises(ConfigError, match=r"unknown config key 'suite.pretrain.sorce'"):
+        load_suite_config(None, ["suite.pretrain.sorce=celeba"])
+    with pytest.raises(ConfigError, match=r"suite.pretrain.source: Input should be 'celeba'"):
+        load_suite_config(None, ["suite.pretrain.source=imagenet"])
+    with pytest.raises(ConfigError, match=r"val_fraction \+ test_fraction must be < 1"):
+        load_pretrain_config(None, ["pretrain.val_fraction=0.5", "pretrain.test_fraction=0.5"])
+    bad = load_suite_config(None, ["suite.pretrained=x", "suite.pretrain.overrides=[optim.lr=-1]"])
+    with pytest.raises(ConfigError, match=r"pretrain.overrides: optim.lr: Input should be greater"):
+        bad[0].pretrain.train_config(bad[1])
+
+
+def test_hash_counts_a_checkpoint_by_content(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"weights")
+    b.write_bytes(b"weights")
+    config_a = load_config(None, [f"model.init_from={a}"])
+    config_b = load_config(None, [f"model.init_from={b}"])
+    assert config_a.hash() == config_b.hash()  # same weights in another folder
+    b.write_bytes(b"retrained")
+    assert load_config(None, [f"model.init_from={b}"]).hash() != config_a.hash()
+    assert config_a.hash() != load_config(None, []).hash()

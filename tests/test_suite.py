@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -181,3 +182,82 @@ def test_suite_survives_a_kill_and_tracks_everything(
         "Levi & Hassner",
     ):
         assert title in body
+
+
+def _agegender(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).with_name("agegender")
+    cmd = [str(script), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=900)
+
+
+@pytest.mark.integration
+def test_suite_pretrains_once_and_links_the_pretraining_run(
+    learn_cache: Path, synth_celeba: Path, tmp_path: Path
+) -> None:
+    run_root = tmp_path / "runs"
+    suite: list[str | Path] = [
+        "suite",
+        "--cache",
+        learn_cache,
+        "--run-root",
+        run_root,
+        "suite.variants=[multitask_pretrained]",
+        "suite.folds=[0, 1]",
+        "suite.image_size=56",
+    ]
+    auto = [f"suite.pretrain.root={synth_celeba}", "suite.pretrain.overrides=[train.iterations=4]"]
+    first = _agegender(*suite, *auto, *TINY)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 fold(s) trained" in first.stdout
+
+    client, _ = _client(run_root)
+    (pre,) = _runs(run_root, "pretrain")
+    pre_id = pre.info.run_id
+    assert (pre.data.tags["source"], pre.data.params["train.iterations"]) == ("celeba", "4")
+    assert pre.data.metrics["test_gender_acc"] >= 0
+    files = {a.path for a in client.list_artifacts(pre_id)}
+    assert {"checkpoint", "learning_curves.png", "confusion_age.png", "result.json"} <= files
+    (version,) = client.search_model_versions("name = 'agegender-pretrained-celeba'")
+    assert (version.run_id, version.source) == (pre_id, f"runs:/{pre_id}/checkpoint")
+    uri = f"models:/agegender-pretrained-celeba/{version.version}"
+    assert pre.data.tags["registered_model"] == uri
+
+    (parent,) = _runs(run_root, "parent")
+    assert parent.data.tags["pretrain_run_id"] == pre_id
+    assert parent.data.tags["pretrained_from"] == uri
+    # the folds started from exactly the weights that were logged and registered
+    logged = client.download_artifacts(pre_id, "checkpoint/best.pt", str(tmp_path))
+    for fold in _runs(run_root, "fold"):
+        assert Path(fold.data.params["model.init_from"]).read_bytes() == Path(logged).read_bytes()
+
+    # Pretraining is cached like a fold: a rerun trains nothing and registers nothing new.
+    again = _agegender(*suite, *auto, *TINY)
+    assert again.returncode == 0, again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    assert "pretraining on celeba: already finished" in output
+    assert "0 fold(s) trained" in again.stdout
+    assert len(_runs(run_root, "pretrain")) == 1
+    assert len(client.search_model_versions("name = 'agegender-pretrained-celeba'")) == 1
+
+    # The registered model as the given backbone: the same weights, so the same folds.
+    given = _agegender(*suite, f"suite.pretrained={uri}", *TINY)
+    assert given.returncode == 0, given.stderr[-3000:]
+    assert "0 fold(s) trained" in given.stdout
+    # and `agegender pretrain` (same settings) finds the same run instead of training again
+    standalone = _agegender(
+        "pretrain",
+        "--source",
+        "celeba",
+        "--data-root",
+        synth_celeba,
+        "--run-root",
+        run_root,
+        "--image-size",
+        "56",
+        "--json",
+        *TINY,
+        "train.iterations=4",
+    )
+    assert standalone.returncode == 0, standalone.stderr[-3000:]
+    result = json.loads(standalone.stdout[standalone.stdout.index("{") :])
+    assert (result["run_id"], result["model_uri"], result["trained"]) == (pre_id, uri, False)
