@@ -37,22 +37,19 @@ test: lint
 test-fast: venv
 	$(BIN)/pytest -m "not integration"
 
-# The main job at demo size: a synthetic Adience download (816 px JPEGs, 5 folds), then the whole
-# suite (4 variants x 5 folds, Prefect + MLflow) on 72 px images with 64 px crops. Until the
-# pretraining issue lands, multitask_pretrained starts from a model trained on a second synthetic
-# face set (other people, other seed): a stand-in for CelebA / UTKFace.
+# The main job at demo size: a synthetic Adience download (816 px JPEGs, 5 folds) and a synthetic
+# CelebA download (official layout, 178 x 218 px), then the whole suite (4 variants x 5 folds,
+# Prefect + MLflow) on 72 px images with 64 px crops. The suite pretrains on CelebA first (once:
+# a rerun reuses the run), registers the backbone and starts multitask_pretrained from it.
 DEMO := $(RUN)/demo
 DEMO_CFG := data.crop=64 train.epochs=10 optim.name=adam optim.lr=0.0005 optim.weight_decay=0 \
 	optim.schedule=cosine model.norm=batchnorm train.patience=null
 demo: venv
 	$(BIN)/agegender synth --out $(DEMO)/adience --per-fold 200 --size 816
 	$(BIN)/agegender data stats --metadata $(DEMO)/adience
-	$(BIN)/agegender synth --out $(DEMO)/faces --per-fold 200 --size 128 --seed 1
-	$(BIN)/agegender prepare --data-root $(DEMO)/faces --cache $(DEMO)/faces-cache --image-size 72
-	$(BIN)/agegender train-fold --cache $(DEMO)/faces-cache --fold 0 --out $(DEMO)/pretrain \
-	    --resume $(DEMO_CFG)
+	$(BIN)/agegender synth --format celeba --out $(DEMO)/celeba --count 4000
 	$(BIN)/agegender suite --data-root $(DEMO)/adience --run-root $(DEMO)/suite \
-	    suite.image_size=72 suite.pretrained=$(DEMO)/pretrain/best.pt $(DEMO_CFG)
+	    suite.image_size=72 suite.pretrain.root=$(DEMO)/celeba $(DEMO_CFG)
 
 bench: venv
 	$(BIN)/python benchmarks/prepare.py

@@ -124,7 +124,12 @@ def cmd_synth(a: argparse.Namespace) -> None:
 def cmd_prepare(a: argparse.Namespace) -> None:
     config = CacheConfig(image_size=a.image_size, draft=not a.no_draft, workers=a.workers)
     with progress_bar("decoding images") as bar:
-        res = cache.build_cache(a.data_root, a.cache, a.metadata, config, progress=bar)
+        if a.format == "adience":
+            res = cache.build_cache(a.data_root, a.cache, a.metadata, config, progress=bar)
+        elif a.metadata is not None:
+            raise ValueError(f"--metadata is for Adience; {a.format} has its lists in --data-root")
+        else:
+            res = cache.build_source_cache(a.format, a.data_root, a.cache, config, progress=bar)
 
     def human(d: dict[str, Any]) -> None:
         verb = "built" if res.rebuilt else "unchanged"
@@ -136,7 +141,7 @@ def cmd_prepare(a: argparse.Namespace) -> None:
         if res.problems:
             out.print(f"[yellow]{d['skipped']} problem(s) listed in {d['report']}:[/]")
             for p in res.problems[:10]:
-                out.print(f"  {p.source}  {p.path}: {p.problem}")
+                out.print(f"  {p.source}  " + (f"{p.path}: " if p.path else "") + p.problem)
             if len(res.problems) > 10:
                 out.print(f"  ... and {len(res.problems) - 10} more")
 
@@ -195,24 +200,6 @@ def cmd_split(a: argparse.Namespace) -> None:
     _emit(data, a.json, human)
 
 
-def _epoch_line(r: dict[str, Any]) -> str:
-    def f(key: str) -> str:
-        v = r.get(key)
-        return "-" if v is None else f"{v:.3f}"
-
-    parts = [f"epoch {r['epoch']:>3}", f"lr {r['lr']:.2e}", f"train loss {f('train_loss')}"]
-    parts.append(f"val loss {f('val_loss')}")
-    for key, name in (
-        ("val_age_acc", "age"),
-        ("val_age_1off", "1-off"),
-        ("val_gender_acc", "gender"),
-    ):
-        if key in r:
-            parts.append(f"{name} {f(key)}")
-    parts.append(f"{r['images_per_s']:,.0f} img/s")
-    return " | ".join(parts) + ("  *" if r["best"] else "")
-
-
 def cmd_train_fold(a: argparse.Namespace) -> None:
     overrides = list(a.overrides) + ([f"train.task={a.task}"] if a.task else [])
     config = load_config(a.config, overrides)
@@ -232,7 +219,7 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
         bar.update(task, completed=done, total=total, description=f"epoch {epoch[0]}")
 
     def log(record: dict[str, Any]) -> None:
-        bar.console.print(_epoch_line(record), highlight=False, soft_wrap=True)
+        bar.console.print(train.epoch_line(record), highlight=False, soft_wrap=True)
         epoch[0] = record["epoch"] + 1
         bar.reset(task)
 
@@ -293,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("prepare", help="decode every image once into the memory-mapped cache")
-    s.add_argument("--data-root", type=Path, required=True, help="Adience download (has aligned/)")
+    s.add_argument(
+        "--data-root", type=Path, required=True, help="the download (Adience: has aligned/)"
+    )
+    s.add_argument("--format", choices=sorted(SYNTH_SIZES), default="adience")
     s.add_argument("--cache", type=Path, required=True, help="cache directory to create/update")
     s.add_argument(
         "--metadata",

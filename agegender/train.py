@@ -290,6 +290,26 @@ def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:
     return out
 
 
+def epoch_line(r: dict[str, Any]) -> str:
+    """One line per epoch for logs and the terminal: the numbers that show how it goes."""
+
+    def f(key: str) -> str:
+        v = r.get(key)
+        return "-" if v is None else f"{v:.3f}"
+
+    parts = [f"epoch {r['epoch']:>3}", f"lr {r['lr']:.2e}", f"train loss {f('train_loss')}"]
+    parts.append(f"val loss {f('val_loss')}")
+    for key, name in (
+        ("val_age_acc", "age"),
+        ("val_age_1off", "1-off"),
+        ("val_gender_acc", "gender"),
+    ):
+        if key in r:
+            parts.append(f"{name} {f(key)}")
+    parts.append(f"{r['images_per_s']:,.0f} img/s")
+    return " | ".join(parts) + ("  *" if r["best"] else "")
+
+
 def _score(metric: str, val: dict[str, Any]) -> float:
     """Higher is better."""
     if metric == "loss":

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import queue
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from agegender import plots
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, Config
 from agegender.metrics import sample_std
-from agegender.train import train_fold
+from agegender.train import epoch_line, train_fold
 from tasks.tracking import Tracker, flatten, git_commit
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
@@ -50,10 +51,30 @@ def slot() -> Iterator[str]:
         _slots.put(device)
 
 
+def logged_progress(label: str, steps: int = 10) -> Callable[[int, int], None]:
+    """A (done, total) callback that logs about `steps` lines with the throughput."""
+    start = time.perf_counter()
+    shown = [-1]
+
+    def update(done: int, total: int) -> None:
+        step = done * steps // max(total, 1)
+        if step > shown[0]:
+            shown[0] = step
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            get_run_logger().info(f"{label}: {done:,}/{total:,} images ({rate:,.0f} img/s)")
+
+    return update
+
+
 @task(cache_policy=NO_CACHE)
 def prepare_cache_task(data_root: str, cache_dir: str, image_size: int) -> str:
     """Decode-once cache of the data root (a no-op when it is up to date)."""
-    res = build_cache(data_root, cache_dir, config=CacheConfig(image_size=image_size))
+    res = build_cache(
+        data_root,
+        cache_dir,
+        config=CacheConfig(image_size=image_size),
+        progress=logged_progress("decoding Adience"),
+    )
     get_run_logger().info(
         f"cache {cache_dir}: {res.images} images, decoded {res.decoded}, "
         f"skipped {len(res.problems)} (fingerprint {res.fingerprint[:12]})"
@@ -118,7 +139,14 @@ def train_fold_task(
             else ("resuming from its checkpoint" if (out / "last.pt").exists() else "training")
         )
         log.info(f"{variant} fold {fold}: {state} on {device} -> {out}")
-        result = train_fold(cache, fold, cfg, out, resume=True)
+        result = train_fold(
+            cache,
+            fold,
+            cfg,
+            out,
+            resume=True,
+            log=lambda r: log.info(f"{variant} fold {fold}: {epoch_line(r)}"),
+        )
     s = result.summary
     log.info(
         f"{variant} fold {fold}: test "

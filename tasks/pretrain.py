@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from agegender.cache import build_source_cache, open_source_cache
 from agegender.config import CacheConfig, Config, PretrainConfig
 from agegender.pretrain import source_set
-from agegender.train import train
-from tasks.folds import log_training, scalar_metrics, slot
+from agegender.train import epoch_line, train
+from tasks.folds import log_training, logged_progress, scalar_metrics, slot
 from tasks.tracking import Tracker, git_commit
 
 CHECKPOINT_FOLDER = "checkpoint"
@@ -46,7 +46,13 @@ def pretrain_task(
             f"pretrain.root is not set: give the {p.source} download (its official layout)"
         )
     cache_path = Path(cache_dir) if cache_dir else Path(run_root) / f"cache-{p.source}"
-    res = build_source_cache(p.source, p.root, cache_path, CacheConfig(image_size=image_size))
+    res = build_source_cache(
+        p.source,
+        p.root,
+        cache_path,
+        CacheConfig(image_size=image_size),
+        progress=logged_progress(f"decoding {p.source}"),
+    )
     log.info(
         f"{p.source} cache {cache_path}: {res.images} images, decoded {res.decoded}, "
         f"skipped {len(res.problems)} (listed in {cache_path / 'report.tsv'})"
@@ -86,7 +92,9 @@ def pretrain_task(
     with slot() as device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
         log.info(f"pretraining on {ts.name} ({len(cache)} images) on {device} -> {out}")
-        result = train(ts, cfg, out, resume=True)
+        result = train(
+            ts, cfg, out, resume=True, log=lambda r: log.info(f"pretrain: {epoch_line(r)}")
+        )
     s = result.summary
     log.info(
         f"pretraining on {ts.name}: test "

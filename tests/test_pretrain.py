@@ -27,6 +27,7 @@ from agegender.synthetic import SynthResult
 from agegender.train import RunError, prepare_run, train_epoch
 from tasks import TrackingError
 from tasks.pretrain import resolve_pretrained_task
+from tests.conftest import run_cli
 
 SMALL = CacheConfig(image_size=32, workers=2)
 TRAIN = [
@@ -106,6 +107,29 @@ def test_bad_source_rows_and_images_are_reported(synth_celeba: Path, tmp_path: P
     cache = open_source_cache(tmp_path / "cache")
     assert len(cache) == 160 - 3
     assert {r.path for r in cache.records}.isdisjoint(p.name for p in images[:3])
+
+
+def test_prepare_cli_takes_a_source(synth_utkface: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(synth_utkface, tmp_path / "utkface"))
+    (root / "UTKFace" / "25_2_0_20170101.jpg.chip.jpg").write_bytes(b"x")  # gender 2
+    args: list[str | Path] = [
+        "prepare",
+        "--format",
+        "utkface",
+        "--data-root",
+        root,
+        "--cache",
+        tmp_path / "cache",
+    ]
+    res = run_cli(*args, "--image-size", "24")
+    assert res.returncode == 0, res.stderr
+    assert "160 images" in res.stdout
+    assert "utkface  25_2_0_20170101.jpg.chip.jpg: gender must be 0 (male) or 1 (female)" in (
+        res.stdout
+    )
+    bad = run_cli(*args, "--metadata", root)
+    assert bad.returncode == 2
+    assert "--metadata is for Adience" in bad.stderr
 
 
 def test_parts_official_or_seeded(roots: dict[str, Path], tmp_path: Path) -> None:
