@@ -11,7 +11,7 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv lint format test test-fast demo bench clean
+.PHONY: venv lint format test test-fast demo bench stack stack-down stack-status clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,17 @@ demo: venv
 	$(BIN)/agegender synth --format celeba --out $(DEMO)/celeba --count 4000
 	$(BIN)/agegender suite --data-root $(DEMO)/adience --run-root $(DEMO)/suite \
 	    suite.image_size=72 suite.pretrain.root=$(DEMO)/celeba $(DEMO_CFG)
+
+# The local service stack (S3, MLflow, Prefect server + worker) on 127.0.0.1; S3 credentials from
+# the environment or .env (see .env.example). PIDs and logs under runs/stack.
+stack: venv
+	$(BIN)/agegender stack up
+
+stack-down:
+	$(BIN)/agegender stack down
+
+stack-status: venv
+	$(BIN)/agegender stack status
 
 bench: venv
 	$(BIN)/python benchmarks/prepare.py

@@ -289,6 +289,12 @@ class SuiteConfig(_Strict):
         1.0, ge=0.0, le=1.0, description="multitask_pretrained: backbone lr as a fraction of lr"
     )
     retries: int = Field(1, ge=0, description="a failed fold is retried, resuming its checkpoint")
+    mode: Literal["tasks", "deployments"] = Field(
+        "tasks",
+        description="tasks: folds in this process; deployments: each fold a flow run of "
+        "`deployment` on a work pool (scale-out)",
+    )
+    deployment: str = Field("train_fold/train-fold", description="flow/deployment of a fold")
 
     @model_validator(mode="after")
     def _pretrained_given(self) -> SuiteConfig:

@@ -8,17 +8,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from agegender import cli
 from agegender.config import ConfigError, load_pretrain_config, load_suite_config
+from deployments.stack import Stack, StackError, http_ok
 from tasks import TrackingError
+
+
+def _check_servers() -> None:
+    """With servers configured, fail fast naming them (not after minutes of retries)."""
+    api = os.environ.get("PREFECT_API_URL")
+    if api and not http_ok(api.rstrip("/") + "/health", timeout=10):
+        raise TrackingError(
+            f"Prefect API at {api} is unreachable; is the server running "
+            "(`agegender stack status`) and PREFECT_API_URL right?"
+        )
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        from tasks.tracking import check_server
+
+        check_server(uri)
 
 
 def cmd_suite(a: argparse.Namespace) -> None:
     suite, base = load_suite_config(a.config, a.overrides)
+    _check_servers()
     if a.data_root is None and a.cache is None:
         raise ValueError("give --data-root (an Adience download) or --cache (a prepared cache)")
     run_root = a.run_root
@@ -39,6 +57,7 @@ def cmd_suite(a: argparse.Namespace) -> None:
 def cmd_pretrain(a: argparse.Namespace) -> None:
     overrides = [f"pretrain.source={a.source}", f"pretrain.root={a.data_root}", *a.overrides]
     pretrain, base = load_pretrain_config(a.config, overrides)
+    _check_servers()
     from flows.pretrain import run_pretrain  # Prefect starts only for this command
 
     res = run_pretrain(pretrain, base, a.run_root, a.experiment, a.image_size, a.cache)
@@ -64,6 +83,40 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         )
 
     cli._emit(res, a.json, human)
+
+
+def cmd_stack(a: argparse.Namespace) -> None:
+    stack = Stack(a.run_dir)
+    if a.action == "up":
+        env = stack.up(lambda m: cli.err.print(m, highlight=False))
+        cli.out.print("stack up; point clients at it with:", highlight=False)
+        for k, v in env.items():
+            cli.out.print(f"  export {k}={v}", highlight=False, markup=False)
+    elif a.action == "down":
+        stopped = stack.down()
+        cli.out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    elif a.action == "env":
+        for k, v in stack.client_env().items():
+            print(f"export {k}={v}")
+    else:
+        status = stack.status()
+        if a.json:
+            print(json.dumps(status, indent=2))
+            return
+        for name, s in status["services"].items():
+            state = "healthy" if s["healthy"] else ("running" if s["running"] else "stopped")
+            cli.out.print(
+                f"{name:8} {state:8} pid {s['pid'] or '-':<8} {s['url']}", highlight=False
+            )
+        for pool, info in status.get("pools", {}).items():
+            workers = status["workers"].get(pool, [])
+            cli.out.print(
+                f"pool {pool} ({info['type']}, {info['status']}): {len(workers)} worker(s)"
+            )
+        if "deployments" in status:
+            cli.out.print("deployments: " + ", ".join(status["deployments"]))
+        for r in status.get("last_runs", []):
+            cli.out.print(f"  {r['name']}: {r['state']} {r['start'] or ''}", highlight=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,11 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser(
+        "stack", help="the local service stack: S3, MLflow, Prefect server and worker"
+    )
+    s.add_argument("action", choices=["up", "down", "status", "env"])
+    s.add_argument("--run-dir", type=Path, default=Path("runs/stack"), help="PIDs, logs, data")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stack)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(build_parser(), argv, extra_errors=(ConfigError, TrackingError))
+    return cli.run(build_parser(), argv, extra_errors=(ConfigError, TrackingError, StackError))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from agegender.cache import open_cache
 from agegender.config import Config, SuiteConfig, Variant
 from tasks.compare import compare_task
-from tasks.folds import aggregate_task, prepare_cache_task, set_slots, train_fold_task
+from tasks.folds import (
+    aggregate_task,
+    prepare_cache_task,
+    remote_fold_task,
+    set_slots,
+    train_fold_task,
+)
 from tasks.pretrain import pretrain_task, resolve_pretrained_task
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, flatten
 
 
 def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> tuple[Path, dict[str, str]]:
@@ -63,7 +69,9 @@ def _parent(
     found = tracker.find(tags, finished_only=False)
     if found is not None:
         return str(found.info.run_id)
-    return tracker.start(variant, tags | extra)
+    run_id = tracker.start(variant, tags | extra)
+    tracker.log(run_id, params=flatten(config.model_dump(mode="json")))  # the UI compares them
+    return run_id
 
 
 def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dict[str, Any]:
@@ -78,15 +86,31 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
     parents = {
         v: _parent(tracker, suite, v, c, fingerprint, extra.get(v, {})) for v, c in configs.items()
     }
-    futures = [
-        train_fold_task.with_options(retries=suite.retries).submit(
-            cache_dir, k, v, configs[v].model_dump(mode="json"), run_root, suite.name, parents[v]
-        )
-        for v in suite.variants
-        for k in suite.folds
-    ]
+    if suite.mode == "deployments":  # workers anywhere: paths must mean the same there
+        cache_dir, run_root = str(Path(cache_dir).resolve()), str(Path(run_root).resolve())
+    futures = []
+    for v in suite.variants:
+        cfg = configs[v].model_dump(mode="json")
+        for k in suite.folds:
+            if suite.mode == "deployments":
+                params = {
+                    "cache_dir": cache_dir,
+                    "fold": k,
+                    "variant": v,
+                    "config": cfg,
+                    "run_root": run_root,
+                    "suite": suite.name,
+                    "parent_id": parents[v],
+                }
+                futures.append(remote_fold_task.submit(suite.deployment, suite.retries, params))
+            else:
+                futures.append(
+                    train_fold_task.with_options(retries=suite.retries).submit(
+                        cache_dir, k, v, cfg, run_root, suite.name, parents[v]
+                    )
+                )
     results = [f.result() for f in futures]
-    trained = sum(r["trained"] for r in results)
+    trained = sum(bool(r["trained"]) for r in results)
     log.info(f"{trained} fold(s) trained, {len(results) - trained} already finished and skipped")
     aggregates: dict[str, dict[str, Any]] = {
         v: aggregate_task(v, suite.name, run_root, parents[v]) for v in suite.variants
@@ -106,13 +130,14 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
 
 @flow(name="suite", log_prints=True)
 def suite_flow(
-    cache_dir: str,
-    suite: dict[str, Any],
-    config: dict[str, Any],
-    run_root: str,
+    cache_dir: str = "runs/suite/cache",
+    suite: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    run_root: str = "runs/suite",
     data_root: str | None = None,
 ) -> dict[str, Any]:
-    s, base = SuiteConfig.model_validate(suite), Config.model_validate(config)
+    """Every fold of every variant; `suite` and `config` are the sections of a config file."""
+    s, base = SuiteConfig.model_validate(suite or {}), Config.model_validate(config or {})
     set_slots(s.slots)
     if data_root is not None:
         prepare_cache_task(data_root, cache_dir, s.image_size)
@@ -121,11 +146,15 @@ def suite_flow(
 
 @flow(name="cross_validate", log_prints=True)
 def cross_validate(
-    variant: Variant, cache_dir: str, suite: dict[str, Any], config: dict[str, Any], run_root: str
+    variant: Variant = "multitask",
+    cache_dir: str = "runs/suite/cache",
+    suite: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    run_root: str = "runs/suite",
 ) -> dict[str, Any]:
-    s = SuiteConfig.model_validate(suite | {"variants": [variant]})
+    s = SuiteConfig.model_validate((suite or {}) | {"variants": [variant]})
     set_slots(s.slots)
-    return _run(s, Config.model_validate(config), cache_dir, run_root)
+    return _run(s, Config.model_validate(config or {}), cache_dir, run_root)
 
 
 def run_suite(
@@ -133,6 +162,8 @@ def run_suite(
 ) -> dict[str, Any]:
     """Run the suite flow with as many task threads as slots."""
     slots = set_slots(suite.slots)
+    if suite.mode == "deployments":  # threads only wait for the folds' flow runs
+        slots = len(suite.variants) * len(suite.folds)
     runner = ThreadPoolTaskRunner(max_workers=slots)  # type: ignore[var-annotated]
     return suite_flow.with_options(task_runner=runner)(  # type: ignore[arg-type]
         str(cache_dir),

@@ -7,7 +7,9 @@ resume from the checkpoint, skip-if-finished, and the MLflow records.
 from __future__ import annotations
 
 import json
+import os
 import queue
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -166,6 +168,63 @@ def train_fold_task(
         raise
     tracker.finish(run_id)
     return {"variant": variant, "fold": fold, "run_id": run_id, "trained": not finished}
+
+
+@task(task_run_name="{params[variant]}-fold{params[fold]}", cache_policy=NO_CACHE)
+def remote_fold_task(deployment: str, retries: int, params: dict[str, Any]) -> dict[str, Any]:
+    """One fold as a flow run of the `train_fold` deployment on a work pool. A run that fails,
+    or whose process died with its worker, is started again; it resumes from its checkpoint."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.states import Crashed
+
+    log = get_run_logger()
+    name = f"{params['variant']}-fold{params['fold']}"
+    state = None
+    for attempt in range(retries + 1):
+        run = run_deployment(deployment, parameters=params, flow_run_name=name, timeout=0)
+        assert isinstance(run, FlowRun)  # the sync call returns the run, not a coroutine
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(run.id)
+                state = run.state
+                if state is not None and state.is_final():
+                    break
+                if state is not None and state.is_running() and _died_here(run.tags):
+                    client.set_flow_run_state(
+                        run.id, Crashed(message="its process is gone (worker killed?)"), force=True
+                    )
+                    state = client.read_flow_run(run.id).state
+                    break
+                time.sleep(2)
+        if state is not None and state.is_completed():
+            log.info(f"{name}: flow run {run.name} ({run.id}) completed")
+            return {
+                "variant": params["variant"],
+                "fold": params["fold"],
+                "flow_run_id": str(run.id),
+                "trained": True,
+            }
+        log.warning(f"{name}: flow run {run.id} ended {state and state.name} (try {attempt + 1})")
+    raise RuntimeError(f"{name}: {retries + 1} flow runs of {deployment} failed ({state})")
+
+
+def _died_here(tags: list[str]) -> bool:
+    """A fold flow run tagged with this machine and a process that no longer exists."""
+    info = dict(t.split(":", 1) for t in tags if t.startswith(("host:", "pid:")))
+    if info.get("host") != socket.gethostname() or not info.get("pid", "").isdigit():
+        return False
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        return Path(f"/proc/{info['pid']}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
 
 
 def log_training(

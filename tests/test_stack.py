@@ -1,0 +1,322 @@
+"""The service stack for real: S3 (SeaweedFS), MLflow server, Prefect server and worker, all
+started by `deployments.stack`, then driven as a user would (deployments, CLI, REST, boto3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+
+from deployments.stack import StackError, ensure_bucket
+from tests.conftest import REPO, STACK_SUITE, STACK_TINY
+
+pytestmark = pytest.mark.integration
+
+TINY_ARGS = [
+    "data.crop=48",
+    "model.norm=batchnorm",
+    "optim.name=adam",
+    "optim.weight_decay=0",
+    "train.patience=null",
+    "train.tencrop=false",
+]
+
+# Run in a separate process: what any client sees through the REST API (no MLflow library).
+REST_CHECK = """
+import json, sys, urllib.request
+base, name = sys.argv[1], sys.argv[2]
+def call(path, body=None):
+    req = urllib.request.Request(base + "/api/2.0/mlflow/" + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())
+exp = call("experiments/get-by-name?experiment_name=" + name)["experiment"]["experiment_id"]
+def runs(query):
+    body = {"experiment_ids": [exp], "filter": query, "max_results": 1000}
+    return call("runs/search", body).get("runs", [])
+done = " and attributes.status = 'FINISHED'"
+out = {k: [r["info"]["run_id"] for r in runs(f"tags.kind = '{k}'" + done)]
+       for k in ("parent", "fold", "pretrain", "summary")}
+out["experiment_id"] = exp
+print(json.dumps(out))
+"""
+
+S3_CHECK = """
+import json, sys, boto3
+url, bucket = sys.argv[1], sys.argv[2]
+s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in p.get("Contents", [])]
+print(json.dumps(keys))
+"""
+
+
+def _python(script: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    res = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+def _flow_runs(stack: Any, body: dict[str, Any]) -> Any:
+    """Flow runs matching a filter, straight from the Prefect REST API."""
+    req = urllib.request.Request(
+        f"{stack.prefect_api}/flow_runs/filter",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _no_aws(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {k: v for k, v in (env or dict(os.environ)).items() if not k.startswith("AWS_")}
+
+
+def test_suite_deployment_is_tracked_in_mlflow_with_artifacts_in_s3(
+    stack: Any, stack_suite: dict[str, Any], stack_creds: dict[str, str]
+) -> None:
+    found = _python(REST_CHECK, stack.mlflow_url, STACK_SUITE, env=_no_aws())
+    assert len(found["parent"]) == 4
+    assert len(found["fold"]) == 20
+    assert len(found["pretrain"]) == 1
+    assert len(found["summary"]) == 1
+    assert sorted(found["parent"]) == sorted(stack_suite["parents"].values())
+
+    keys = set(_python(S3_CHECK, stack.s3_url, stack.bucket, env=_no_aws() | stack_creds))
+    exp = found["experiment_id"]
+    for run_id in found["fold"]:
+        for name in ("best.pt", "result.json", "learning_curves.png", "test_predictions.csv"):
+            assert f"artifacts/{exp}/{run_id}/artifacts/{name}" in keys, (run_id, name)
+    for run_id in found["parent"]:
+        assert f"artifacts/{exp}/{run_id}/artifacts/fold_bars.png" in keys
+    (pre,) = found["pretrain"]
+    assert f"artifacts/{exp}/{pre}/artifacts/checkpoint/best.pt" in keys
+    # the registered backbone points at that run
+    client = MlflowClient(stack.mlflow_url)
+    versions = client.search_model_versions("name = 'agegender-pretrained-celeba'")
+    assert pre in {v.run_id for v in versions}
+
+
+def test_the_suite_deployment_is_scheduled(stack: Any) -> None:
+    with urllib.request.urlopen(f"{stack.prefect_api}/deployments/name/suite/suite") as r:
+        deployment = json.loads(r.read())
+    crons = [s["schedule"].get("cron") for s in deployment["schedules"]]
+    assert crons == ["0 3 * * 1"]
+    assert deployment["work_pool_name"] == "local"
+    body = {
+        "deployments": {"id": {"any_": [deployment["id"]]}},
+        "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+    }
+    scheduled = _flow_runs(stack, body)
+    assert len(scheduled) >= 1
+    assert all(run["expected_start_time"] for run in scheduled)
+    with urllib.request.urlopen(
+        f"{stack.prefect_api}/deployments/name/train_fold/train-fold-gpu"
+    ) as r:
+        gpu = json.loads(r.read())
+    assert gpu["work_pool_name"] == "gpu"
+    requests = gpu["job_variables"]["container_create_kwargs"]["device_requests"]
+    assert requests == [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]
+
+
+def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
+    stack: Any, learn_cache: Path, tmp_path: Path
+) -> None:
+    params = {
+        "variant": "gender",
+        "cache_dir": str(learn_cache),
+        "run_root": str(tmp_path),
+        "suite": {"name": "stack-scale-out", "folds": [0, 1], "mode": "deployments"},
+        "config": STACK_TINY,
+    }
+    run = run_deployment(
+        "cross_validate/cross-validate", parameters=params, timeout=600, poll_interval=2
+    )
+    assert isinstance(run, FlowRun)
+    assert run.state is not None
+    assert run.state.is_completed(), run.state
+    client = MlflowClient(stack.mlflow_url)
+    exp = client.get_experiment_by_name("stack-scale-out")
+    assert exp is not None
+    folds = client.search_runs([exp.experiment_id], "tags.kind = 'fold'")
+    assert sorted(r.data.tags["fold"] for r in folds) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in folds)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'parent'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in folds} == {parent.info.run_id}
+    body = {"flow_runs": {"name": {"any_": ["gender-fold0", "gender-fold1"]}}}
+    fold_runs = _flow_runs(stack, body)
+    assert {r["state_type"] for r in fold_runs} == {"COMPLETED"}
+    assert any(t.startswith("pid:") for r in fold_runs for t in r["tags"])
+
+
+def _suite_cli(cache: Path, run_root: Path, *extra: str) -> subprocess.Popen[str]:
+    script = Path(sys.executable).with_name("agegender")
+    return subprocess.Popen(
+        [str(script), "suite", "--cache", str(cache), "--run-root", str(run_root), *extra],
+        cwd=REPO,
+        env=_no_aws(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_mlflow_restart_during_a_suite_loses_no_fold(
+    stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
+) -> None:
+    proc = _suite_cli(
+        learn_cache,
+        tmp_path,
+        "suite.name=stack-restart",
+        "suite.variants=[age, gender]",
+        "train.iterations=30",
+        *TINY_ARGS,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(tmp_path.glob("*/*/fold*/result.json"))) < 2:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.2)
+    stack.stop("mlflow")  # mid-suite: folds keep training, their logging waits and retries
+    time.sleep(3)
+    stack.start("mlflow", stack_creds)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    client = MlflowClient(stack.mlflow_url)
+    exp = client.get_experiment_by_name("stack-restart")
+    assert exp is not None
+    folds = client.search_runs([exp.experiment_id], "tags.kind = 'fold'")
+    assert sorted((r.data.tags["variant"], r.data.tags["fold"]) for r in folds) == sorted(
+        (v, str(k)) for v in ("age", "gender") for k in range(5)
+    )
+    assert {r.info.status for r in folds} == {"FINISHED"}
+    parents = client.search_runs([exp.experiment_id], "tags.kind = 'parent'")
+    assert all(p.data.metrics["folds"] == 5 for p in parents)
+
+
+def test_a_worker_killed_mid_fold_is_resumed_from_the_checkpoint(
+    stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
+) -> None:
+    proc = _suite_cli(
+        learn_cache,
+        tmp_path,
+        "suite.name=stack-kill",
+        "suite.variants=[multitask]",
+        "suite.folds=[0]",
+        "suite.mode=deployments",
+        "train.iterations=150",
+        *TINY_ARGS,
+    )
+    checkpoints: list[Path] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not checkpoints:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        checkpoints = list(tmp_path.glob("stack-kill/multitask/fold0-*/last.pt"))
+        time.sleep(0.2)
+    assert checkpoints, "no checkpoint was written"
+    body = {"flow_runs": {"name": {"any_": ["multitask-fold0"]}}}
+    (first,) = _flow_runs(stack, body)
+    pid = int(next(t for t in first["tags"] if t.startswith("pid:"))[4:])
+    worker = stack._pids()["worker"]
+    os.killpg(worker, signal.SIGKILL)  # the worker and the fold it runs die, as with a crash
+    os.killpg(pid, signal.SIGKILL)
+    assert not (checkpoints[0].parent / "result.json").exists()
+    stack.stop("worker")
+    stack.start("worker", stack_creds)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    log = stack.log("worker").read_text()
+    assert "multitask fold 0: resuming from its checkpoint" in log
+    states = sorted(run["state_type"] for run in _flow_runs(stack, body))
+    assert states == ["COMPLETED", "CRASHED"]
+    client = MlflowClient(stack.mlflow_url)
+    exp = client.get_experiment_by_name("stack-kill")
+    assert exp is not None
+    (fold,) = client.search_runs([exp.experiment_id], "tags.kind = 'fold'")
+    assert fold.info.status == "FINISHED"
+    history = client.get_metric_history(fold.info.run_id, "val_loss")
+    assert [m.step for m in history] == list(range(1, len(history) + 1))  # no epoch lost
+
+
+def test_bad_credentials_and_unreachable_servers_are_clear_errors(
+    stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
+) -> None:
+    wrong = stack_creds | {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    with pytest.raises(StackError, match=rf"S3 at {stack.s3_url} refused the request"):
+        ensure_bucket(stack.s3_url, wrong, stack.bucket)
+    with pytest.raises(StackError, match=r"S3 at http://127.0.0.1:9 is unreachable"):
+        ensure_bucket("http://127.0.0.1:9", stack_creds, stack.bucket)
+    # S3 is never anonymous
+    anonymous = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, boto3, botocore; from botocore.config import Config; "
+            "s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1', "
+            "config=Config(signature_version=botocore.UNSIGNED)); "
+            "s3.list_objects_v2(Bucket=sys.argv[2])",
+            stack.s3_url,
+            stack.bucket,
+        ],
+        capture_output=True,
+        text=True,
+        env=_no_aws(),
+    )
+    assert anonymous.returncode != 0
+    assert "AccessDenied" in anonymous.stderr
+    # the MLflow server refuses a foreign Host header (DNS rebinding); its own name works
+    api = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+    with urllib.request.urlopen(api, timeout=10) as ok:
+        assert ok.status == 200
+    req = urllib.request.Request(api, headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=10)
+    assert refused.value.code == 403
+    # unreachable servers: one line naming the endpoint, no traceback
+    script = str(Path(sys.executable).with_name("agegender"))
+    base = [script, "suite", "--cache", str(learn_cache), "--run-root", str(tmp_path)]
+    for var, value, message in (
+        ("MLFLOW_TRACKING_URI", "http://127.0.0.1:9", "error: MLflow at http://127.0.0.1:9 is "),
+        ("PREFECT_API_URL", "http://127.0.0.1:9/api", "error: Prefect API at http://127.0.0.1:9"),
+    ):
+        res = subprocess.run(
+            [*base, "suite.variants=[age]"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=_no_aws() | {var: value},
+            timeout=120,
+        )
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert message in res.stderr
+        assert "unreachable" in res.stderr
+        assert "Traceback" not in res.stderr
+    # and the stack itself never starts without credentials
+    res = subprocess.run(
+        [script, "stack", "up", "--run-dir", str(tmp_path / "nocreds")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_no_aws(),
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert "S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY not set" in res.stderr
