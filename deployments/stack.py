@@ -76,6 +76,15 @@ class Stack:
     def prefect_api(self) -> str:
         return f"http://{self.host}:{self.ports.prefect}/api"
 
+    @classmethod
+    def at(cls, run_dir: Path) -> Stack:
+        """The stack of a run directory, on the ports it was started with (defaults if none)."""
+        try:
+            saved = json.loads((Path(run_dir) / "stack.json").read_text()).get("ports", {})
+        except (OSError, ValueError):
+            saved = {}
+        return cls(Path(run_dir), ports=Ports(**saved))
+
     def client_env(self) -> dict[str, str]:
         """What a client (the CLI, a test, a worker) needs: no S3 credentials."""
         return {"PREFECT_API_URL": self.prefect_api, "MLFLOW_TRACKING_URI": self.mlflow_url}
@@ -94,7 +103,11 @@ class Stack:
 
     def _save_pids(self, pids: Mapping[str, int]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        state = {"pids": dict(pids), "urls": self.client_env() | {"S3": self.s3_url}}
+        state = {
+            "pids": dict(pids),
+            "ports": self.ports.__dict__,
+            "urls": self.client_env() | {"S3": self.s3_url},
+        }
         self._state_file().write_text(json.dumps(state, indent=1))
 
     def log(self, name: str) -> Path:
@@ -265,8 +278,10 @@ class Stack:
         progress("worker online on pool 'local'")
         return self.client_env()
 
-    def setup(self, gpu_slots: int = 1) -> None:
-        """Work pools, the GPU concurrency limit and the deployments of prefect.yaml."""
+    def setup(self, gpu_slots: int | None = None) -> None:
+        """Work pools, the GPU concurrency limit (one fold per GPU of this machine, at least
+        one) and the deployments of prefect.yaml."""
+        gpu_slots = gpu_slots or max(count_gpus(), 1)
         env = os.environ | self.client_env() | {"PREFECT_HOME": str(self.run_dir / "worker")}
         env.setdefault("AGEGENDER_WORKER_IMAGE", "agegender-worker:latest")
         env["AGEGENDER_HOME"] = str(REPO)  # where the local pool's flows run
@@ -354,6 +369,15 @@ def credentials(env_file: Path = REPO / ".env") -> dict[str, str]:
             f"{env_file} (see .env.example); the S3 server never runs anonymously"
         )
     return values
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs on this machine, without importing torch (0 when there is no driver)."""
+    try:
+        res = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in res.stdout.splitlines())
 
 
 def alive(pid: int) -> bool:

@@ -86,7 +86,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 
 
 def cmd_stack(a: argparse.Namespace) -> None:
-    stack = Stack(a.run_dir)
+    stack = Stack.at(a.run_dir)
     if a.action == "up":
         env = stack.up(lambda m: cli.err.print(m, highlight=False))
         cli.out.print("stack up; point clients at it with:", highlight=False)

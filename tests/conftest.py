@@ -16,6 +16,7 @@ from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.sources import write_synthetic_source
 from agegender.synthetic import SynthResult, write_synthetic
+from deployments.stack import Ports, Stack
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared")) / "adience"
@@ -95,29 +96,24 @@ STACK_TINY = {
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A whole stack started by the project's own code, with fresh S3 credentials that only
     the servers get; this test process talks to it like any client (no S3 credentials)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from deployments.stack import Ports, Stack
 
     creds = {
         "AWS_ACCESS_KEY_ID": "agegender-" + secrets.token_hex(4),
         "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
     }
-    saved = {k: os.environ.get(k) for k in [*creds, "PREFECT_API_URL", "MLFLOW_TRACKING_URI"]}
+    saved = {k: os.environ.get(k) for k in creds}
     os.environ.update(creds)
     _STACK_CREDS.update(creds)
     # ports shifted by 101: a developer's own stack (`make stack`) may run beside the tests
     st = Stack(tmp_path_factory.mktemp("stack"), ports=Ports.shifted(101))
     try:
-        client_env = st.up(progress=lambda m: print(f"stack: {m}"))
+        st.up(progress=lambda m: print(f"stack: {m}"))
         for k in creds:
             del os.environ[k]
-        os.environ.update(client_env)  # for subprocesses; Prefect read its settings at import
-        with temporary_settings(updates={PREFECT_API_URL: st.prefect_api}):
-            yield st
+        yield st
     finally:
         st.down()
         for k, v in saved.items():
@@ -125,6 +121,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def prefect_api(st: Stack) -> Any:
+    """In-process Prefect calls against the stack (Prefect reads PREFECT_API_URL at import, so
+    setting the variable later would not do; nothing leaks into the other tests)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: st.prefect_api})
+
+
+def client_env(st: Stack) -> dict[str, str]:
+    """A client process's environment: the stack's URLs and no S3 credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return env | st.client_env()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the service stack run last: the servers then start late and run only as long
+    as those tests need them (they stop at the end of the session)."""
+    items.sort(key=lambda item: "stack" in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +171,8 @@ def stack_suite(
         },
         "config": STACK_TINY,
     }
-    run = run_deployment("suite/suite", parameters=params, timeout=900, poll_interval=2)
+    with prefect_api(stack):
+        run = run_deployment("suite/suite", parameters=params, timeout=900, poll_interval=2)
     assert isinstance(run, FlowRun)
     assert run.state is not None
     assert run.state.is_completed(), (run.state, stack.log("worker"))

@@ -20,7 +20,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from deployments.stack import StackError, ensure_bucket
-from tests.conftest import REPO, STACK_SUITE, STACK_TINY
+from tests.conftest import REPO, STACK_SUITE, STACK_TINY, client_env, prefect_api
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +116,30 @@ def test_suite_deployment_is_tracked_in_mlflow_with_artifacts_in_s3(
     assert pre in {v.run_id for v in versions}
 
 
+def test_stack_status_shows_servers_pools_workers_and_runs(
+    stack: Any, stack_suite: dict[str, Any]
+) -> None:
+    script = str(Path(sys.executable).with_name("agegender"))
+    res = subprocess.run(
+        [script, "stack", "status", "--json", "--run-dir", str(stack.run_dir)],
+        capture_output=True,
+        text=True,
+        env=client_env(stack),
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    status = json.loads(res.stdout)
+    assert {n: s["healthy"] for n, s in status["services"].items()} == dict.fromkeys(
+        ("s3", "mlflow", "prefect", "worker"), True
+    )
+    assert status["services"]["mlflow"]["url"] == stack.mlflow_url  # its own ports, remembered
+    assert status["pools"]["local"]["type"] == "process"
+    assert status["pools"]["gpu"]["type"] == "docker"
+    assert len(status["workers"]["local"]) >= 1
+    assert {"suite", "cross-validate", "train-fold", "train-fold-gpu"} <= set(status["deployments"])
+    assert status["last_runs"]
+
+
 def test_the_suite_deployment_is_scheduled(stack: Any) -> None:
     with urllib.request.urlopen(f"{stack.prefect_api}/deployments/name/suite/suite") as r:
         deployment = json.loads(r.read())
@@ -148,9 +172,10 @@ def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
         "suite": {"name": "stack-scale-out", "folds": [0, 1], "mode": "deployments"},
         "config": STACK_TINY,
     }
-    run = run_deployment(
-        "cross_validate/cross-validate", parameters=params, timeout=600, poll_interval=2
-    )
+    with prefect_api(stack):
+        run = run_deployment(
+            "cross_validate/cross-validate", parameters=params, timeout=600, poll_interval=2
+        )
     assert isinstance(run, FlowRun)
     assert run.state is not None
     assert run.state.is_completed(), run.state
@@ -168,12 +193,12 @@ def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
     assert any(t.startswith("pid:") for r in fold_runs for t in r["tags"])
 
 
-def _suite_cli(cache: Path, run_root: Path, *extra: str) -> subprocess.Popen[str]:
+def _suite_cli(stack: Any, cache: Path, run_root: Path, *extra: str) -> subprocess.Popen[str]:
     script = Path(sys.executable).with_name("agegender")
     return subprocess.Popen(
         [str(script), "suite", "--cache", str(cache), "--run-root", str(run_root), *extra],
         cwd=REPO,
-        env=_no_aws(),
+        env=client_env(stack),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -184,6 +209,7 @@ def test_mlflow_restart_during_a_suite_loses_no_fold(
     stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
 ) -> None:
     proc = _suite_cli(
+        stack,
         learn_cache,
         tmp_path,
         "suite.name=stack-restart",
@@ -216,6 +242,7 @@ def test_a_worker_killed_mid_fold_is_resumed_from_the_checkpoint(
     stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
 ) -> None:
     proc = _suite_cli(
+        stack,
         learn_cache,
         tmp_path,
         "suite.name=stack-kill",
