@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -253,6 +254,54 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
     _emit(res.summary, a.json, human)
 
 
+def _csv_row(row: dict[str, Any], heads: dict[str, list[str]]) -> dict[str, Any]:
+    flat = {k: v for k, v in row.items() if not k.endswith("_probs")}
+    for head, names in heads.items():
+        probs = row.get(f"{head}_probs") or {}
+        flat |= {f"{head}_prob_{n}": probs.get(n, "") for n in names}
+    return flat
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from agegender.predict import Predictor, collect_paths, predict_paths
+
+    model = predict_model(a.model)
+    predictor = Predictor.load(model, a.device)
+    paths = collect_paths(a.paths)
+    if not paths:
+        raise ValueError(f"no images found in {', '.join(map(str, a.paths))}")
+    sink = a.out.open("w", newline="") if a.out else sys.stdout
+    heads = predictor.labels
+    fields = ["path", "face", "error"]
+    fields += [c for h in heads for c in (h, f"{h}_prob", *(f"{h}_prob_{n}" for n in heads[h]))]
+    writer = csv.DictWriter(sink, fieldnames=fields) if a.format == "csv" else None
+    if writer:
+        writer.writeheader()
+    done = errors = 0
+    try:
+        with progress_bar("predicting") as bar:
+            for row in predict_paths(predictor, paths, a.oversample, a.batch_size, progress=bar):
+                done += 1
+                errors += row["error"] is not None
+                if writer:
+                    writer.writerow(_csv_row(row, heads))
+                else:
+                    sink.write(json.dumps(row) + "\n")
+    finally:
+        if a.out:
+            sink.close()
+    err.print(f"{done} photo(s): {done - errors} predicted, {errors} could not be used")
+
+
+def predict_model(model: str) -> Path:
+    """A checkpoint path (MLflow model URIs arrive with the inference issue)."""
+    path = Path(model)
+    path = path / "best.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {model}: no such checkpoint (a best.pt or its folder)")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agegender", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -336,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print result.json to stdout")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=20")
     s.set_defaults(func=cmd_train_fold)
+
+    s = sub.add_parser("predict", help="age group and gender of new photos (whole image)")
+    s.add_argument("paths", nargs="+", type=Path, help="images, folders or .txt lists of paths")
+    s.add_argument("--model", required=True, help="a best.pt (or its run folder)")
+    s.add_argument("--oversample", action="store_true", help="10-crop over-sampling")
+    s.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    s.add_argument("--out", type=Path, default=None, help="file (default: stdout)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
+    s.set_defaults(func=cmd_predict)
     return p
 
 

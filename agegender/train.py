@@ -432,6 +432,7 @@ def train(
                     "epoch": run.epoch,
                     "task": t.task,
                     "crop": config.data.crop,
+                    "image_size": ts.cache.image_size,  # what prediction resizes a photo to
                     "config": config.model_dump(mode="json"),
                     "normalize": run.data.normalize.__dict__,
                     "labels": {h: list(ts.classes[h]) for h in run.model.heads},

@@ -1,0 +1,108 @@
+"""Prediction on photos: the training preprocessing exactly, and bad files reported per file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agegender.cache import open_cache
+from agegender.config import load_config
+from agegender.evaluate import predict
+from agegender.predict import Predictor, collect_paths, predict_paths
+from agegender.train import prepare_run, train_fold
+from tests.conftest import run_cli
+
+SMALL = [
+    "data.crop=48",
+    "optim.name=adam",
+    "optim.weight_decay=0",
+    "model.norm=batchnorm",
+    "train.patience=null",
+    "train.iterations=3",
+    "train.tencrop=false",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(learn_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("predict-model")
+    return train_fold(learn_cache, 0, load_config(None, SMALL), out / "run").out_dir / "best.pt"
+
+
+def test_photos_get_the_same_answer_as_the_evaluation(learn_cache: Path, trained: Path) -> None:
+    cache = open_cache(learn_cache)
+    run = prepare_run(cache, 0, load_config(None, SMALL))
+    part = run.data.test
+    predictor = Predictor.load(trained, "cpu")
+    run.model.load_state_dict(predictor.model.state_dict())
+    expected = predict(run.model, run.data.store, part, 48, run.data.normalize, 64, tencrop=True)
+    aligned = learn_cache.parent / "adience" / "aligned"
+    paths = [str(aligned / cache.table.rows[r].path) for r in part.rows[:40]]
+    assert predictor.image_size == cache.image_size == 56
+    rows = list(predict_paths(predictor, paths, batch_size=16))
+    ten = list(predict_paths(predictor, paths, oversample=True, batch_size=16))
+    for i, (row, row10) in enumerate(zip(rows, ten, strict=True)):
+        assert row["error"] is None
+        for head in ("age", "gender"):
+            probs = np.array(list(row[f"{head}_probs"].values()))
+            np.testing.assert_allclose(probs, expected.center[head][i], atol=1e-4)
+            probs10 = np.array(list(row10[f"{head}_probs"].values()))
+            assert expected.tencrop is not None
+            np.testing.assert_allclose(probs10, expected.tencrop[head][i], atol=1e-4)
+            assert row[head] == predictor.labels[head][int(expected.center[head][i].argmax())]
+
+
+def test_bad_files_get_a_row_and_the_batch_goes_on(
+    learn_cache: Path, trained: Path, tmp_path: Path
+) -> None:
+    aligned = learn_cache.parent / "adience" / "aligned"
+    good = sorted(aligned.rglob("*.jpg"))[:3]
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i, g in enumerate(good):
+        shutil.copy(g, photos / ("sub" if i == 2 else "") / f"good{i}.jpg")
+    (photos / "corrupt.jpg").write_bytes(good[0].read_bytes()[:300])
+    (photos / "notes.jpg").write_text("not an image at all")
+    Image.new("RGB", (9000, 6000)).save(photos / "huge.png")  # 54 MP: over the limit
+    (photos / "README.md").write_text("ignored: not an image suffix")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# photos\n{photos / 'good0.jpg'}\n{tmp_path / 'missing.jpg'}\n")
+    assert len(collect_paths([photos])) == 6
+
+    out = tmp_path / "rows.jsonl"
+    res = run_cli("predict", photos, listing, "--model", trained.parent, "--out", out)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8
+    by_name = {Path(r["path"]).name: r for r in rows}
+    errors = {name: r["error"] for name, r in by_name.items() if r["error"]}
+    assert set(errors) == {"corrupt.jpg", "notes.jpg", "huge.png", "missing.jpg"}
+    assert errors["corrupt.jpg"].startswith(("cannot decode", "not an image PIL can read"))
+    assert "Truncated" in errors["corrupt.jpg"]
+    assert "not an image" in errors["notes.jpg"]
+    assert "54,000,000 pixels, over the limit" in errors["huge.png"]
+    assert errors["missing.jpg"] == "file not found"
+    for name in ("good0.jpg", "good1.jpg", "good2.jpg"):
+        row = by_name[name]
+        assert row["age"] in row["age_probs"]
+        assert row["gender"] in ("m", "f")
+        assert sum(row["age_probs"].values()) == pytest.approx(1, abs=1e-3)
+    assert "8 photo(s): 4 predicted, 4 could not be used" in res.stderr
+
+    csv_out = tmp_path / "rows.csv"
+    res = run_cli(
+        "predict", photos / "sub", "--model", trained, "--format", "csv", "--out", csv_out
+    )
+    assert res.returncode == 0, res.stderr
+    header, line = csv_out.read_text().splitlines()
+    assert header.startswith("path,face,error,age,age_prob,age_prob_0-2,")
+    assert line.startswith(str(photos / "sub" / "good2.jpg"))
+    bad = run_cli("predict", photos, "--model", tmp_path / "nothing.pt")
+    assert bad.returncode == 2
+    assert "--model" in bad.stderr
+    assert "no such checkpoint" in bad.stderr
