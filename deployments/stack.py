@@ -192,8 +192,7 @@ class Stack:
             )
         argv, env = self._command(name, creds)
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
-        for sub in ("s3", "mlflow", "prefect", "worker"):
-            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.run_dir / name).mkdir(parents=True, exist_ok=True)
         with self.log(name).open("ab") as log:
             proc = subprocess.Popen(
                 argv,
@@ -215,13 +214,7 @@ class Stack:
     def _wait_healthy(
         self, name: str, creds: Mapping[str, str], proc: subprocess.Popen[bytes]
     ) -> None:
-        checks: dict[str, tuple[Callable[[], bool], float]] = {
-            "s3": (lambda: s3_ready(self.s3_url, creds), 60),
-            "mlflow": (lambda: http_ok(f"{self.mlflow_url}/health"), 120),
-            "prefect": (lambda: http_ok(f"{self.prefect_api}/health"), 120),
-            "worker": (lambda: self._worker_online(), 90),
-        }
-        check, limit = checks[name]
+        limit = {"s3": 60, "mlflow": 120, "prefect": 120, "worker": 90}[name]
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -229,10 +222,20 @@ class Stack:
                     f"{name} exited with status {proc.returncode} while starting; see "
                     f"{self.log(name)}:\n{tail(self.log(name))}"
                 )
-            if check():
+            if self.healthy(name, creds):
                 return
             time.sleep(0.5)
         raise StackError(f"{name} was not healthy after {limit:.0f} s; see {self.log(name)}")
+
+    def healthy(self, name: str, creds: Mapping[str, str] | None = None) -> bool:
+        """The service's health check (S3: a signed request with `creds`, else its port)."""
+        if name == "s3":
+            return s3_ready(self.s3_url, creds) if creds else port_open(self.host, self.ports.s3)
+        if name == "mlflow":
+            return http_ok(f"{self.mlflow_url}/health")
+        if name == "prefect":
+            return http_ok(f"{self.prefect_api}/health")
+        return self._worker_online()
 
     def _worker_online(self) -> bool:
         try:
@@ -282,6 +285,7 @@ class Stack:
         """Work pools, the GPU concurrency limit (one fold per GPU of this machine, at least
         one) and the deployments of prefect.yaml."""
         gpu_slots = gpu_slots or max(count_gpus(), 1)
+        (self.run_dir / "worker").mkdir(parents=True, exist_ok=True)
         env = os.environ | self.client_env() | {"PREFECT_HOME": str(self.run_dir / "worker")}
         env.setdefault("AGEGENDER_WORKER_IMAGE", "agegender-worker:latest")
         env["AGEGENDER_HOME"] = str(REPO)  # where the local pool's flows run
@@ -302,18 +306,12 @@ class Stack:
         pids = self._pids()
         out: dict[str, Any] = {"run_dir": str(self.run_dir), "services": {}}
         urls = {"s3": self.s3_url, "mlflow": self.mlflow_url, "prefect": self.prefect_api}
-        health = {
-            "s3": lambda: port_open(self.host, self.ports.s3),
-            "mlflow": lambda: http_ok(f"{self.mlflow_url}/health"),
-            "prefect": lambda: http_ok(f"{self.prefect_api}/health"),
-            "worker": self._worker_online,
-        }
         for name in SERVICES:
             pid = pids.get(name)
             out["services"][name] = {
                 "pid": pid,
                 "running": bool(pid and alive(pid)),
-                "healthy": health[name](),
+                "healthy": self.healthy(name),
                 "url": urls.get(name, ""),
                 "log": str(self.log(name)),
             }

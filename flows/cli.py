@@ -61,8 +61,6 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     from flows.pretrain import run_pretrain  # Prefect starts only for this command
 
     res = run_pretrain(pretrain, base, a.run_root, a.experiment, a.image_size, a.cache)
-    result = json.loads((Path(res["checkpoint"]).parent / "result.json").read_text())
-    res["test"] = {k: v for k, v in result["test"].items() if isinstance(v, float)}
 
     def human(d: dict[str, object]) -> None:
         verb = "pretrained" if d["trained"] else "already pretrained (reused)"

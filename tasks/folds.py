@@ -7,7 +7,6 @@ resume from the checkpoint, skip-if-finished, and the MLflow records.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import socket
 import tempfile
@@ -19,14 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.states import Crashed
 
 from agegender import plots
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, Config
 from agegender.metrics import sample_std
 from agegender.train import epoch_line, train_fold
+from deployments.stack import alive
 from tasks.tracking import Tracker, flatten, git_commit
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
@@ -121,10 +124,7 @@ def train_fold_task(
     tracker = Tracker(suite, Path(run_root))
     tags = fold_tags(suite, variant, fold, cfg, cache.fingerprint)
     tags |= {"parent": parent_id}
-    latest = tracker.find(tags, finished_only=False)
-    if latest is not None and latest.info.status == "RUNNING":  # its process was killed
-        tracker.finish(latest.info.run_id, status="KILLED")
-    done = tracker.find(tags)
+    done = tracker.finished(tags)
     if done is not None:
         log.info(
             f"{variant} fold {fold}: already finished (config {cfg.hash()}, data "
@@ -174,11 +174,6 @@ def train_fold_task(
 def remote_fold_task(deployment: str, retries: int, params: dict[str, Any]) -> dict[str, Any]:
     """One fold as a flow run of the `train_fold` deployment on a work pool. A run that fails,
     or whose process died with its worker, is started again; it resumes from its checkpoint."""
-    from prefect import get_client
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.deployments import run_deployment
-    from prefect.states import Crashed
-
     log = get_run_logger()
     name = f"{params['variant']}-fold{params['fold']}"
     state = None
@@ -215,16 +210,7 @@ def _died_here(tags: list[str]) -> bool:
     info = dict(t.split(":", 1) for t in tags if t.startswith(("host:", "pid:")))
     if info.get("host") != socket.gethostname() or not info.get("pid", "").isdigit():
         return False
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        return Path(f"/proc/{info['pid']}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True
+    return not alive(int(info["pid"]))
 
 
 def log_training(

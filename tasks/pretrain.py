@@ -68,12 +68,8 @@ def pretrain_task(
         "data_fingerprint": cache.fingerprint,
     }
     name = registered_name(p.source)
-    out = Path(run_root) / experiment / "pretrain" / f"{p.source}-{cfg.hash()}"
-    out = out.with_name(f"{out.name}-{cache.fingerprint[:8]}")
-    latest = tracker.find(tags, finished_only=False)
-    if latest is not None and latest.info.status == "RUNNING":  # its process was killed
-        tracker.finish(latest.info.run_id, status="KILLED")
-    done = tracker.find(tags)
+    out = Path(run_root, experiment, "pretrain", f"{p.source}-{cfg.hash()}-{cache.fingerprint[:8]}")
+    done = tracker.finished(tags)
     if done is not None:
         run_id = str(done.info.run_id)
         version = tracker.register(run_id, CHECKPOINT_FOLDER, name, tags)
@@ -88,7 +84,8 @@ def pretrain_task(
             f"pretraining on {ts.name}: already finished (run {run_id}, models:/{name}/{version});"
             " not trained again"
         )
-        return _result(run_id, checkpoint, name, version, trained=False)
+        test = {k[5:]: v for k, v in done.data.metrics.items() if k.startswith("test_")}
+        return _result(run_id, checkpoint, name, version, test, trained=False)
     with slot() as device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
         log.info(f"pretraining on {ts.name} ({len(cache)} images) on {device} -> {out}")
@@ -112,16 +109,17 @@ def pretrain_task(
         tracker.finish(run_id, status="FAILED")
         raise
     tracker.finish(run_id)
-    return _result(run_id, out / "best.pt", name, version, trained=True)
+    return _result(run_id, out / "best.pt", name, version, scalar_metrics(s["test"]), True)
 
 
 def _result(
-    run_id: str, checkpoint: Path, name: str, version: str, trained: bool
+    run_id: str, checkpoint: Path, name: str, version: str, test: dict[str, float], trained: bool
 ) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "checkpoint": str(checkpoint),
         "model_uri": f"models:/{name}/{version}",
+        "test": test,
         "trained": trained,
     }
 

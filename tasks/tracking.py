@@ -82,6 +82,14 @@ class Tracker:
         )
         return runs[0] if runs else None
 
+    def finished(self, tags: Mapping[str, str]) -> Run | None:
+        """The newest FINISHED run with `tags`; a newer one still RUNNING belongs to a killed
+        process, so it is marked KILLED first (a rerun then trains or resumes it)."""
+        latest = self.find(tags, finished_only=False)
+        if latest is not None and latest.info.status == "RUNNING":
+            self.finish(latest.info.run_id, status="KILLED")
+        return self.find(tags)
+
     def start(self, name: str, tags: Mapping[str, str], parent_id: str | None = None) -> str:
         all_tags = dict(tags)
         if parent_id:
