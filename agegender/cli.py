@@ -29,8 +29,9 @@ from agegender import adience, cache, sources, splits, synthetic, train
 from agegender.adience import MetadataError
 from agegender.config import CacheConfig, SplitConfig, load_config
 
-err = Console(stderr=True)
-out = Console()
+# soft_wrap: paths and messages stay on one line whatever the terminal (or pipe) width, so they can be grepped.
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 @contextmanager
