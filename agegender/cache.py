@@ -138,23 +138,28 @@ def aligned_dir(data_root: Path) -> Path:
 
 
 def decode_image(path: Path | str, size: int, draft: bool = True) -> UInt8Array:
-    """size x size RGB uint8: JPEG decoded at reduced scale, then an antialiased resize (torch
-    resizes uint8 several times faster than PIL)."""
-    import torch
-    from torch.nn.functional import interpolate
-
+    """size x size RGB uint8: JPEG decoded at reduced scale, then `square_resize`."""
     with Image.open(path) as im:
         if draft and im.format == "JPEG":
             im.draft("RGB", (size, size))  # DCT scaling, never below the requested size
         rgb = np.array(im.convert("RGB"))  # writable, as torch.from_numpy wants
+    return square_resize(rgb, size)
+
+
+def square_resize(rgb: UInt8Array, size: int) -> UInt8Array:
+    """The centre square (aligned faces sit in the middle; CelebA is 178x218), antialiased to
+    size x size (torch resizes uint8 several times faster than PIL)."""
+    import torch
+    from torch.nn.functional import interpolate
+
     h, w = rgb.shape[:2]
-    if h != w:  # the centre square: aligned faces sit in the middle (CelebA is 178x218)
+    if h != w:
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
-        rgb = np.ascontiguousarray(rgb[top : top + side, left : left + side])
+        rgb = rgb[top : top + side, left : left + side]
     if rgb.shape[:2] == (size, size):
-        return rgb.copy()
-    t = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+        return np.array(rgb, copy=True)
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
     out = interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0).contiguous().numpy()
 

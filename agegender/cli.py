@@ -7,6 +7,7 @@ import csv
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,8 @@ from agegender import adience, cache, sources, splits, synthetic, train
 from agegender.adience import MetadataError
 from agegender.config import CacheConfig, SplitConfig, load_config
 
-# soft_wrap: paths and messages stay on one line whatever the terminal (or pipe) width, so they can be grepped.
+# soft_wrap: paths and messages stay on one line whatever the terminal (or pipe) width, so
+# they can be grepped.
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
@@ -257,6 +259,7 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
 
 def _csv_row(row: dict[str, Any], heads: dict[str, list[str]]) -> dict[str, Any]:
     flat = {k: v for k, v in row.items() if not k.endswith("_probs")}
+    flat["box"] = " ".join(map(str, row["box"])) if row.get("box") else ""
     for head, names in heads.items():
         probs = row.get(f"{head}_probs") or {}
         flat |= {f"{head}_prob_{n}": probs.get(n, "") for n in names}
@@ -264,26 +267,31 @@ def _csv_row(row: dict[str, Any], heads: dict[str, list[str]]) -> dict[str, Any]
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
+    from agegender.detect import FaceDetector
     from agegender.predict import Predictor, collect_paths, predict_paths
 
-    model = predict_model(a.model)
-    predictor = Predictor.load(model, a.device)
+    predictor = Predictor.load(predict_model(a.model), a.device)
+    detector = None if a.no_detect else FaceDetector()
     paths = collect_paths(a.paths)
     if not paths:
         raise ValueError(f"no images found in {', '.join(map(str, a.paths))}")
     sink = a.out.open("w", newline="") if a.out else sys.stdout
     heads = predictor.labels
-    fields = ["path", "face", "error"]
+    fields = ["path", "face", "box", "status", "error"]
     fields += [c for h in heads for c in (h, f"{h}_prob", *(f"{h}_prob_{n}" for n in heads[h]))]
     writer = csv.DictWriter(sink, fieldnames=fields) if a.format == "csv" else None
     if writer:
         writer.writeheader()
-    done = errors = 0
+    status: Counter[str] = Counter()
+    photos: set[str] = set()
     try:
-        with progress_bar("predicting") as bar:
-            for row in predict_paths(predictor, paths, a.oversample, a.batch_size, progress=bar):
-                done += 1
-                errors += row["error"] is not None
+        with progress_bar("photos") as bar:
+            rows = predict_paths(
+                predictor, paths, a.oversample, a.batch_size, progress=bar, detector=detector
+            )
+            for row in rows:
+                status[row["status"]] += 1
+                photos.add(row["path"])
                 if writer:
                     writer.writerow(_csv_row(row, heads))
                 else:
@@ -291,16 +299,23 @@ def cmd_predict(a: argparse.Namespace) -> None:
     finally:
         if a.out:
             sink.close()
-    err.print(f"{done} photo(s): {done - errors} predicted, {errors} could not be used")
+    faces = status["face"] + status["whole image"]
+    err.print(
+        f"{len(paths)} photo(s): {faces} face(s) predicted"
+        + (f", {status['no face']} photo(s) without a face" if detector else " (whole images)")
+        + f", {status['error']} could not be used"
+    )
 
 
 def predict_model(model: str) -> Path:
-    """A checkpoint path (MLflow model URIs arrive with the inference issue)."""
+    """A best.pt, its run folder, or a downloaded MLflow model folder (artifacts/best.pt)."""
     path = Path(model)
-    path = path / "best.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"--model {model}: no such checkpoint (a best.pt or its folder)")
-    return path
+    for candidate in (path, path / "best.pt", path / "artifacts" / "best.pt"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"--model {model}: no such checkpoint (a best.pt, its folder, or a models:/ URI)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,9 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=20")
     s.set_defaults(func=cmd_train_fold)
 
-    s = sub.add_parser("predict", help="age group and gender of new photos (whole image)")
+    s = sub.add_parser("predict", help="age group and gender of the faces in new photos")
     s.add_argument("paths", nargs="+", type=Path, help="images, folders or .txt lists of paths")
-    s.add_argument("--model", required=True, help="a best.pt (or its run folder)")
+    s.add_argument(
+        "--model", required=True, help="a best.pt (or its run folder), or models:/NAME@ALIAS"
+    )
+    s.add_argument(
+        "--no-detect",
+        action="store_true",
+        help="no face detection: each photo is one aligned face (as Adience's aligned images)",
+    )
     s.add_argument("--oversample", action="store_true", help="10-crop over-sampling")
     s.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     s.add_argument("--out", type=Path, default=None, help="file (default: stdout)")

@@ -295,6 +295,11 @@ class SuiteConfig(_Strict):
         "`deployment` on a work pool (scale-out)",
     )
     deployment: str = Field("train_fold/train-fold", description="flow/deployment of a fold")
+    register_champions: bool = Field(
+        True,
+        description="register each variant's best fold (by validation) as agegender-<variant> "
+        "with the alias `champion`",
+    )
 
     @model_validator(mode="after")
     def _pretrained_given(self) -> SuiteConfig:

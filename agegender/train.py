@@ -481,6 +481,7 @@ def train(
         "epochs": run.epoch,
         "best_epoch": run.best_epoch,
         "selected_by": f"val {t.select_metric}",
+        "selection_score": run.best_score,  # higher is better, comparable across folds
         "stopped_early": run.iteration < run.total,
         "val": {k[4:]: v for k, v in best_val.items() if k.startswith("val_")},
         "test": test,

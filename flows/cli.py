@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +47,12 @@ def cmd_suite(a: argparse.Namespace) -> None:
     res = run_suite(suite, base, cache_dir, run_root, a.data_root)
     cli.out.print(res["summary"]["markdown"], highlight=False, markup=False, soft_wrap=True)
     cli.out.print(f"\n{res['trained']} fold(s) trained, {res['skipped']} already finished.")
+    for variant, c in res.get("champions", {}).items():
+        cli.out.print(
+            f"{variant}: fold {c['fold']} registered as {c['name']} version {c['version']}, "
+            f"{c['uri']}",
+            highlight=False,
+        )
     cli.out.print(
         f"MLflow UI on these results:\n  {sys.executable.rsplit('/', 1)[0]}/{res['ui']}",
         highlight=False,
@@ -81,6 +88,24 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         )
 
     cli._emit(res, a.json, human)
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    """`agegender predict` with a model URI: the registered model is fetched from MLflow."""
+    if not a.model.startswith(("models:/", "runs:/")):
+        cli.cmd_predict(a)
+        return
+    from tasks.tracking import Tracker
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{a.run_root.resolve()}/mlflow.db"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(
+            f"--model {a.model}: no MLflow store at {uri}; set MLFLOW_TRACKING_URI or "
+            "--run-root to the suite's"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        a.model = str(Tracker.at(uri).download(a.model, Path(tmp)))
+        cli.cmd_predict(a)
 
 
 def cmd_stack(a: argparse.Namespace) -> None:
@@ -165,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.choices["predict"]
+    s.add_argument(
+        "--run-root",
+        type=Path,
+        default=Path("runs/suite"),
+        help="the suite's, for models:/ URIs when no MLflow server is configured",
+    )
+    s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser(
         "stack", help="the local service stack: S3, MLflow, Prefect server and worker"

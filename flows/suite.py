@@ -3,8 +3,9 @@
 `suite` prepares the cache, gets the pretrained backbone when `multitask_pretrained` is asked
 for (pretraining first, once, when no checkpoint is given), fans out variants x folds as tasks
 on a thread pool bounded by the slots (folds carry their own generators, so results do not
-depend on scheduling), aggregates each variant's folds into its parent run and writes the
-comparison tables as a summary run. `cross_validate` is the same for one variant.
+depend on scheduling), registers each variant's best fold (by validation) as
+`agegender-<variant>@champion`, aggregates each variant's folds into its parent run and writes
+the comparison tables as a summary run. `cross_validate` is the same for one variant.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tasks.folds import (
     train_fold_task,
 )
 from tasks.pretrain import pretrain_task, resolve_pretrained_task
+from tasks.registry import register_champion_task
 from tasks.tracking import Tracker, flatten
 
 
@@ -112,6 +114,10 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
     results = [f.result() for f in futures]
     trained = sum(bool(r["trained"]) for r in results)
     log.info(f"{trained} fold(s) trained, {len(results) - trained} already finished and skipped")
+    champions = {
+        v: register_champion_task(v, suite.name, run_root, parents[v])
+        for v in (suite.variants if suite.register_champions else [])
+    }
     aggregates: dict[str, dict[str, Any]] = {
         v: aggregate_task(v, suite.name, run_root, parents[v]) for v in suite.variants
     }
@@ -121,6 +127,7 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
     return {
         "summary": summary,
         "parents": parents,
+        "champions": {v: c for v, c in champions.items() if c},
         "trained": trained,
         "skipped": len(results) - trained,
         "experiment_id": tracker.experiment_id,

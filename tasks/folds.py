@@ -229,7 +229,12 @@ def log_training(
         run_id,
         params=flatten(cfg.model_dump(mode="json")),
         metrics={f"test_{k}": v for k, v in scalar_metrics(s["test"]).items()}
-        | {"best_epoch": s["best_epoch"], "epochs": s["epochs"]},
+        | {f"selected_val_{k}": v for k, v in scalar_metrics(s["val"]).items()}
+        | {
+            "best_epoch": s["best_epoch"],
+            "epochs": s["epochs"],
+            "selection_score": s.get("selection_score"),
+        },
     )
     tracker.log_history(run_id, history)
     plots.learning_curves(history, out / "learning_curves.png", title)

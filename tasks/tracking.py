@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +30,16 @@ from tasks import TrackingError
 
 T = TypeVar("T")
 _PARAM_MAX = 6000
+# What a served model imports (mlflow brings pandas and the scoring server).
+SERVING_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "numpy",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+    "opencv-python-headless",
+)
 _FINAL = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
 
 
@@ -61,6 +74,17 @@ class Tracker:
             return str(found.experiment_id)
         location = (run_root / "mlartifacts" / name).as_uri() if self.local else None
         return str(self.client.create_experiment(name, artifact_location=location))
+
+    @classmethod
+    def at(cls, uri: str) -> Tracker:
+        """A client of the store at `uri` for the registry and downloads (no experiment)."""
+        self = cls.__new__(cls)
+        self.uri, self.local = uri, not uri.startswith(("http://", "https://"))
+        if not self.local:
+            check_server(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = ""
+        return self
 
     def ui_command(self) -> str:
         if self.local:
@@ -161,9 +185,9 @@ class Tracker:
         models = self._retry(lambda: self.client.search_registered_models(f"name = '{name}'"))
         if not models:
             self._retry(lambda: self.client.create_registered_model(name))
-        found = self._retry(
-            lambda: self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        )
+        found = [
+            v for v in self.versions(name, run_id) if (v.source or "").endswith(f"/{artifact_path}")
+        ]
         if found:
             return str(found[0].version)
         version = self._retry(
@@ -172,6 +196,44 @@ class Tracker:
             )
         )
         return str(version.version)
+
+    def log_pyfunc(
+        self, run_id: str, checkpoint: Path, artifact_path: str, metadata: Mapping[str, Any]
+    ) -> None:
+        """The checkpoint as an MLflow pyfunc model (`tasks.serving`) in a run's artifacts:
+        the code travels with it, and the requirements are pinned to this environment's."""
+        import mlflow.pyfunc
+
+        from tasks.serving import AgeGenderModel
+
+        root = Path(__file__).resolve().parent.parent
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.pyfunc.save_model(
+                Path(tmp) / "model",
+                python_model=AgeGenderModel(),
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(root / "agegender"), str(root / "tasks")],
+                pip_requirements=[f"{d}=={version(d)}" for d in SERVING_REQUIREMENTS],
+                metadata=dict(metadata),
+                model_config={"detect": True, "oversample": False, "device": "auto"},
+            )
+            for junk in (Path(tmp) / "model" / "code").rglob("__pycache__"):
+                shutil.rmtree(junk)
+            self._retry(
+                lambda: self.client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path)
+            )
+
+    def versions(self, name: str, run_id: str) -> list[ModelVersion]:
+        return list(
+            self._retry(
+                lambda: self.client.search_model_versions(
+                    f"name = '{name}' and run_id = '{run_id}'"
+                )
+            )
+        )
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._retry(lambda: self.client.set_registered_model_alias(name, alias, version))
 
     def _version(self, uri: str) -> ModelVersion:
         name, sep, alias = uri.removeprefix("models:/").partition("@")

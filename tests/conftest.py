@@ -75,6 +75,21 @@ def synth_utkface(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Users' photos: two synthetic faces side by side (a seed whose two faces the Haar cascade
+    finds: it misses about a quarter of these cartoon faces), one with none, one corrupt file.
+    `faces` says where the two faces were pasted."""
+    from agegender.synthetic import group_photo
+
+    root = tmp_path_factory.mktemp("photos")
+    two, faces = group_photo(2, 640, 320, seed=0)
+    two.save(root / "two.jpg", quality=92)
+    group_photo(0, 480, 360, seed=1)[0].save(root / "none.png")
+    (root / "corrupt.jpg").write_bytes((root / "two.jpg").read_bytes()[:2000])
+    return {"dir": root, "faces": faces}
+
+
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """The installed `agegender` console script, as a user runs it."""
     script = Path(sys.executable).with_name("agegender")

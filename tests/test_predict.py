@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from PIL import Image
 
 from agegender.cache import open_cache
 from agegender.config import load_config
+from agegender.detect import FaceDetector
 from agegender.evaluate import predict
+from agegender.labels import AGE_GROUPS
 from agegender.predict import Predictor, collect_paths, predict_paths
 from agegender.train import prepare_run, train_fold
 from tests.conftest import run_cli
@@ -75,7 +78,9 @@ def test_bad_files_get_a_row_and_the_batch_goes_on(
     assert len(collect_paths([photos])) == 6
 
     out = tmp_path / "rows.jsonl"
-    res = run_cli("predict", photos, listing, "--model", trained.parent, "--out", out)
+    res = run_cli(
+        "predict", photos, listing, "--model", trained.parent, "--out", out, "--no-detect"
+    )
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8
@@ -92,17 +97,88 @@ def test_bad_files_get_a_row_and_the_batch_goes_on(
         assert row["age"] in row["age_probs"]
         assert row["gender"] in ("m", "f")
         assert sum(row["age_probs"].values()) == pytest.approx(1, abs=1e-3)
-    assert "8 photo(s): 4 predicted, 4 could not be used" in res.stderr
+    assert "8 photo(s): 4 face(s) predicted (whole images), 4 could not be used" in res.stderr
 
     csv_out = tmp_path / "rows.csv"
     res = run_cli(
-        "predict", photos / "sub", "--model", trained, "--format", "csv", "--out", csv_out
-    )
+        "predict", photos / "sub", "--model", trained, "--format", "csv", "--out", csv_out,
+        "--no-detect",
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     header, line = csv_out.read_text().splitlines()
-    assert header.startswith("path,face,error,age,age_prob,age_prob_0-2,")
-    assert line.startswith(str(photos / "sub" / "good2.jpg"))
+    assert header.startswith("path,face,box,status,error,age,age_prob,age_prob_0-2,")
+    assert line.startswith(f"{photos / 'sub' / 'good2.jpg'},0,,whole image,,")
     bad = run_cli("predict", photos, "--model", tmp_path / "nothing.pt")
     assert bad.returncode == 2
     assert "--model" in bad.stderr
     assert "no such checkpoint" in bad.stderr
+
+
+def test_every_face_gets_a_row_and_a_photo_without_one_says_so(
+    trained: Path, photos: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "rows.jsonl"
+    res = run_cli("predict", photos["dir"], "--model", trained, "--out", out)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_name.setdefault(Path(row["path"]).name, []).append(row)
+    assert sorted(by_name) == ["corrupt.jpg", "none.png", "two.jpg"]
+    two = by_name["two.jpg"]
+    assert [r["face"] for r in two] == [0, 1]  # left to right
+    for row, (x, y, w, h) in zip(two, photos["faces"], strict=True):
+        bx, by, bw, bh = row["box"]
+        assert x <= bx + bw / 2 <= x + w
+        assert y <= by + bh / 2 <= y + h
+        assert 0.3 * w < bw < w  # the cascade's box: brows to mouth, inside the aligned crop
+        assert (row["status"], row["error"]) == ("face", None)
+        assert row["age"] in AGE_GROUPS
+        assert row["gender"] in ("m", "f")
+        assert row["age_prob"] == max(row["age_probs"].values())
+        assert sum(row["age_probs"].values()) == pytest.approx(1, abs=1e-3)
+    (none,) = by_name["none.png"]
+    assert (none["status"], none["face"], none["box"], none["error"]) == (
+        "no face",
+        None,
+        None,
+        None,
+    )
+    assert "age" not in none
+    (corrupt,) = by_name["corrupt.jpg"]
+    assert corrupt["status"] == "error"
+    assert "truncated" in corrupt["error"].lower()
+    assert "3 photo(s): 2 face(s) predicted, 1 photo(s) without a face, 1 could not be used" in (
+        res.stderr
+    )
+
+    csv_out = tmp_path / "rows.csv"
+    res = run_cli(
+        "predict", photos["dir"] / "two.jpg", "--model", trained, "--oversample",
+        "--format", "csv", "--out", csv_out,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    header, *lines = csv_out.read_text().splitlines()
+    assert header.startswith("path,face,box,status,error,age,age_prob,age_prob_0-2,")
+    assert [line.split(",")[1:4] for line in lines] == [
+        ["0", " ".join(map(str, two[0]["box"])), "face"],
+        ["1", " ".join(map(str, two[1]["box"])), "face"],
+    ]
+
+
+def test_batches_do_not_change_the_answers(trained: Path, photos: dict[str, Any]) -> None:
+    """Faces of several photos share a batch: the rows must not depend on how they are cut."""
+    predictor = Predictor.load(trained, "cpu")
+    detector = FaceDetector()
+    paths = [str(photos["dir"] / n) for n in ("two.jpg", "none.png", "two.jpg", "corrupt.jpg")]
+    one = list(predict_paths(predictor, paths, batch_size=1, detector=detector))
+    big = list(predict_paths(predictor, paths, batch_size=64, detector=detector))
+    assert [(r["path"], r["face"]) for r in one] == [(r["path"], r["face"]) for r in big]
+    assert len(one) == 6
+    for a, b in zip(one, big, strict=True):
+        if a["status"] == "face":
+            for head in ("age", "gender"):
+                np.testing.assert_allclose(
+                    list(a[f"{head}_probs"].values()), list(b[f"{head}_probs"].values()), atol=2e-4
+                )
+    assert one[0]["age_probs"] == one[3]["age_probs"]  # the same photo twice, the same answer

@@ -10,13 +10,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from agegender.cache import build_cache
 from agegender.config import CacheConfig, load_config
+from agegender.labels import AGE_GROUPS
 from agegender.synthetic import SynthResult
 from agegender.train import train_fold
 from tests.conftest import REPO
@@ -192,7 +195,7 @@ def _agegender(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.integration
 def test_suite_pretrains_once_and_links_the_pretraining_run(
-    learn_cache: Path, synth_celeba: Path, tmp_path: Path
+    learn_cache: Path, synth_celeba: Path, photos: dict[str, Any], tmp_path: Path
 ) -> None:
     run_root = tmp_path / "runs"
     suite: list[str | Path] = [
@@ -232,6 +235,38 @@ def test_suite_pretrains_once_and_links_the_pretraining_run(
     for fold in _runs(run_root, "fold"):
         assert Path(fold.data.params["model.init_from"]).read_bytes() == Path(logged).read_bytes()
 
+    # The variant's best fold by validation (never by test) is its registered champion, a
+    # pyfunc model that carries its preprocessing.
+    name = "agegender-multitask_pretrained"
+    champion = client.get_model_version_by_alias(name, "champion")
+    folds = _runs(run_root, "fold")
+    best = max(folds, key=lambda r: r.data.metrics["selection_score"])
+    assert best.data.metrics["selection_score"] == -best.data.metrics["selected_val_loss"]
+    assert (champion.run_id, champion.tags["fold_run_id"]) == (parent.info.run_id, best.info.run_id)
+    assert champion.tags["fold"] == best.data.tags["fold"]
+    assert champion.tags["selected_by"] == "val loss"
+    mlmodel = client.download_artifacts(
+        parent.info.run_id, f"model-fold{best.data.tags['fold']}/MLmodel", str(tmp_path)
+    )
+    meta = yaml.safe_load(Path(mlmodel).read_text())["metadata"]
+    assert meta["preprocessing"]["image_size"] == 56
+    assert meta["preprocessing"]["crop"] == 48
+    assert meta["preprocessing"]["labels"] == {"age": list(AGE_GROUPS), "gender": ["m", "f"]}
+    assert len(meta["preprocessing"]["normalize"]["mean"]) == 3
+    assert f"models:/{name}@champion" in first.stdout
+    # `agegender predict` fetches it from the registry: the same rows as the fold's own best.pt
+    two = photos["dir"] / "two.jpg"
+    by_uri = _agegender(
+        "predict", two, "--model", f"models:/{name}@champion", "--run-root", run_root
+    )
+    assert by_uri.returncode == 0, by_uri.stderr[-3000:]
+    fold_best = client.download_artifacts(best.info.run_id, "best.pt", str(tmp_path / "fold"))
+    by_path = _agegender("predict", two, "--model", fold_best)
+    assert by_path.returncode == 0, by_path.stderr[-3000:]
+    rows = [json.loads(line) for line in by_uri.stdout.splitlines()]
+    assert [r["face"] for r in rows] == [0, 1]
+    assert rows == [json.loads(line) for line in by_path.stdout.splitlines()]
+
     # Pretraining is cached like a fold: a rerun trains nothing and registers nothing new.
     again = _agegender(*suite, *auto, *TINY)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -240,6 +275,7 @@ def test_suite_pretrains_once_and_links_the_pretraining_run(
     assert "0 fold(s) trained" in again.stdout
     assert len(_runs(run_root, "pretrain")) == 1
     assert len(client.search_model_versions("name = 'agegender-pretrained-celeba'")) == 1
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
 
     # The registered model as the given backbone: the same weights, so the same folds.
     given = _agegender(*suite, f"suite.pretrained={uri}", *TINY)

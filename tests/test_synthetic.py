@@ -3,11 +3,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from agegender.adience import read_metadata, stats
-from agegender.synthetic import SynthResult, write_synthetic
+from agegender.synthetic import SynthResult, group_photo, write_synthetic
 from tests.conftest import run_cli
 
 
@@ -68,3 +69,37 @@ def test_like_metadata_gives_the_real_stats(real_metadata: Path, tmp_path: Path)
         assert ours.returncode == real.returncode == 0, ours.stderr + real.stderr
         assert json.loads(ours.stdout) == json.loads(real.stdout)
     assert len(list((out / "aligned").rglob("*.jpg"))) == 19370  # one image per distinct path
+
+
+def test_group_photo_places_faces_left_to_right_without_overlap() -> None:
+    photo, where = group_photo(3, 900, 400, seed=4)
+    assert (photo.size, photo.mode) == ((900, 400), "RGB")
+    assert len(where) == 3
+    for (x, y, w, h), nxt in zip(where, [*where[1:], None], strict=True):
+        assert w == h == 240  # default: 80 % of a 300 px slot, under 60 % of the height
+        assert 0 <= x < x + w <= 900
+        assert 0 <= y < y + h <= 400
+        assert abs(y + h / 2 - 200) <= 0.1 * (400 - h) + 1  # centred, jitter 10 % of the margin
+        if nxt is not None:
+            assert x + w <= nxt[0]
+    # The pasted crop is exactly a rendered face, not blended into the background.
+    x, y, w, h = where[0]
+    crop = np.asarray(photo)[y : y + h, x : x + w]
+    assert crop.std() > 20
+    again, where2 = group_photo(3, 900, 400, seed=4)
+    assert where2 == where
+    assert again.tobytes() == photo.tobytes()
+    assert group_photo(3, 900, 400, seed=5)[1] != where
+
+
+def test_group_photo_without_faces_and_bad_sizes() -> None:
+    photo, where = group_photo(0, 320, 240, seed=1)
+    assert where == []
+    arr = np.asarray(photo).astype(np.float64)
+    assert arr.shape == (240, 320, 3)
+    assert arr.std() > 3  # gradient + noise, not a flat fill
+    assert group_photo(2, 400, 300, face_size=100)[1][0][2:] == (100, 100)
+    with pytest.raises(ValueError, match=r"face_size 250 must be in 8\.\.200"):
+        group_photo(2, 400, 300, face_size=250)
+    with pytest.raises(ValueError, match="n_faces must be >= 0"):
+        group_photo(-1, 400, 300)

@@ -1,0 +1,115 @@
+"""The MLflow pyfunc flavour of a trained model: `mlflow models serve` answers JSON requests.
+
+The model folder holds the checkpoint (`artifacts/best.pt`, which carries the input size, the
+normalisation statistics and the label names) and a copy of the `agegender` code, so nothing
+else is needed to use it. A request is a batch of photos, each a base64-encoded image file (a
+JPEG, PNG, ...) or a uint8 H x W x 3 array:
+
+    {"dataframe_records": [{"image": "<base64>"}, {"image": "<base64>", "detect": false}]}
+    {"inputs": {"image": ["<base64>", ...]}}
+    {"inputs": [[[[r, g, b], ...], ...]]}                     (arrays: N x H x W x 3 or H x W x 3)
+
+The answer has a row per face found (`image` is the photo's index in the request): box, age
+group and its probability, all age probabilities, gender and its probability; a photo with no
+face, or one that cannot be decoded, gets a row saying so.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from mlflow.pyfunc.model import PythonModel
+
+from agegender.detect import FaceDetector
+from agegender.predict import Photo, Predictor, predict_photos, prepare_array, prepare_bytes
+
+
+class AgeGenderModel(PythonModel):
+    """Face detection (on by default, `detect` per photo) and the net, as in `agegender predict`."""
+
+    def load_context(self, context: Any) -> None:
+        config = context.model_config or {}
+        self.predictor = Predictor.load(
+            context.artifacts["checkpoint"], config.get("device", "auto")
+        )
+        self.detector = FaceDetector()
+        self.detect = bool(config.get("detect", True))
+        self.oversample = bool(config.get("oversample", False))
+
+    def predict(self, context: Any, model_input: Any, params: Any = None) -> list[dict[str, Any]]:
+        photos = list(self._photos(model_input))
+        rows = []
+        for row in predict_photos(self.predictor, photos, self.oversample):
+            row["image"] = int(row.pop("path"))
+            rows.append(row)
+        return rows
+
+    def _photos(self, model_input: Any) -> Iterator[Photo]:
+        size = self.predictor.image_size
+        for i, (image, detect) in enumerate(_inputs(model_input, self.detect)):
+            detector = self.detector if detect else None
+            if isinstance(image, bytes | str):
+                try:
+                    data = (
+                        image
+                        if isinstance(image, bytes)
+                        else base64.b64decode(image, validate=True)
+                    )
+                except (binascii.Error, ValueError) as exc:
+                    yield Photo(str(i), status="error", error=f"not base64 ({exc})")
+                    continue
+                yield prepare_bytes(str(i), data, size, detector)
+            else:
+                try:
+                    array = _uint8(image)
+                except ValueError as exc:
+                    yield Photo(str(i), status="error", error=str(exc))
+                    continue
+                yield prepare_array(str(i), array, size, detector)
+
+
+def _inputs(model_input: Any, detect: bool) -> Iterator[tuple[Any, bool]]:
+    """(image, detect) pairs from whatever the scoring server parsed the request into."""
+    import pandas as pd  # type: ignore[import-untyped]
+
+    if isinstance(model_input, pd.DataFrame):
+        if "image" not in model_input.columns:
+            raise ValueError(f"expected a column 'image', got {list(model_input.columns)}")
+        flags = (
+            model_input["detect"]
+            if "detect" in model_input.columns
+            else [detect] * len(model_input)
+        )
+        for image, flag in zip(model_input["image"], flags, strict=True):
+            yield image, detect if flag is None or flag != flag else bool(flag)  # NaN: default
+        return
+    if isinstance(model_input, dict):
+        if "image" not in model_input:
+            raise ValueError(f"expected the key 'image', got {sorted(model_input)}")
+        model_input = model_input["image"]
+    if isinstance(model_input, str | bytes):
+        yield model_input, detect
+        return
+    array = np.asarray(model_input) if not isinstance(model_input, list) else None
+    if array is not None and array.dtype.kind in "uif":
+        if array.ndim == 3:
+            yield array, detect
+            return
+        if array.ndim == 4:
+            yield from ((a, detect) for a in array)
+            return
+        raise ValueError(f"expected an H x W x 3 or N x H x W x 3 array, got shape {array.shape}")
+    yield from ((item, detect) for item in model_input)
+
+
+def _uint8(image: Any) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    array = np.asarray(image)
+    if array.dtype.kind not in "uif" or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 array of 0..255, got {array.dtype} {array.shape}")
+    if array.min() < 0 or array.max() > 255:
+        raise ValueError(f"pixel values must be 0..255, got {array.min()}..{array.max()}")
+    return array.astype(np.uint8)
