@@ -11,7 +11,7 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv lint format test test-fast demo bench stack stack-down stack-status clean
+.PHONY: venv lint format test test-fast demo serve bench stack stack-down stack-status clean
 
 venv: $(STAMP)
 
@@ -40,7 +40,9 @@ test-fast: venv
 # The main job at demo size: a synthetic Adience download (816 px JPEGs, 5 folds) and a synthetic
 # CelebA download (official layout, 178 x 218 px), then the whole suite (4 variants x 5 folds,
 # Prefect + MLflow) on 72 px images with 64 px crops. The suite pretrains on CelebA first (once:
-# a rerun reuses the run), registers the backbone and starts multitask_pretrained from it.
+# a rerun reuses the run), registers the backbone and starts multitask_pretrained from it. Each
+# variant's best fold (by validation) is registered as agegender-<variant>@champion; the demo
+# ends by running that model on synthetic users' photos (faces found, one row per face).
 DEMO := $(RUN)/demo
 DEMO_CFG := data.crop=64 train.epochs=10 optim.name=adam optim.lr=0.0005 optim.weight_decay=0 \
 	optim.schedule=cosine model.norm=batchnorm train.patience=null
@@ -50,6 +52,20 @@ demo: venv
 	$(BIN)/agegender synth --format celeba --out $(DEMO)/celeba --count 4000
 	$(BIN)/agegender suite --data-root $(DEMO)/adience --run-root $(DEMO)/suite \
 	    suite.image_size=72 suite.pretrain.root=$(DEMO)/celeba $(DEMO_CFG)
+	$(BIN)/agegender synth --format photos --out $(DEMO)/photos --count 12
+	$(BIN)/agegender predict $(DEMO)/photos --model models:/agegender-multitask@champion \
+	    --run-root $(DEMO)/suite --out $(DEMO)/predictions.jsonl
+	@echo "one row per face: $(DEMO)/predictions.jsonl (where the faces were drawn: $(DEMO)/photos/faces.csv)"
+
+# A registered model as a REST service (default: the demo's champion in the demo's MLflow store;
+# with MLFLOW_TRACKING_URI set, that server's). POST JSON to http://127.0.0.1:5001/invocations.
+SERVE_MODEL ?= models:/agegender-multitask@champion
+SERVE_PORT ?= 5001
+serve: venv
+	PATH="$(abspath $(BIN)):$$PATH" \
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(DEMO))/suite/mlflow.db}" \
+	    $(BIN)/mlflow models serve -m $(SERVE_MODEL) --env-manager local \
+	    --host 127.0.0.1 --port $(SERVE_PORT)
 
 # The local service stack (S3, MLflow, Prefect server + worker) on 127.0.0.1; S3 credentials from
 # the environment or .env (see .env.example). PIDs and logs under runs/stack.
@@ -65,6 +81,7 @@ stack-status: venv
 bench: venv
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/predict.py
 
 clean:
 	rm -rf $(RUN) .pytest_cache .mypy_cache .ruff_cache

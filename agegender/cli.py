@@ -82,11 +82,17 @@ def _emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]],
         human(data)
 
 
-SYNTH_SIZES = {"adience": 816, "celeba": 178, "utkface": 200}  # each layout's real image side
+# each layout's real image side (photos: the width of users' 4:3 photos with 0-3 faces)
+SYNTH_SIZES = {"adience": 816, "celeba": 178, "utkface": 200, "photos": 1024}
 
 
 def cmd_synth(a: argparse.Namespace) -> None:
     size = a.size or SYNTH_SIZES[a.format]
+    if a.format == "photos":
+        written = synthetic.write_photos(a.out, a.count, size, a.seed)
+        info = {"out": str(a.out), "format": a.format, "images": len(written)}
+        _emit(info, a.json, lambda d: out.print(f"wrote {d['images']:,} photos to {d['out']}"))
+        return
     if a.format != "adience":
         with progress_bar("drawing faces") as bar:
             src = sources.write_synthetic_source(
@@ -331,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="image side in pixels (default: the real one, e.g. Adience 816)",
     )
-    s.add_argument("--count", type=int, default=200, help="images (celeba, utkface)")
+    s.add_argument("--count", type=int, default=200, help="images (celeba, utkface, photos)")
     s.add_argument("--per-fold", type=int, default=100, help="rows per fold (random structure)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(

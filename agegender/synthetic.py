@@ -260,3 +260,18 @@ def group_photo(
         photo.paste(face, (x, y))
         boxes.append((x, y, size, size))
     return photo, boxes
+
+
+def write_photos(out: Path, count: int, width: int, seed: int = 0) -> list[Path]:
+    """`count` users' photos (JPEG, 4:3) with 0-3 faces each, for trying `agegender predict`;
+    `faces.csv` says where each face was drawn."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths, lines = [], ["photo,x,y,w,h"]
+    for i in range(count):
+        photo, boxes = group_photo(i % 4, width, width * 3 // 4, seed=seed + i)
+        path = out / f"photo_{i:04d}.jpg"
+        photo.save(path, quality=90)
+        paths.append(path)
+        lines += [f"{path.name},{x},{y},{w},{h}" for x, y, w, h in boxes]
+    (out / "faces.csv").write_text("\n".join(lines) + "\n")
+    return paths

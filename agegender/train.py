@@ -310,7 +310,7 @@ def epoch_line(r: dict[str, Any]) -> str:
     return " | ".join(parts) + ("  *" if r["best"] else "")
 
 
-def _score(metric: str, val: dict[str, Any]) -> float:
+def selection_score(metric: str, val: dict[str, Any]) -> float:
     """Higher is better."""
     if metric == "loss":
         return -float(val["loss"])
@@ -422,7 +422,7 @@ def train(
         val = validate(run)
         record |= {f"val_{k}": v for k, v in val.items() if not isinstance(v, list)}
         record["iteration"] = run.iteration
-        score = _score(t.select_metric, val)
+        score = selection_score(t.select_metric, val)
         record["best"] = score > run.best_score
         if record["best"]:
             run.best_score, run.best_epoch, run.bad_epochs = score, run.epoch, 0

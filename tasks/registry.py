@@ -11,14 +11,18 @@ reuses that version.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Run
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from agegender.predict import Predictor
+from agegender.train import RunError, selection_score
+from tasks import TrackingError
 from tasks.tracking import Tracker
 
 ALIAS = "champion"
@@ -26,6 +30,20 @@ ALIAS = "champion"
 
 def registered_name(variant: str) -> str:
     return f"agegender-{variant}"
+
+
+def _score(tracker: Tracker, run: Run) -> float | None:
+    """The fold's validation score (higher is better); runs logged before the score was a
+    metric get it from their result.json."""
+    if "selection_score" in run.data.metrics:
+        return float(run.data.metrics["selection_score"])
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = tracker.download(f"runs:/{run.info.run_id}/result.json", Path(tmp))
+            summary = json.loads(path.read_text())
+            return selection_score(summary["selected_by"].removeprefix("val "), summary["val"])
+        except (TrackingError, OSError, KeyError, ValueError, RunError):
+            return None
 
 
 @task(task_run_name="register-{variant}", cache_policy=NO_CACHE)
@@ -38,11 +56,12 @@ def register_champion_task(
     latest: dict[str, Any] = {}
     for child in sorted(tracker.children(parent_id), key=lambda r: r.info.start_time):
         latest[child.data.tags["fold"]] = child
-    scored = [r for r in latest.values() if "selection_score" in r.data.metrics]
+    scores = {r.info.run_id: _score(tracker, r) for r in latest.values()}
+    scored = [r for r in latest.values() if scores[r.info.run_id] is not None]
     if not scored:
-        log.warning(f"{variant}: no fold run has a selection_score; nothing registered")
+        log.warning(f"{variant}: no fold run has its validation numbers; nothing registered")
         return None
-    best = max(scored, key=lambda r: r.data.metrics["selection_score"])
+    best = max(scored, key=lambda r: scores[r.info.run_id] or 0.0)
     fold, run_id = best.data.tags["fold"], best.info.run_id
     name = registered_name(variant)
     same = [v for v in tracker.versions(name, parent_id) if v.tags.get("fold_run_id") == run_id]
@@ -67,7 +86,7 @@ def register_champion_task(
             "suite": suite,
             "fold": fold,
             "fold_run_id": run_id,
-            "selection_score": f"{best.data.metrics['selection_score']:.6f}",
+            "selection_score": f"{scores[run_id]:.6f}",
             "selected_by": f"val {metadata['selected_by']}",
         }
         tags |= {k: f"{v:.4f}" for k, v in best.data.metrics.items() if k.startswith("test_")}

@@ -9,52 +9,32 @@ import pytest
 
 from tests.conftest import REPO
 
-
-@pytest.mark.integration
-def test_prepare_benchmark_runs() -> None:
-    cmd = [sys.executable, "benchmarks/prepare.py", "--images", "40", "--size", "160"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "naive PIL loop" in res.stdout
-    assert "ratio" in res.stdout
-
-
-@pytest.mark.integration
-def test_train_throughput_benchmark_runs() -> None:
-    cmd = [
-        sys.executable,
-        "benchmarks/train_throughput.py",
-        "--crop",
-        "48",
-        "--image-size",
-        "56",
-        "--iterations",
-        "2",
-        "--per-fold",
-        "16",
-        "--batch-size",
-        "8",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "model-only bound" in res.stdout
-    assert "ratio" in res.stdout
+# script, tiny-size arguments, lines its output must have
+BENCHMARKS = [
+    ("prepare.py", "--images 40 --size 160", ["naive PIL loop", "ratio"]),
+    (
+        "train_throughput.py",
+        "--crop 48 --image-size 56 --iterations 2 --per-fold 16 --batch-size 8",
+        ["model-only bound", "ratio"],
+    ),
+    (
+        "calibrate_detect.py",
+        "--faces 20 --repeat 1",
+        ["image side / box side: median", "detect 4000x3000"],
+    ),
+    (
+        "predict.py",
+        "--photos 4 --width 320 --height 240 --crop 48 --image-size 56",
+        ["baseline: one photo, one face at a time", "ratio"],
+    ),
+]
 
 
 @pytest.mark.integration
-def test_calibrate_detect_benchmark_runs() -> None:
-    cmd = [sys.executable, "benchmarks/calibrate_detect.py", "--faces", "20", "--repeat", "1"]
+@pytest.mark.parametrize(("script", "args", "expected"), BENCHMARKS, ids=[b[0] for b in BENCHMARKS])
+def test_benchmark_runs(script: str, args: str, expected: list[str]) -> None:
+    cmd = [sys.executable, f"benchmarks/{script}", *args.split()]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "image side / box side: median" in res.stdout
-    assert "detect 4000x3000" in res.stdout
-
-
-@pytest.mark.integration
-def test_predict_benchmark_runs() -> None:
-    cmd = [sys.executable, "benchmarks/predict.py", "--photos", "4", "--width", "320"]
-    cmd += ["--height", "240", "--crop", "48", "--image-size", "56"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "baseline: one photo, one face at a time" in res.stdout
-    assert "ratio" in res.stdout
+    for line in expected:
+        assert line in res.stdout, res.stdout

@@ -182,3 +182,14 @@ def test_batches_do_not_change_the_answers(trained: Path, photos: dict[str, Any]
                     list(a[f"{head}_probs"].values()), list(b[f"{head}_probs"].values()), atol=2e-4
                 )
     assert one[0]["age_probs"] == one[3]["age_probs"]  # the same photo twice, the same answer
+
+
+def test_synth_writes_photos_with_where_the_faces_are(tmp_path: Path) -> None:
+    res = run_cli("synth", "--format", "photos", "--out", tmp_path, "--count", "5", "--size", "320")
+    assert res.returncode == 0, res.stderr
+    photos = sorted(tmp_path.glob("photo_*.jpg"))
+    assert [Image.open(p).size for p in photos] == [(320, 240)] * 5
+    header, *lines = (tmp_path / "faces.csv").read_text().splitlines()
+    assert header == "photo,x,y,w,h"
+    counts = [sum(line.startswith(p.name + ",") for line in lines) for p in photos]
+    assert counts == [0, 1, 2, 3, 0]  # 0-3 faces in turn
