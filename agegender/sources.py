@@ -34,6 +34,8 @@ race field). UTKFace has no partition (-1); the trainer makes a seeded split.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -505,7 +507,18 @@ def write_synthetic_source(
             f"(e.g. {stray[0]!r}); write to an empty folder"
         )
     height = round(size * 218 / 178) if celeba else size
-    jobs = [_Job(image_dir / f.file, f"{fmt}-{f.identity}", f, size, height, seed) for f in faces]
+    # A rerun with the same settings and drawing engine keeps the files (and their mtimes, so
+    # the cache's fingerprint, and every run keyed on it, stays the same).
+    engine = hashlib.sha256(Path(render_face.__code__.co_filename).read_bytes()).hexdigest()[:16]
+    settings = {"format": fmt, "n": n, "size": size, "seed": seed, "engine": engine}
+    stamp = out / ".synth.json"
+    keep = stamp.is_file() and json.loads(stamp.read_text()) == settings
+    stamp.unlink(missing_ok=True)
+    jobs = [
+        _Job(image_dir / f.file, f"{fmt}-{f.identity}", f, size, height, seed)
+        for f in faces
+        if not (keep and (image_dir / f.file).is_file())
+    ]
     map_chunks(_render_chunk, jobs, workers, progress)
     if celeba:
         attr = [
@@ -513,7 +526,14 @@ def write_synthetic_source(
             " ".join(CELEBA_ATTRIBUTES) + " ",
         ]  # the official header ends in a space
         attr += [f.file + " " + " ".join(f"{v:2d}" for v in f.attributes) for f in faces]
-        (out / CELEBA_ATTR_FILE).write_text("\n".join(attr) + "\n", encoding="utf-8")
-        part = "".join(f"{f.file} {f.partition}\n" for f in faces)
-        (out / CELEBA_PARTITION_FILE).write_text(part, encoding="utf-8")
+        _write_if_changed(out / CELEBA_ATTR_FILE, "\n".join(attr) + "\n")
+        _write_if_changed(
+            out / CELEBA_PARTITION_FILE, "".join(f"{f.file} {f.partition}\n" for f in faces)
+        )
+    stamp.write_text(json.dumps(settings))
     return read_source(fmt, out)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")

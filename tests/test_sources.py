@@ -290,7 +290,10 @@ def test_unknown_source_names_are_clear_errors(tmp_path: Path) -> None:
 
 def test_writer_reruns_but_never_mixes_draws(tmp_path: Path) -> None:
     first = write_synthetic_source("utkface", tmp_path, n=3, size=16, workers=1)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.jpg")}
     assert write_synthetic_source("utkface", tmp_path, n=3, size=16, workers=1) == first
+    # untouched: the cache's fingerprint (sizes and mtimes), and the runs keyed on it, stay valid
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.jpg")} == stamps
     with pytest.raises(FileExistsError, match="write to an empty folder"):
         write_synthetic_source("utkface", tmp_path, n=3, size=16, seed=1, workers=1)
 
