@@ -253,7 +253,7 @@ def prepared(
 ) -> Iterator[Photo]:
     """`prepare_path` over threads (PIL, OpenCV and torch release the GIL), in order, with a
     bounded window so a directory of any size never sits in memory."""
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(32, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         window: deque[Future[Photo]] = deque()
         for path in paths:
