@@ -46,6 +46,9 @@ class Box:
     def as_list(self) -> list[int]:
         return [self.x, self.y, self.w, self.h]
 
+    def scaled(self, k: float) -> Box:
+        return Box(round(self.x * k), round(self.y * k), round(self.w * k), round(self.h * k))
+
 
 def _check_rgb(rgb: object) -> U8:
     """Fail early with the expected layout: OpenCV's own errors name neither shape nor dtype."""
@@ -149,7 +152,7 @@ class FaceDetector:
             minSize=(side, side),
         )
         boxes = [
-            Box(round(x / k), round(y / k), round(bw / k), round(bh / k))
+            Box(x, y, bw, bh).scaled(1 / k)
             for x, y, bw, bh in np.asarray(found, dtype=np.int64).reshape(-1, 4).tolist()
         ]
         return sorted(_drop_nested(boxes, 0.5), key=lambda b: (b.x, b.y))

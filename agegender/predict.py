@@ -187,31 +187,28 @@ def load_photo(path: str, size: int, max_pixels: int = MAX_PIXELS) -> UInt8:
         raise ValueError(f"cannot decode ({type(exc).__name__}: {exc})") from None
 
 
-def find_faces(
-    rgb: UInt8, size: int, detector: FaceDetector, scale: float = 1.0
-) -> list[tuple[Box | None, UInt8]]:
-    """Each face cropped like the Adience alignment and resized as in training; boxes in the
-    original photo's pixels (`scale` undoes a reduced-scale decode)."""
-    out: list[tuple[Box | None, UInt8]] = []
-    for box in detector.detect(rgb):
-        crop = square_resize(crop_face(rgb, box), size)
-        s = scale
-        out.append(
-            (Box(round(box.x * s), round(box.y * s), round(box.w * s), round(box.h * s)), crop)
-        )
-    return out
+def find_faces(rgb: UInt8, size: int, detector: FaceDetector) -> list[tuple[Box, UInt8]]:
+    """Each face cropped like the Adience alignment and resized as in training."""
+    return [(box, square_resize(crop_face(rgb, box), size)) for box in detector.detect(rgb)]
+
+
+def _photo(name: str, rgb: UInt8, size: int, detector: FaceDetector | None, scale: float) -> Photo:
+    """A decoded photo as model inputs; boxes in the original photo's pixels (`scale` undoes a
+    reduced-scale decode)."""
+    if detector is None:
+        return Photo(name, [(None, square_resize(rgb, size))], status="whole image")
+    faces: list[tuple[Box | None, UInt8]] = [
+        (box.scaled(scale), crop) for box, crop in find_faces(rgb, size, detector)
+    ]
+    return Photo(name, faces, status="face" if faces else "no face")
 
 
 def prepare_array(name: str, rgb: UInt8, size: int, detector: FaceDetector | None) -> Photo:
     """A decoded photo (from a request, say) as model inputs."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        return Photo(
-            name, status="error", error=f"expected uint8 H x W x 3, got {rgb.dtype} {rgb.shape}"
-        )
-    if detector is None:
-        return Photo(name, [(None, square_resize(rgb, size))], status="whole image")
-    faces = find_faces(rgb, size, detector)
-    return Photo(name, faces, status="face" if faces else "no face")
+        error = f"expected uint8 H x W x 3, got {rgb.dtype} {rgb.shape}"
+        return Photo(name, status="error", error=error)
+    return _photo(name, rgb, size, detector, 1.0)
 
 
 def prepare_bytes(
@@ -222,10 +219,7 @@ def prepare_bytes(
         rgb, scale = _decode(_open(io.BytesIO(data), max_pixels))
     except ValueError as exc:
         return Photo(name, status="error", error=str(exc))
-    if detector is None:
-        return Photo(name, [(None, square_resize(rgb, size))], status="whole image")
-    faces = find_faces(rgb, size, detector, scale)
-    return Photo(name, faces, status="face" if faces else "no face")
+    return _photo(name, rgb, size, detector, scale)
 
 
 def prepare_path(
@@ -240,8 +234,7 @@ def prepare_path(
         rgb, scale = _decode(_open(path, max_pixels))
     except ValueError as exc:
         return Photo(path, status="error", error=str(exc))
-    faces = find_faces(rgb, size, detector, scale)
-    return Photo(path, faces, status="face" if faces else "no face")
+    return _photo(path, rgb, size, detector, scale)
 
 
 def prepared(

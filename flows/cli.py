@@ -95,16 +95,16 @@ def cmd_predict(a: argparse.Namespace) -> None:
     if not a.model.startswith(("models:/", "runs:/")):
         cli.cmd_predict(a)
         return
-    from tasks.tracking import Tracker
+    from tasks.tracking import Tracker, store_uri
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{a.run_root.resolve()}/mlflow.db"
+    uri = store_uri(a.run_root)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise FileNotFoundError(
             f"--model {a.model}: no MLflow store at {uri}; set MLFLOW_TRACKING_URI or "
             "--run-root to the suite's"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        a.model = str(Tracker.at(uri).download(a.model, Path(tmp)))
+        a.model = str(Tracker(None, a.run_root).download(a.model, Path(tmp)))
         cli.cmd_predict(a)
 
 

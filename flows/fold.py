@@ -15,26 +15,18 @@ from typing import Any
 from prefect import flow, get_client, runtime
 from prefect.concurrency.sync import concurrency
 
-from tasks.folds import set_slots, train_fold_task
+from tasks.folds import FoldJob, set_slots, train_fold_task
 
 GPU_LIMIT = "gpu-slots"
 LEASE = 60.0  # the server accepts no shorter lease
 
 
 @flow(name="train_fold", log_prints=True)
-def train_fold_flow(
-    cache_dir: str,
-    fold: int,
-    variant: str,
-    config: dict[str, Any],
-    run_root: str,
-    suite: str,
-    parent_id: str,
-) -> dict[str, Any]:
+def train_fold_flow(job: FoldJob) -> dict[str, Any]:
     set_slots(1)
     _tag_process()
     with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE):
-        return train_fold_task(cache_dir, fold, variant, config, run_root, suite, parent_id)
+        return train_fold_task(job)
 
 
 def _tag_process() -> None:

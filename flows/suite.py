@@ -20,6 +20,7 @@ from agegender.cache import open_cache
 from agegender.config import Config, SuiteConfig, Variant
 from tasks.compare import compare_task
 from tasks.folds import (
+    FoldJob,
     aggregate_task,
     prepare_cache_task,
     remote_fold_task,
@@ -94,23 +95,19 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
     for v in suite.variants:
         cfg = configs[v].model_dump(mode="json")
         for k in suite.folds:
+            job = FoldJob(
+                cache_dir=cache_dir,
+                fold=k,
+                variant=v,
+                config=cfg,
+                run_root=run_root,
+                suite=suite.name,
+                parent_id=parents[v],
+            )
             if suite.mode == "deployments":
-                params = {
-                    "cache_dir": cache_dir,
-                    "fold": k,
-                    "variant": v,
-                    "config": cfg,
-                    "run_root": run_root,
-                    "suite": suite.name,
-                    "parent_id": parents[v],
-                }
-                futures.append(remote_fold_task.submit(suite.deployment, suite.retries, params))
+                futures.append(remote_fold_task.submit(suite.deployment, suite.retries, job))
             else:
-                futures.append(
-                    train_fold_task.with_options(retries=suite.retries).submit(
-                        cache_dir, k, v, cfg, run_root, suite.name, parents[v]
-                    )
-                )
+                futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
     results = [f.result() for f in futures]
     trained = sum(bool(r["trained"]) for r in results)
     log.info(f"{trained} fold(s) trained, {len(results) - trained} already finished and skipped")

@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from mlflow.entities import Run
 from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Crashed
+from pydantic import BaseModel
 
 from agegender import plots
 from agegender.cache import build_cache, open_cache
@@ -107,19 +109,30 @@ def fold_tags(
     }
 
 
-@task(task_run_name="{variant}-fold{fold}", cache_policy=NO_CACHE, retry_delay_seconds=2)
-def train_fold_task(
-    cache_dir: str,
-    fold: int,
-    variant: str,
-    config: dict[str, Any],
-    run_root: str,
-    suite: str,
-    parent_id: str,
-) -> dict[str, Any]:
+class FoldJob(BaseModel):
+    """One fold to train and where it is tracked: what the in-process task and the `train_fold`
+    flow run (scale-out) both take, and what a deployment's parameters carry."""
+
+    cache_dir: str
+    fold: int
+    variant: str
+    config: dict[str, Any]
+    run_root: str
+    suite: str
+    parent_id: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-fold{self.fold}"
+
+
+@task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE, retry_delay_seconds=2)
+def train_fold_task(job: FoldJob) -> dict[str, Any]:
     """Train one fold unless an identical one already finished; log it as a child run."""
+    cache_dir, fold, variant, run_root = job.cache_dir, job.fold, job.variant, job.run_root
+    suite, parent_id = job.suite, job.parent_id
     log = get_run_logger()
-    cfg = Config.model_validate(config)
+    cfg = Config.model_validate(job.config)
     cache = open_cache(cache_dir)
     tracker = Tracker(suite, Path(run_root))
     tags = fold_tags(suite, variant, fold, cfg, cache.fingerprint)
@@ -170,12 +183,12 @@ def train_fold_task(
     return {"variant": variant, "fold": fold, "run_id": run_id, "trained": not finished}
 
 
-@task(task_run_name="{params[variant]}-fold{params[fold]}", cache_policy=NO_CACHE)
-def remote_fold_task(deployment: str, retries: int, params: dict[str, Any]) -> dict[str, Any]:
+@task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE)
+def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, Any]:
     """One fold as a flow run of the `train_fold` deployment on a work pool. A run that fails,
     or whose process died with its worker, is started again; it resumes from its checkpoint."""
     log = get_run_logger()
-    name = f"{params['variant']}-fold{params['fold']}"
+    name, params = job.name, {"job": job.model_dump(mode="json")}
     state = None
     for attempt in range(retries + 1):
         run = run_deployment(deployment, parameters=params, flow_run_name=name, timeout=0)
@@ -196,8 +209,8 @@ def remote_fold_task(deployment: str, retries: int, params: dict[str, Any]) -> d
         if state is not None and state.is_completed():
             log.info(f"{name}: flow run {run.name} ({run.id}) completed")
             return {
-                "variant": params["variant"],
-                "fold": params["fold"],
+                "variant": job.variant,
+                "fold": job.fold,
                 "flow_run_id": str(run.id),
                 "trained": True,
             }
@@ -265,14 +278,20 @@ def variant_table(values: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def latest_folds(tracker: Tracker, parent_id: str) -> dict[str, Run]:
+    """fold -> the parent's newest FINISHED run of it (a rerun after a crash logs a second)."""
+    latest: dict[str, Run] = {}
+    for child in sorted(tracker.children(parent_id), key=lambda r: r.info.start_time):
+        latest[child.data.tags["fold"]] = child
+    return dict(sorted(latest.items(), key=lambda kv: int(kv[0])))
+
+
 @task(task_run_name="aggregate-{variant}", cache_policy=NO_CACHE)
 def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> dict[str, Any]:
     """Mean and sample std across the parent's finished fold runs, a bar chart and a table."""
     tracker = Tracker(suite, Path(run_root))
-    latest: dict[str, Any] = {}
-    for child in sorted(tracker.children(parent_id), key=lambda r: r.info.start_time):
-        latest[child.data.tags["fold"]] = child
-    folds = sorted(latest, key=int)
+    latest = latest_folds(tracker, parent_id)
+    folds = list(latest)
     values: dict[str, list[float]] = {}
     for fold in folds:
         for k, v in latest[fold].data.metrics.items():

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from agegender.predict import Predictor
 from agegender.train import RunError, selection_score
 from tasks import TrackingError
+from tasks.folds import latest_folds
 from tasks.tracking import Tracker
 
 ALIAS = "champion"
@@ -53,9 +54,7 @@ def register_champion_task(
     """Register the variant's best fold (by validation) and point `champion` at it."""
     log = get_run_logger()
     tracker = Tracker(suite, Path(run_root))
-    latest: dict[str, Any] = {}
-    for child in sorted(tracker.children(parent_id), key=lambda r: r.info.start_time):
-        latest[child.data.tags["fold"]] = child
+    latest = latest_folds(tracker, parent_id)
     scores = {r.info.run_id: _score(tracker, r) for r in latest.values()}
     scored = [r for r in latest.values() if scores[r.info.run_id] is not None]
     if not scored:

@@ -46,15 +46,18 @@ _FINAL = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREAD
 class Tracker:
     """A tracking server (or local store) and the suite's experiment in it."""
 
-    def __init__(self, experiment: str, run_root: Path) -> None:
+    def __init__(self, experiment: str | None, run_root: Path) -> None:
+        """`experiment` None: a client of the store for the registry and downloads only."""
         run_root = Path(run_root).resolve()
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_root / 'mlflow.db'}"
+        self.uri = store_uri(run_root)
         self.local = "MLFLOW_TRACKING_URI" not in os.environ
         run_root.mkdir(parents=True, exist_ok=True)
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._retry(lambda: self._experiment(experiment, run_root))
+        self.experiment_id = ""
+        if experiment is not None:
+            self.experiment_id = self._retry(lambda: self._experiment(experiment, run_root))
 
     def _retry(self, call: Callable[[], T], attempts: int = 8) -> T:
         """Transient store errors (a restarting server, a locked SQLite file) are retried;
@@ -74,17 +77,6 @@ class Tracker:
             return str(found.experiment_id)
         location = (run_root / "mlartifacts" / name).as_uri() if self.local else None
         return str(self.client.create_experiment(name, artifact_location=location))
-
-    @classmethod
-    def at(cls, uri: str) -> Tracker:
-        """A client of the store at `uri` for the registry and downloads (no experiment)."""
-        self = cls.__new__(cls)
-        self.uri, self.local = uri, not uri.startswith(("http://", "https://"))
-        if not self.local:
-            check_server(uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = ""
-        return self
 
     def ui_command(self) -> str:
         if self.local:
@@ -259,6 +251,12 @@ class Tracker:
             lambda: download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri)
         )
         return Path(local)
+
+
+def store_uri(run_root: Path) -> str:
+    """MLFLOW_TRACKING_URI, else the SQLite store under the run root."""
+    local = f"sqlite:///{Path(run_root).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or local
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
