@@ -31,6 +31,7 @@ from PIL import Image
 from agegender.adience import Row, Table, metadata_digest, read_metadata
 from agegender.config import CacheConfig
 from agegender.parallel import Progress, map_chunks, torch_threads
+from agegender.provenance import synthetic_marker
 from agegender.sources import FaceRecord, SourceData, read_source
 
 FORMAT_VERSION = 2  # 2: a `path` column for every dataset; non-square images centre-cropped
@@ -101,6 +102,14 @@ class ImageCache:
     @property
     def dataset(self) -> str:
         return str(self.manifest["dataset"])
+
+    @property
+    def synthetic(self) -> bool:
+        """Made by `agegender synth` (its marker), not a real download."""
+        if "synthetic" in self.manifest:
+            return self.manifest["synthetic"] is not None
+        # a cache built before the marker was recorded: look at its data root
+        return synthetic_marker(Path(self.manifest.get("data_root", ""))) is not None
 
     def image(self, row: int) -> UInt8Array:
         return np.asarray(self.images[self.slots[row]])
@@ -235,13 +244,21 @@ def build_cache(
         )
         for r in table.rows
     ]
+    marker = synthetic_marker(Path(data_root))
     extra = {
         "dataset": "adience",
         "data_root": str(Path(data_root).resolve()),
         "metadata": [str(f.resolve()) for f in table.files],
         "duplicates": table.duplicates,
+        "synthetic": marker,
     }
-    return _build(aligned, items, metadata_digest(table), Path(cache_dir), config, progress, extra)
+    digest = metadata_digest(table) + _marker_digest(marker)
+    return _build(aligned, items, digest, Path(cache_dir), config, progress, extra)
+
+
+def _marker_digest(marker: dict[str, Any] | None) -> str:
+    """Synthetic data count as other data: their fingerprint differs from any real one's."""
+    return "" if marker is None else "\nsynthetic:" + json.dumps(marker, sort_keys=True)
 
 
 def build_source_cache(
@@ -255,15 +272,17 @@ def build_source_cache(
     src = read_source(name, root)
     items = [_Item(r.path, r.source, (r.age, r.gender, r.partition, r.source)) for r in src.records]
     skipped = [Problem("", name, text) for text in src.problems]
+    marker = synthetic_marker(Path(root))
     extra = {
         "dataset": name,
         "data_root": str(Path(root).resolve()),
         "age_classes": list(src.age_classes),
+        "synthetic": marker,
     }
     return _build(
         src.image_dir,
         items,
-        _records_digest(src),
+        _records_digest(src) + _marker_digest(marker),
         Path(cache_dir),
         config,
         progress,

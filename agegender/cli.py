@@ -28,7 +28,7 @@ from rich.text import Text
 
 from agegender import adience, cache, sources, splits, synthetic, train
 from agegender.adience import MetadataError
-from agegender.config import CacheConfig, SplitConfig, load_config
+from agegender.config import CacheConfig, SplitConfig, deviations, load_config
 
 # soft_wrap: paths and messages stay on one line whatever the terminal (or pipe) width, so
 # they can be grepped.
@@ -73,6 +73,16 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
     if done:
         secs = time.perf_counter() - start
         err.print(f"{label}: {done:,} images in {secs:.1f} s ({done / secs:,.0f} img/s)")
+
+
+def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        default=None,
+        metavar="paper|modern|FILE",
+        help="settings to start from (default: a --config file's `preset:`, else paper); "
+        "--config and key=value overrides go on top",
+    )
 
 
 def _emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
@@ -205,6 +215,11 @@ def cmd_split(a: argparse.Namespace) -> None:
         for p in splits.PARTS:
             t.add_row(p, *(f"{d[p][c]:,}" for c in ["rows", "age", "gender", "users"]))
         out.print(t)
+        if d.get("stratified") is not None:
+            how = "stratified by label" if d["stratified"] else "random"
+            out.print(f"validation users: {how} (seed {d['seed']})", highlight=False)
+        for p in splits.PARTS:
+            out.print(splits.distribution_line(split, table, p), highlight=False, soft_wrap=True)
         out.print("shared users: " + ", ".join(f"{k} {v}" for k, v in d["shared_users"].items()))
 
     _emit(data, a.json, human)
@@ -212,7 +227,7 @@ def cmd_split(a: argparse.Namespace) -> None:
 
 def cmd_train_fold(a: argparse.Namespace) -> None:
     overrides = list(a.overrides) + ([f"train.task={a.task}"] if a.task else [])
-    config = load_config(a.config, overrides)
+    config = load_config(a.config, overrides, a.preset)
     out_dir = a.out or Path("runs/train") / f"{config.train.task}-fold{a.fold}-{config.hash()}"
     bar = Progress(
         TextColumn("{task.description}"),
@@ -233,8 +248,10 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
         epoch[0] = record["epoch"] + 1
         bar.reset(task)
 
+    changed = deviations(config)
     err.print(
-        f"training {config.train.task} on fold {a.fold} -> {out_dir} (config {config.hash()})",
+        f"training {config.train.task} on fold {a.fold} -> {out_dir} (config {config.hash()}, "
+        f"preset {config.preset}" + (f" with {', '.join(changed)})" if changed else ")"),
         highlight=False,
     )
     with bar:
@@ -247,8 +264,9 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
     def human(d: dict[str, Any]) -> None:
         test = d["test"]
         t = RichTable(
-            title=f"fold {d['fold']} {d['task']}: test at epoch {d['best_epoch']} "
-            f"(selected by {d['selected_by']})"
+            title=f"fold {d['fold']} {d['task']}: test at epoch {d['tested_epoch']} "
+            f"({d['selected_by']}; preset {d['preset']})"
+            + (" — SYNTHETIC data" if d.get("synthetic") else "")
         )
         t.add_column("metric")
         t.add_column("centre crop", justify="right")
@@ -401,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", type=Path, required=True, help="a prepared cache")
     s.add_argument("--fold", type=int, required=True, choices=range(adience.N_FOLDS))
     s.add_argument("--task", choices=["multitask", "age", "gender"], default=None)
+    add_preset_argument(s)
     s.add_argument("--config", type=Path, default=None, help="YAML or JSON config file")
     s.add_argument("--out", type=Path, default=None, help="run directory (default under runs/)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agegender.labels import AgePolicy
+from agegender.presets import PresetError, preset_data
 
 Protocol = Literal["subject_disjoint", "levi_hassner"]
 
@@ -28,6 +29,11 @@ class SplitConfig(_Strict):
     protocol: Protocol = "subject_disjoint"
     age_policy: AgePolicy = "strict"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of training users held out")
+    stratify: bool = Field(
+        True,
+        description="subject_disjoint: choose validation users whose label distribution matches "
+        "training's (seeded, still user-disjoint)",
+    )
     seed: int = Field(0, ge=0)
     lists: Path | None = Field(None, description="Levi-Hassner list dir (levi_hassner protocol)")
 
@@ -47,6 +53,7 @@ class CacheConfig(_Strict):
 
 
 Task = Literal["multitask", "age", "gender"]
+Normalization = Literal["mean_image", "channel_mean", "channel_mean_std"]
 Metric = Literal["loss", "age_acc", "age_1off", "gender_acc", "mean_acc"]
 
 
@@ -56,7 +63,14 @@ class DataConfig(_Strict):
     split: SplitConfig = SplitConfig()
     crop: int = Field(227, ge=16, le=1024, description="square crop fed to the net (cache: 256)")
     batch_size: int = Field(50, ge=1, le=4096)
-    norm_images: int = Field(2000, ge=1, description="training images used for the mean/std")
+    normalize: Normalization = Field(
+        "mean_image",
+        description="mean_image: Caffe's per-pixel mean image of the training images subtracted "
+        "from 0-255 pixels; channel_mean: per-channel mean only; channel_mean_std: also / std",
+    )
+    norm_images: int | None = Field(
+        None, ge=1, description="training images the mean (and std) are measured on; null = all"
+    )
     preload: Literal["auto", "always", "never"] = Field(
         "auto", description="keep the split's images in device memory (auto: when they fit)"
     )
@@ -67,6 +81,11 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     norm: Literal["lrn", "batchnorm"] = "lrn"
+    init: Literal["caffe", "pytorch"] = Field(
+        "caffe",
+        description="caffe: the released prototxt's Gaussian fillers and constant biases; "
+        "pytorch: torch's default (Kaiming-uniform) initialisation",
+    )
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     init_from: Path | None = Field(
         None, description="checkpoint (best.pt) whose backbone initialises this net; heads fresh"
@@ -77,7 +96,8 @@ class ModelConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """The paper's Caffe solver by default: SGD 0.9, weight decay 5e-4, lr 1e-3 x0.1 per 10k its."""
+    """The paper's Caffe solver by default: SGD 0.9, weight decay 5e-4, lr 1e-3 x0.1 per 10k its,
+    with the released prototxt's per-layer multipliers (see `agegender.presets`)."""
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(1e-3, gt=0.0)
@@ -92,6 +112,17 @@ class OptimConfig(_Strict):
         "(0.2 of 50k iterations = the paper's 10k)",
     )
     gamma: float = Field(0.1, gt=0.0, le=1.0)
+    step_repeat: bool = Field(
+        True,
+        description="step schedule: decay every `decay_every` (Caffe's step policy); false: once",
+    )
+    bias_lr_mult: float = Field(2.0, ge=0.0, description="biases learn at this multiple of lr")
+    bias_decay_mult: float = Field(
+        0.0, ge=0.0, description="weight decay on biases as a multiple of weight_decay"
+    )
+    head_lr_mult: float = Field(
+        10.0, ge=0.0, description="the output layers (fc8) learn at this multiple of lr"
+    )
     backbone_lr: float = Field(
         1.0, ge=0.0, le=1.0, description="backbone learning rate as a fraction of lr (fine-tuning)"
     )
@@ -103,8 +134,15 @@ class TrainConfig(_Strict):
     epochs: float | None = Field(None, gt=0, description="if set, replaces iterations")
     age_weight: float = Field(1.0, ge=0.0)
     gender_weight: float = Field(1.0, ge=0.0)
-    select_metric: Metric = Field("loss", description="validation metric that picks the epoch")
-    patience: int | None = Field(10, ge=1, description="epochs without improvement; null = off")
+    select_metric: Metric = Field(
+        "loss", description="validation metric for best_val and early stopping"
+    )
+    test_at: Literal["final", "best_val"] = Field(
+        "final",
+        description="checkpoint that is tested: the last iteration (validation only monitored), "
+        "or the epoch the validation metric selected",
+    )
+    patience: int | None = Field(None, ge=1, description="epochs without improvement; null = off")
     seed: int = Field(0, ge=0)
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto|cpu|cuda[:N]"
@@ -112,9 +150,13 @@ class TrainConfig(_Strict):
     bf16: bool = Field(False, description="bf16 autocast on CUDA (slow on CPUs without AVX-512)")
     channels_last: bool = Field(True, description="NHWC memory format on CUDA")
     tencrop: bool = Field(True, description="also test with 10-crop over-sampling")
+    deterministic: bool = Field(
+        False, description="deterministic algorithms (CUDA: slower; see the README)"
+    )
 
 
 class Config(_Strict):
+    preset: str = Field("paper", description="the preset these settings started from")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -225,10 +267,62 @@ def _validate(data: dict[str, Any], path: Path | str | None) -> Config:
         raise ConfigError(_describe(exc, "", path)) from None
 
 
-def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then a YAML/JSON file, then `key=value` overrides; validated with named errors."""
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _layers(
+    path: Path | str | None, overrides: Sequence[str], preset: str | None
+) -> dict[str, Any]:
+    """A preset, then a YAML/JSON file, then `key=value` overrides (later wins).
+
+    The preset is `preset` (a flag) if given, else the file's `preset:` key, else `paper`.
+    """
     data = _read_file(Path(path)) if path is not None else {}
-    return _validate(apply_overrides(data, overrides), path)
+    name = preset or data.get("preset") or "paper"
+    try:
+        base = preset_data(str(name))
+    except PresetError as exc:
+        raise ConfigError(str(exc)) from None
+    data = _merge(base, data) | {"preset": base["preset"]}
+    return apply_overrides(data, overrides)
+
+
+def load_config(
+    path: Path | str | None = None, overrides: Sequence[str] = (), preset: str | None = None
+) -> Config:
+    """A preset (default `paper`), a YAML/JSON file, then `key=value` overrides; validated with
+    errors that name the key."""
+    return _validate(_layers(path, overrides, preset), path)
+
+
+def deviations(config: Config) -> list[str]:
+    """`key=value` for every setting that differs from the config's own preset, except where a
+    fold ran and what a suite variant sets (task, backbone): what "paper, but ..." means."""
+    try:
+        base = load_config(preset=config.preset)
+    except ConfigError:
+        return ["preset file no longer readable"]
+    ours, theirs = _flat(config.model_dump(mode="json")), _flat(base.model_dump(mode="json"))
+    skip = {"train.device", "train.task", "model.init_from", "model.freeze", "optim.backbone_lr"}
+    return [f"{k}={v}" for k, v in ours.items() if k not in skip and theirs.get(k) != v]
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 Variant = Literal["multitask", "multitask_pretrained", "age", "gender"]
@@ -274,6 +368,11 @@ class SuiteConfig(_Strict):
     name: str = Field("agegender", min_length=1, description="MLflow experiment name")
     variants: tuple[Variant, ...] = VARIANTS
     folds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seeds: tuple[int, ...] | None = Field(
+        None,
+        description="repeats: each fold trained once per seed (train.seed), averaged per fold "
+        "before the statistics across folds; null = once, with train.seed",
+    )
     slots: int = Field(0, ge=0, description="folds at once; 0 = one per GPU, else 1")
     image_size: int = Field(256, ge=8, le=1024, description="cache image side (paper: 256)")
     pretrained: str | None = Field(
@@ -315,6 +414,8 @@ class SuiteConfig(_Strict):
             )
         if not set(self.folds) <= {0, 1, 2, 3, 4}:
             raise ValueError(f"folds must be among 0-4, got {list(self.folds)}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) < len(self.seeds)):
+            raise ValueError(f"seeds must be distinct and not empty, got {list(self.seeds)}")
         return self
 
     def variant_config(
@@ -333,12 +434,13 @@ class SuiteConfig(_Strict):
 
 
 def _sectioned(
-    section: str, model: type[BaseModel], path: Path | str | None, overrides: Sequence[str]
+    section: str,
+    model: type[BaseModel],
+    path: Path | str | None,
+    overrides: Sequence[str],
+    preset: str | None,
 ) -> tuple[Any, Config]:
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_file(Path(path))
-    data = apply_overrides(data, overrides)
+    data = _layers(path, overrides, preset)
     section_data = data.pop(section, {}) or {}
     _check_keys(model, section_data, f"{section}.")
     try:
@@ -349,16 +451,16 @@ def _sectioned(
 
 
 def load_suite_config(
-    path: Path | str | None = None, overrides: Sequence[str] = ()
+    path: Path | str | None = None, overrides: Sequence[str] = (), preset: str | None = None
 ) -> tuple[SuiteConfig, Config]:
     """Like `load_config`, with a `suite` section (or `suite.` overrides) for the suite itself."""
-    suite, config = _sectioned("suite", SuiteConfig, path, overrides)
+    suite, config = _sectioned("suite", SuiteConfig, path, overrides, preset)
     return suite, config
 
 
 def load_pretrain_config(
-    path: Path | str | None = None, overrides: Sequence[str] = ()
+    path: Path | str | None = None, overrides: Sequence[str] = (), preset: str | None = None
 ) -> tuple[PretrainConfig, Config]:
     """Like `load_config`, with a `pretrain` section (or `pretrain.` overrides)."""
-    pretrain, config = _sectioned("pretrain", PretrainConfig, path, overrides)
+    pretrain, config = _sectioned("pretrain", PretrainConfig, path, overrides, preset)
     return pretrain, config

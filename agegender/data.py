@@ -146,8 +146,9 @@ def parts_data(
             a, g = _permute_labelled(a, generator), _permute_labelled(g, generator)
         index = torch.from_numpy(np.searchsorted(stored, r))
         parts[p] = PartData(index=index, age=a.long(), gender=g.long(), rows=r)
-    train_slots = cache.slots[rows["train"]]
-    picks = np.linspace(0, len(train_slots) - 1, min(config.norm_images, len(train_slots)))
-    sample = np.unique(train_slots[picks.astype(int)])
-    normalize = Normalize.measure(cache.images, sample)
+    train_slots = np.unique(cache.slots[rows["train"]])
+    if config.norm_images is not None and config.norm_images < len(train_slots):
+        picks = np.linspace(0, len(train_slots) - 1, config.norm_images).astype(int)
+        train_slots = np.unique(train_slots[picks])
+    normalize = Normalize.measure(cache.images, train_slots, config.normalize)
     return FoldData(parts["train"], parts["val"], parts["test"], store, normalize)

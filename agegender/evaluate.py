@@ -33,8 +33,9 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def to_input(crops: Tensor, normalize: Normalize, channels_last: bool) -> Tensor:
-    x = normalize(crops)
+def to_input(crops: Tensor, channels_last: bool) -> Tensor:
+    """Normalised NHWC crops -> the net's NCHW input (channels-last in memory if asked)."""
+    x = crops.permute(0, 3, 1, 2)
     return x.contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
@@ -80,8 +81,9 @@ def predict(
             "age": part.age[i : i + batch_size].to(device),
             "gender": part.gender[i : i + batch_size].to(device),
         }
+        full = normalize(images)
         with autocast(device, bf16):
-            out = model(to_input(center_crop(images, crop), normalize, channels_last))
+            out = model(to_input(center_crop(full, crop), channels_last))
         for head, logits in out.items():
             center.setdefault(head, []).append(logits.float().softmax(1).cpu())
             y = targets[head]
@@ -91,9 +93,9 @@ def predict(
                 counts[head] = counts.get(head, 0) + int((y >= 0).sum())
         if tencrop:
             total: dict[str, Tensor] = {}
-            for view in ten_crops(images, crop):
+            for view in ten_crops(full, crop):
                 with autocast(device, bf16):
-                    o = model(to_input(view, normalize, channels_last))
+                    o = model(to_input(view, channels_last))
                 for head, logits in o.items():
                     total[head] = total.get(head, 0) + logits.float().softmax(1)
             for head, t in total.items():

@@ -58,9 +58,27 @@ def _pool() -> nn.MaxPool2d:
     return nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
 
 
+class LRN(nn.Module):
+    """Caffe's across-channel LRN: x / (k + alpha / n * sum of x^2 over n neighbours)^beta.
+
+    The same as `nn.LocalResponseNorm`, written with five shifted adds instead of avg_pool3d,
+    whose CUDA backward has no deterministic implementation (`train.deterministic`).
+    """
+
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        sq = nn.functional.pad(x * x, (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2))
+        window = sum(sq[:, i : i + c] for i in range(self.size))
+        return x / (self.k + self.alpha / self.size * window) ** self.beta
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "lrn":
-        return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=1.0)  # Caffe's alpha / n too
+        return LRN(size=5, alpha=1e-4, beta=0.75, k=1.0)
     return nn.BatchNorm2d(channels)
 
 
@@ -131,18 +149,34 @@ class LeviHassner(nn.Module):
                 m.generator = generator
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Caffe's init: conv N(0, 0.01); fc6/fc7 N(0, 0.005), bias 1; heads N(0, 0.01)."""
-        layers: list[tuple[nn.Module, float, float]] = [
-            *((m, 0.01, 0.0) for m in self.features if isinstance(m, nn.Conv2d)),
-            *((m, 0.005, 1.0) for m in self.fc if isinstance(m, nn.Linear)),
-            *((m, 0.01, 0.0) for m in self.heads.values()),
+    def reset_parameters(
+        self, generator: torch.Generator | None = None, init: str = "caffe"
+    ) -> None:
+        """caffe: the released prototxt's fillers: conv N(0, 0.01) with biases 0, 1, 0 (conv1-3),
+        fc6/fc7 N(0, 0.005) with bias 1, heads N(0, 0.01) with bias 0. pytorch: torch's own
+        (Kaiming-uniform) init, drawn from `generator`."""
+        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        layers: list[nn.Conv2d | nn.Linear] = [
+            *convs,
+            *(m for m in self.fc if isinstance(m, nn.Linear)),
+            *(m for m in self.heads.values() if isinstance(m, nn.Linear)),
         ]
-        for layer, std, bias in layers:
-            assert isinstance(layer, nn.Conv2d | nn.Linear)
+        caffe: dict[nn.Module, tuple[float, float]] = {
+            convs[0]: (0.01, 0.0),
+            convs[1]: (0.01, 1.0),
+            convs[2]: (0.01, 0.0),
+        }
+        caffe |= {m: (0.005, 1.0) for m in self.fc if isinstance(m, nn.Linear)}
+        for layer in layers:
             assert layer.bias is not None
-            nn.init.normal_(layer.weight, 0.0, std, generator=generator)
-            nn.init.constant_(layer.bias, bias)
+            if init == "caffe":
+                std, bias = caffe.get(layer, (0.01, 0.0))
+                nn.init.normal_(layer.weight, 0.0, std, generator=generator)
+                nn.init.constant_(layer.bias, bias)
+            else:  # as nn.Linear / nn.Conv2d.reset_parameters, but from the generator
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(layer.weight)[0])
+                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
 
 
 def build_model(
@@ -154,7 +188,7 @@ def build_model(
 ) -> LeviHassner:
     model = LeviHassner(task, crop, config, classes)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    model.reset_parameters(gen)
+    model.reset_parameters(gen, (config or ModelConfig()).init)
     return model
 
 

@@ -65,13 +65,12 @@ class Predictor:
         model.load_state_dict(best["model"])
         dev = select_device(device)
         model.to(dev).eval()
-        norm = best["normalize"]
         return cls(
             model=model,
             crop=crop,
             # checkpoints from before the size was stored: the paper's 227 of 256
             image_size=int(best.get("image_size", round(crop * 256 / 227))),
-            normalize=Normalize(tuple(norm["mean"]), tuple(norm["std"])),
+            normalize=Normalize.from_state(best["normalize"]),
             labels=labels,
             device=dev,
         )
@@ -81,7 +80,7 @@ class Predictor:
         return {
             "image_size": self.image_size,
             "crop": self.crop,
-            "normalize": {"mean": list(self.normalize.mean), "std": list(self.normalize.std)},
+            "normalize": self.normalize.describe(),
             "labels": self.labels,
         }
 
@@ -90,11 +89,11 @@ class Predictor:
         self, images: UInt8, oversample: bool = False
     ) -> dict[str, npt.NDArray[np.float32]]:
         """uint8 (N, size, size, 3) -> head -> (N, classes) softmax (10-crop mean if asked)."""
-        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        batch = self.normalize(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
         views = ten_crops(batch, self.crop) if oversample else [center_crop(batch, self.crop)]
         total: dict[str, torch.Tensor] = {}
         for view in views:
-            out = self.model(to_input(view, self.normalize, channels_last=False))
+            out = self.model(to_input(view, channels_last=False))
             for head, logits in out.items():
                 total[head] = total.get(head, 0) + logits.float().softmax(1)
         return {h: (t / len(views)).cpu().numpy() for h, t in total.items()}

@@ -48,6 +48,7 @@ from agegender.adience import MetadataError
 from agegender.faces import render_face
 from agegender.labels import AGE_GROUPS, GENDERS, age_group_of_years
 from agegender.parallel import Progress, map_chunks
+from agegender.provenance import mark_synthetic
 
 SOURCES: tuple[str, ...] = ("celeba", "utkface")
 
@@ -514,6 +515,7 @@ def write_synthetic_source(
     stamp = out / ".synth.json"
     keep = stamp.is_file() and json.loads(stamp.read_text()) == settings
     stamp.unlink(missing_ok=True)
+    mark_synthetic(out, {"format": fmt})
     jobs = [
         _Job(image_dir / f.file, f"{fmt}-{f.identity}", f, size, height, seed)
         for f in faces

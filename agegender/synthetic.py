@@ -23,6 +23,7 @@ from agegender.adience import COLUMNS, N_FOLDS, fold_file, read_fold
 from agegender.faces import render_face
 from agegender.labels import LEVI_HASSNER_AGE_STRINGS
 from agegender.parallel import Progress, map_chunks
+from agegender.provenance import mark_synthetic
 
 _PAIR = re.compile(r"^\((\d+), (\d+)\)$")
 
@@ -169,6 +170,7 @@ def write_synthetic(
     stamp = out / ".synth.json"
     keep = stamp.is_file() and json.loads(stamp.read_text()) == settings
     stamp.unlink(missing_ok=True)
+    mark_synthetic(out, {"format": "adience", "like_metadata": like_metadata is not None})
     images: dict[str, _Image] = {}
     n_rows = 0
     for k, rows in enumerate(folds):

@@ -16,7 +16,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,8 @@ def lr_factor(config: Config, total: int) -> Callable[[int], float]:
     o = config.optim
     if o.schedule == "step":
         every = max(1, round(o.decay_every * total))
+        if not o.step_repeat:
+            return lambda it: o.gamma if it >= every else 1.0
         return lambda it: float(o.gamma ** (it // every))
     if o.schedule == "cosine":
         return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
@@ -78,13 +81,27 @@ def lr_factor(config: Config, total: int) -> Callable[[int], float]:
 
 
 def make_optimizer(model: LeviHassner, config: Config) -> torch.optim.Optimizer:
-    """Heads at `lr`, the backbone at `lr * backbone_lr`; frozen layers are left out entirely."""
+    """Caffe's per-layer multipliers as parameter groups: heads at `lr * head_lr_mult`, the
+    backbone at `lr * backbone_lr`, biases (and norm scales) at `bias_lr_mult` times their
+    layer's rate with `bias_decay_mult` times the weight decay. Frozen layers are left out."""
     o = config.optim
-    heads = list(model.heads.parameters())
-    backbone = [p for p in model.backbone_parameters() if p.requires_grad]
-    params: list[dict[str, Any]] = [{"params": heads, "lr": o.lr}]
-    if backbone:
-        params.append({"params": backbone, "lr": o.lr * o.backbone_lr})
+    params: list[dict[str, Any]] = []
+    for part, rate in (
+        (list(model.heads.parameters()), o.lr * o.head_lr_mult),
+        ([p for p in model.backbone_parameters() if p.requires_grad], o.lr * o.backbone_lr),
+    ):
+        weights = [p for p in part if p.ndim > 1]
+        biases = [p for p in part if p.ndim <= 1]
+        if weights:
+            params.append({"params": weights, "lr": rate, "weight_decay": o.weight_decay})
+        if biases:
+            params.append(
+                {
+                    "params": biases,
+                    "lr": rate * o.bias_lr_mult,
+                    "weight_decay": o.weight_decay * o.bias_decay_mult,
+                }
+            )
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adam":
@@ -271,10 +288,8 @@ def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:
     start = time.perf_counter()
     for step in range(steps):
         sel = order[step * bs : (step + 1) * bs]
-        images = store.batch(part.index[sel])
-        x = to_input(
-            random_crop_flip(images, crop, run.gen_data), run.data.normalize, run.channels_last
-        )
+        images = run.data.normalize(store.batch(part.index[sel]))
+        x = to_input(random_crop_flip(images, crop, run.gen_data), run.channels_last)
         targets = {"age": part.age[sel].to(run.device), "gender": part.gender[sel].to(run.device)}
         stats = fit_batch(run, x, targets)
         stats["loss"] = stats["loss"] * stats["n"]
@@ -376,6 +391,25 @@ def train_fold(
     return train(adience_fold(cache, fold, config), config, out_dir, resume, log, progress)
 
 
+@contextmanager
+def determinism(on: bool) -> Iterator[None]:
+    """`train.deterministic`: deterministic algorithms while a run trains (process-wide, so
+    folds training concurrently in one process share it), restored afterwards."""
+    if not on:
+        yield
+        return
+    # cuBLAS needs a fixed workspace to be deterministic; set before its first use.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
 def train(
     ts: TrainSet,
     config: Config,
@@ -384,8 +418,41 @@ def train(
     log: EpochLog | None = None,
     progress: Progress | None = None,
 ) -> FoldResult:
-    """Train, select on validation, test once; files in `out_dir` (see README)."""
-    out = Path(out_dir)
+    """Train, monitor validation, test once; files in `out_dir` (see README)."""
+    with determinism(config.train.deterministic):
+        return _train(ts, config, Path(out_dir), resume, log, progress)
+
+
+def _save_tested(run: Run, out: Path) -> None:
+    """best.pt: the weights that are tested (and registered, and served), with what a user
+    needs to feed them."""
+    ts, config = run.trainset, run.config
+    _save(
+        {
+            "model": run.model.state_dict(),
+            "epoch": run.epoch,
+            "iteration": run.iteration,
+            "task": config.train.task,
+            "crop": config.data.crop,
+            "image_size": ts.cache.image_size,  # what prediction resizes a photo to
+            "config": config.model_dump(mode="json"),
+            "normalize": run.data.normalize.state(),
+            "labels": {h: list(ts.classes[h]) for h in run.model.heads},
+            "trained_on": ts.name,
+            "data_fingerprint": ts.cache.fingerprint,
+        },
+        out / BEST,
+    )
+
+
+def _train(
+    ts: TrainSet,
+    config: Config,
+    out: Path,
+    resume: bool,
+    log: EpochLog | None,
+    progress: Progress | None,
+) -> FoldResult:
     ckpt = out / CHECKPOINT
     if ckpt.exists() and not resume:
         raise RunError(
@@ -417,7 +484,9 @@ def train(
     t = config.train
     while run.iteration < run.total and not (t.patience and run.bad_epochs >= t.patience):
         run.epoch += 1
-        record: dict[str, Any] = {"epoch": run.epoch, "lr": run.scheduler.get_last_lr()[0]}
+        # the base rate (the paper's lr); heads and biases run at their multiples of it
+        factor = run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
+        record: dict[str, Any] = {"epoch": run.epoch, "lr": config.optim.lr * factor}
         record |= train_epoch(run, progress)
         val = validate(run)
         record |= {f"val_{k}": v for k, v in val.items() if not isinstance(v, list)}
@@ -426,21 +495,8 @@ def train(
         record["best"] = score > run.best_score
         if record["best"]:
             run.best_score, run.best_epoch, run.bad_epochs = score, run.epoch, 0
-            _save(
-                {
-                    "model": run.model.state_dict(),
-                    "epoch": run.epoch,
-                    "task": t.task,
-                    "crop": config.data.crop,
-                    "image_size": ts.cache.image_size,  # what prediction resizes a photo to
-                    "config": config.model_dump(mode="json"),
-                    "normalize": run.data.normalize.__dict__,
-                    "labels": {h: list(ts.classes[h]) for h in run.model.heads},
-                    "trained_on": ts.name,
-                    "data_fingerprint": ts.cache.fingerprint,
-                },
-                out / BEST,
-            )
+            if t.test_at == "best_val":
+                _save_tested(run, out)
         else:
             run.bad_epochs += 1
         run.history.append(record)
@@ -449,8 +505,10 @@ def train(
         if log:
             log(record)
 
-    best = torch.load(out / BEST, map_location=run.device, weights_only=False)
-    run.model.load_state_dict(best["model"])
+    if t.test_at == "final":
+        _save_tested(run, out)
+    tested = torch.load(out / BEST, map_location=run.device, weights_only=False)
+    run.model.load_state_dict(tested["model"])
     d = run.data
     pred = predict(
         run.model,
@@ -467,30 +525,43 @@ def train(
     if pred.tencrop is not None:
         test |= part_metrics(pred.tencrop, d.test, suffix="_10crop")
     _write_predictions(out / "test_predictions.csv", ts, d, pred.center, pred.tencrop)
-    best_val = next(h for h in run.history if h["epoch"] == run.best_epoch)
+    tested_val = next(h for h in run.history if h["epoch"] == tested["epoch"])
     summary = {
         **ts.info,
         "trained_on": ts.name,
         "task": t.task,
         "classes": {h: list(ts.classes[h]) for h in run.model.heads},
         "config_hash": config.hash(),
+        "preset": config.preset,
         "data_fingerprint": ts.cache.fingerprint,
+        "synthetic": ts.cache.synthetic,
         "device": str(run.device),
         "sizes": {p: len(d.part(p)) for p in ("train", "val", "test")},
         "iterations": run.iteration,
         "epochs": run.epoch,
-        "best_epoch": run.best_epoch,
-        "selected_by": f"val {t.select_metric}",
-        "selection_score": run.best_score,  # higher is better, comparable across folds
+        "test_at": t.test_at,
+        "tested_epoch": tested["epoch"],
+        "best_epoch": run.best_epoch,  # by validation, whichever checkpoint was tested
+        "selected_by": (
+            f"val {t.select_metric}"
+            if t.test_at == "best_val"
+            else "final checkpoint (validation monitored only)"
+        ),
+        # the tested checkpoint's validation score, higher is better, comparable across folds
+        "selection_score": selection_score(t.select_metric, _val(tested_val)),
         "stopped_early": run.iteration < run.total,
-        "val": {k[4:]: v for k, v in best_val.items() if k.startswith("val_")},
+        "val": _val(tested_val),
         "test": test,
-        "normalize": d.normalize.__dict__,
+        "normalize": d.normalize.describe(),
         "notes": list(ts.notes),
         "seconds": time.perf_counter() - started,
     }
     _write_json(summary, out / RESULT)
     return FoldResult(out, summary)
+
+
+def _val(record: dict[str, Any]) -> dict[str, Any]:
+    return {k[4:]: v for k, v in record.items() if k.startswith("val_")}
 
 
 def _write_predictions(

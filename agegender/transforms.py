@@ -1,57 +1,99 @@
 """Batched crops, flips and normalisation on the device, from uint8 NHWC images.
 
-Images travel as uint8 (4x less than float) and are cropped with one gather per batch: no
-per-sample Python in the hot loop. Training: random crop + horizontal flip (the paper); test:
-centre crop or the 10-crop over-sampling (4 corners + centre, and their mirrors).
+Images travel as uint8 (4x less than float); a batch is normalised on the device, then cropped
+with one gather: no per-sample Python in the hot loop. Training: random crop + horizontal flip
+(the paper); test: centre crop or the 10-crop over-sampling (4 corners + centre, and mirrors).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from agegender.config import Normalization
 
-@dataclass(frozen=True)
+
 class Normalize:
-    """Per-channel mean and std on the 0-255 scale, measured on the training split only."""
+    """What is subtracted from (and divided into) the 0-255 pixels, measured on training images.
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    `mean` is either Caffe's per-pixel mean image (H, W, 3), subtracted from the whole image
+    before it is cropped (as Caffe's data layer does), or one value per channel (3,). `std` is
+    per channel, or None: Caffe divides by nothing, and its initialisation (N(0, 0.01)) expects
+    inputs of that size; divided by a std they are ~60x smaller.
+    """
 
-    def __call__(self, crops: Tensor) -> Tensor:
-        """uint8 (B, h, w, 3) -> float (B, 3, h, w), channels-last in memory (free: a view)."""
-        x = crops.permute(0, 3, 1, 2).float()
-        mean, std = _stats(self, x.device)
-        return (x - mean) / std
+    def __init__(self, mean: npt.ArrayLike, std: npt.ArrayLike | None = None) -> None:
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = None if std is None else np.asarray(std, dtype=np.float32)
+        if self.mean.shape != (3,) and (self.mean.ndim != 3 or self.mean.shape[2] != 3):
+            raise ValueError(f"mean must be (3,) or (H, W, 3), got {self.mean.shape}")
+        self._on: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
+
+    @property
+    def kind(self) -> Normalization:
+        if self.mean.ndim == 3:
+            return "mean_image"
+        return "channel_mean" if self.std is None else "channel_mean_std"
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """uint8 (B, H, W, 3) -> float (B, H, W, 3); crop afterwards (see `to_input`)."""
+        if images.device not in self._on:  # made once per device, not once per batch
+            std = None if self.std is None else torch.from_numpy(self.std).to(images.device)
+            self._on[images.device] = (torch.from_numpy(self.mean).to(images.device), std)
+        mean, std = self._on[images.device]
+        if mean.ndim == 3 and mean.shape != images.shape[1:]:
+            raise ValueError(
+                f"the mean image is {tuple(mean.shape)}, the images {tuple(images.shape[1:])}"
+            )
+        x = images.float() - mean
+        return x if std is None else x / std
 
     @classmethod
-    def measure(cls, images: np.ndarray, index: np.ndarray) -> Normalize:
+    def measure(
+        cls, images: np.ndarray, index: np.ndarray, kind: Normalization = "mean_image"
+    ) -> Normalize:
         """Statistics of `images[index]` (uint8 NHWC, a memmap is fine), read in small chunks."""
-        total = np.zeros(3)
+        total = np.zeros(images.shape[1:], dtype=np.float64)
         squares = np.zeros(3)
         count = 0
         for i in range(0, len(index), 32):
-            chunk = np.asarray(images[index[i : i + 32]], dtype=np.float32).reshape(-1, 3)
+            chunk = np.asarray(images[index[i : i + 32]], dtype=np.float32)
             total += chunk.sum(0, dtype=np.float64)
-            squares += np.square(chunk).sum(0, dtype=np.float64)
+            if kind == "channel_mean_std":
+                squares += np.square(chunk.reshape(-1, 3)).sum(0, dtype=np.float64)
             count += len(chunk)
         if count == 0:
             raise ValueError("no training images to measure the normalisation on")
-        mean = total / count
-        std = np.sqrt(np.maximum(squares / count - mean**2, 1.0))
-        m, s = [float(v) for v in mean], [float(v) for v in std]
-        return cls((m[0], m[1], m[2]), (s[0], s[1], s[2]))
+        image = total / count
+        if kind == "mean_image":
+            return cls(image)
+        mean = image.reshape(-1, 3).mean(0)
+        if kind == "channel_mean":
+            return cls(mean)
+        pixels = count * int(np.prod(total.shape[:-1]))
+        return cls(mean, np.sqrt(np.maximum(squares / pixels - mean**2, 1.0)))
 
+    def state(self) -> dict[str, Any]:
+        """Everything needed to apply it again (stored in checkpoints)."""
+        return {"mean": self.mean, "std": self.std}
 
-@functools.cache
-def _stats(norm: Normalize, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The statistics as (1, 3, 1, 1) tensors on a device, made once, not once per batch."""
-    mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
-    return mean, torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Normalize:
+        return cls(state["mean"], state.get("std"))
+
+    def describe(self) -> dict[str, Any]:
+        """A small summary for result files, logs and model metadata (not the mean image)."""
+        channel = self.mean.reshape(-1, 3).mean(0, dtype=np.float64)
+        return {
+            "kind": self.kind,
+            "mean": [float(v) for v in channel],
+            "std": None if self.std is None else [float(v) for v in self.std],
+            "shape": list(self.mean.shape),
+        }
 
 
 def crop_batch(images: Tensor, top: Tensor, left: Tensor, size: int, flip: Tensor) -> Tensor:

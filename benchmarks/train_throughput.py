@@ -46,10 +46,8 @@ def bound(run: Run, iterations: int) -> float:
     """Images/s of the model step alone on one batch that is already on the device."""
     part, bs = run.data.train, run.config.data.batch_size
     sel = torch.arange(min(bs, len(part)))
-    crops = random_crop_flip(
-        run.data.store.batch(part.index[sel]), run.config.data.crop, run.gen_data
-    )
-    x = to_input(crops, run.data.normalize, run.channels_last)
+    images = run.data.normalize(run.data.store.batch(part.index[sel]))
+    x = to_input(random_crop_flip(images, run.config.data.crop, run.gen_data), run.channels_last)
     targets = {"age": part.age[sel].to(run.device), "gender": part.gender[sel].to(run.device)}
     run.model.train()
     _sync(run)

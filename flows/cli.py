@@ -36,7 +36,7 @@ def _check_servers() -> None:
 
 
 def cmd_suite(a: argparse.Namespace) -> None:
-    suite, base = load_suite_config(a.config, a.overrides)
+    suite, base = load_suite_config(a.config, a.overrides, a.preset)
     _check_servers()
     if a.data_root is None and a.cache is None:
         raise ValueError("give --data-root (an Adience download) or --cache (a prepared cache)")
@@ -63,7 +63,7 @@ def cmd_suite(a: argparse.Namespace) -> None:
 
 def cmd_pretrain(a: argparse.Namespace) -> None:
     overrides = [f"pretrain.source={a.source}", f"pretrain.root={a.data_root}", *a.overrides]
-    pretrain, base = load_pretrain_config(a.config, overrides)
+    pretrain, base = load_pretrain_config(a.config, overrides, a.preset)
     _check_servers()
     from flows.pretrain import run_pretrain  # Prefect starts only for this command
 
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--data-root", type=Path, default=None, help="Adience download (has aligned/)")
     s.add_argument("--cache", type=Path, default=None, help="cache dir (default RUN_ROOT/cache)")
+    cli.add_preset_argument(s)
     s.add_argument("--config", type=Path, default=None, help="YAML/JSON: suite + config sections")
     s.add_argument(
         "--run-root",
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--image-size", type=int, default=256, help="cached image side (crop: data.crop)"
     )
+    cli.add_preset_argument(s)
     s.add_argument(
         "--config", type=Path, default=None, help="YAML/JSON: pretrain + config sections"
     )

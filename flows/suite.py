@@ -22,6 +22,7 @@ from tasks.compare import compare_task
 from tasks.folds import (
     FoldJob,
     aggregate_task,
+    config_tags,
     prepare_cache_task,
     remote_fold_task,
     set_slots,
@@ -58,6 +59,7 @@ def _parent(
     variant: str,
     config: Config,
     fingerprint: str,
+    synthetic: bool,
     extra: dict[str, str],
 ) -> str:
     tags = {
@@ -67,8 +69,8 @@ def _parent(
         "config_hash": config.hash(),
         "data_fingerprint": fingerprint,
         "task": config.train.task,
-        "protocol": config.data.split.protocol,
-    }
+        "seeds": ",".join(map(str, suite.seeds or [config.train.seed])),
+    } | config_tags(config, synthetic)
     found = tracker.find(tags, finished_only=False)
     if found is not None:
         return str(found.info.run_id)
@@ -80,34 +82,39 @@ def _parent(
 def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dict[str, Any]:
     log = get_run_logger()
     tracker = Tracker(suite.name, Path(run_root))
-    fingerprint = open_cache(cache_dir).fingerprint
+    cache = open_cache(cache_dir)
+    fingerprint, synthetic = cache.fingerprint, cache.synthetic
     checkpoint, extra = None, {}
     if "multitask_pretrained" in suite.variants:
         checkpoint, from_tags = _backbone(suite, base, run_root)
         extra["multitask_pretrained"] = from_tags
     configs = {v: suite.variant_config(base, v, checkpoint) for v in suite.variants}
     parents = {
-        v: _parent(tracker, suite, v, c, fingerprint, extra.get(v, {})) for v, c in configs.items()
+        v: _parent(tracker, suite, v, c, fingerprint, synthetic, extra.get(v, {}))
+        for v, c in configs.items()
     }
     if suite.mode == "deployments":  # workers anywhere: paths must mean the same there
         cache_dir, run_root = str(Path(cache_dir).resolve()), str(Path(run_root).resolve())
+    seeds: list[int | None] = list(suite.seeds) if suite.seeds is not None else [None]
     futures = []
-    for v in suite.variants:
-        cfg = configs[v].model_dump(mode="json")
-        for k in suite.folds:
-            job = FoldJob(
-                cache_dir=cache_dir,
-                fold=k,
-                variant=v,
-                config=cfg,
-                run_root=run_root,
-                suite=suite.name,
-                parent_id=parents[v],
-            )
-            if suite.mode == "deployments":
-                futures.append(remote_fold_task.submit(suite.deployment, suite.retries, job))
-            else:
-                futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
+    for v, k, seed in [(v, k, s) for v in suite.variants for k in suite.folds for s in seeds]:
+        cfg = configs[v]
+        if seed is not None:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+        job = FoldJob(
+            cache_dir=cache_dir,
+            fold=k,
+            variant=v,
+            config=cfg.model_dump(mode="json"),
+            run_root=run_root,
+            suite=suite.name,
+            parent_id=parents[v],
+            seed=seed,
+        )
+        if suite.mode == "deployments":
+            futures.append(remote_fold_task.submit(suite.deployment, suite.retries, job))
+        else:
+            futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
     results = [f.result() for f in futures]
     trained = sum(bool(r["trained"]) for r in results)
     log.info(f"{trained} fold(s) trained, {len(results) - trained} already finished and skipped")
@@ -119,7 +126,11 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
         v: aggregate_task(v, suite.name, run_root, parents[v]) for v in suite.variants
     }
     summary = compare_task(
-        aggregates, suite.model_dump(mode="json"), base.data.split.protocol, run_root
+        aggregates,
+        suite.model_dump(mode="json"),
+        {v: c.model_dump(mode="json") for v, c in configs.items()},
+        synthetic,
+        run_root,
     )
     return {
         "summary": summary,

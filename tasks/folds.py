@@ -28,8 +28,9 @@ from pydantic import BaseModel
 
 from agegender import plots
 from agegender.cache import build_cache, open_cache
-from agegender.config import CacheConfig, Config
+from agegender.config import CacheConfig, Config, deviations
 from agegender.metrics import sample_std
+from agegender.splits import distribution_line, make_split
 from agegender.train import epoch_line, train_fold
 from deployments.stack import alive
 from tasks.tracking import Tracker, flatten, git_commit
@@ -94,19 +95,30 @@ def scalar_metrics(test: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in test.items() if isinstance(v, float)}
 
 
+def config_tags(config: Config, synthetic: bool) -> dict[str, str]:
+    """What a table needs to say about a run: the preset it started from and how it differs,
+    the split protocol, and whether the data were synthetic."""
+    return {
+        "preset": config.preset,
+        "preset_deviations": ", ".join(deviations(config))[:4000] or "none",
+        "protocol": config.data.split.protocol,
+        "synthetic": str(synthetic).lower(),
+    }
+
+
 def fold_tags(
-    suite: str, variant: str, fold: int, config: Config, fingerprint: str
+    suite: str, variant: str, fold: int, config: Config, fingerprint: str, synthetic: bool
 ) -> dict[str, str]:
     return {
         "suite": suite,
         "variant": variant,
         "fold": str(fold),
+        "seed": str(config.train.seed),
         "task": config.train.task,
-        "protocol": config.data.split.protocol,
         "config_hash": config.hash(),
         "data_fingerprint": fingerprint,
         "kind": "fold",
-    }
+    } | config_tags(config, synthetic)
 
 
 class FoldJob(BaseModel):
@@ -120,10 +132,12 @@ class FoldJob(BaseModel):
     run_root: str
     suite: str
     parent_id: str
+    seed: int | None = None  # set when the suite repeats each fold (suite.seeds)
 
     @property
     def name(self) -> str:
-        return f"{self.variant}-fold{self.fold}"
+        repeat = "" if self.seed is None else f"-seed{self.seed}"
+        return f"{self.variant}-fold{self.fold}{repeat}"
 
 
 @task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE, retry_delay_seconds=2)
@@ -135,7 +149,7 @@ def train_fold_task(job: FoldJob) -> dict[str, Any]:
     cfg = Config.model_validate(job.config)
     cache = open_cache(cache_dir)
     tracker = Tracker(suite, Path(run_root))
-    tags = fold_tags(suite, variant, fold, cfg, cache.fingerprint)
+    tags = fold_tags(suite, variant, fold, cfg, cache.fingerprint, cache.synthetic)
     tags |= {"parent": parent_id}
     done = tracker.finished(tags)
     if done is not None:
@@ -154,6 +168,8 @@ def train_fold_task(job: FoldJob) -> dict[str, Any]:
             else ("resuming from its checkpoint" if (out / "last.pt").exists() else "training")
         )
         log.info(f"{variant} fold {fold}: {state} on {device} -> {out}")
+        split = make_split(cache.table, fold, cfg.data.split)
+        log.info(f"{variant} fold {fold}: {distribution_line(split, cache.table, 'val')}")
         result = train_fold(
             cache,
             fold,
@@ -245,8 +261,12 @@ def log_training(
         | {f"selected_val_{k}": v for k, v in scalar_metrics(s["val"]).items()}
         | {
             "best_epoch": s["best_epoch"],
+            "tested_epoch": s.get("tested_epoch", s["best_epoch"]),
             "epochs": s["epochs"],
             "selection_score": s.get("selection_score"),
+            "n_train": s["sizes"]["train"],
+            "n_val": s["sizes"]["val"],
+            "n_test": s["sizes"]["test"],
         },
     )
     tracker.log_history(run_id, history)
@@ -278,26 +298,48 @@ def variant_table(values: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def latest_folds(tracker: Tracker, parent_id: str) -> dict[str, Run]:
-    """fold -> the parent's newest FINISHED run of it (a rerun after a crash logs a second)."""
-    latest: dict[str, Run] = {}
+def latest_folds(tracker: Tracker, parent_id: str) -> dict[tuple[int, int], Run]:
+    """(fold, seed) -> the parent's newest FINISHED run of it (a rerun after a crash logs a
+    second one)."""
+    latest: dict[tuple[int, int], Run] = {}
     for child in sorted(tracker.children(parent_id), key=lambda r: r.info.start_time):
-        latest[child.data.tags["fold"]] = child
-    return dict(sorted(latest.items(), key=lambda kv: int(kv[0])))
+        tags = child.data.tags
+        seed = tags.get("seed", child.data.params.get("train.seed", "0"))
+        latest[(int(tags["fold"]), int(seed))] = child
+    return dict(sorted(latest.items()))
+
+
+def per_fold(latest: dict[tuple[int, int], Run]) -> dict[int, dict[str, float]]:
+    """fold -> its test metrics and sizes, averaged over the fold's seeds (repeats are averaged
+    per fold first, so the statistics across folds still see one number per fold)."""
+    runs: dict[int, list[dict[str, float]]] = {}
+    for (fold, _), run in latest.items():
+        runs.setdefault(fold, []).append(dict(run.data.metrics))
+    out: dict[int, dict[str, float]] = {}
+    for fold, metrics in runs.items():
+        keys = set.intersection(*(set(m) for m in metrics))
+        out[fold] = {k: float(np.mean([m[k] for m in metrics])) for k in sorted(keys)}
+        out[fold]["seeds"] = len(metrics)
+    return out
 
 
 @task(task_run_name="aggregate-{variant}", cache_policy=NO_CACHE)
 def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> dict[str, Any]:
-    """Mean and sample std across the parent's finished fold runs, a bar chart and a table."""
+    """Mean and sample std across the parent's finished folds, a bar chart and a table."""
     tracker = Tracker(suite, Path(run_root))
-    latest = latest_folds(tracker, parent_id)
-    folds = list(latest)
+    by_fold = per_fold(latest_folds(tracker, parent_id))
+    folds = [str(k) for k in by_fold]
     values: dict[str, list[float]] = {}
-    for fold in folds:
-        for k, v in latest[fold].data.metrics.items():
+    for metrics in by_fold.values():
+        for k, v in metrics.items():
             if k.startswith("test_"):
                 values.setdefault(k[5:], []).append(v)
     values = {k: v for k, v in values.items() if len(v) == len(folds)}
+    sizes = {
+        k: [m[k] for m in by_fold.values()]
+        for k in ("n_train", "n_test", "seeds")
+        if all(k in m for m in by_fold.values())
+    }
     metrics = {f"test_{k}_mean": float(np.mean(v)) for k, v in values.items()}
     metrics |= {f"test_{k}_std": sample_std(v) for k, v in values.items() if len(v) > 1}
     tracker.log(parent_id, metrics=metrics | {"folds": len(folds)})
@@ -315,5 +357,6 @@ def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> d
         "variant": variant,
         "folds": [int(f) for f in folds],
         "values": values,
+        "sizes": sizes,
         "parent_id": parent_id,
     }

@@ -47,6 +47,13 @@ def _score(tracker: Tracker, run: Run) -> float | None:
             return None
 
 
+def _selected_by(run: Run) -> str:
+    """What the champion was chosen by: the validation score of each fold's tested weights."""
+    metric = run.data.params.get("train.select_metric", "loss")
+    tested = run.data.params.get("train.test_at", "best_val")
+    return f"val {metric}" + (" of the final checkpoint" if tested == "final" else "")
+
+
 @task(task_run_name="register-{variant}", cache_policy=NO_CACHE)
 def register_champion_task(
     variant: str, suite: str, run_root: str, parent_id: str
@@ -75,7 +82,7 @@ def register_champion_task(
                 "fold": int(fold),
                 "fold_run_id": run_id,
                 "task": best.data.tags.get("task", ""),
-                "selected_by": best.data.params.get("train.select_metric", ""),
+                "selected_by": _selected_by(best),
                 "preprocessing": predictor.preprocessing(),
             }
             artifact_path = f"model-fold{fold}"
@@ -86,7 +93,7 @@ def register_champion_task(
             "fold": fold,
             "fold_run_id": run_id,
             "selection_score": f"{scores[run_id]:.6f}",
-            "selected_by": f"val {metadata['selected_by']}",
+            "selected_by": metadata["selected_by"],
         }
         tags |= {k: f"{v:.4f}" for k, v in best.data.metrics.items() if k.startswith("test_")}
         version = tracker.register(parent_id, artifact_path, name, tags)

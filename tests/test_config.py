@@ -7,10 +7,12 @@ import pytest
 from agegender.config import (
     Config,
     ConfigError,
+    deviations,
     load_config,
     load_pretrain_config,
     load_suite_config,
 )
+from agegender.presets import MODERN, PAPER
 
 
 def test_defaults_are_the_papers_solver() -> None:
@@ -46,7 +48,10 @@ def test_file_then_overrides(tmp_path: Path) -> None:
         (["optim.lr=-1"], "optim.lr: Input should be greater than 0 (got -1)"),
         (["optim.name=rmsprop"], "optim.name: Input should be 'sgd', 'adam' or 'adamw'"),
         (["model.norm=group"], "model.norm: Input should be 'lrn' or 'batchnorm'"),
-        (["bogus=1"], "unknown config key 'bogus'; the top level has: data, model, optim, train"),
+        (
+            ["bogus=1"],
+            "unknown config key 'bogus'; the top level has: preset, data, model, optim, train",
+        ),
         (["train"], "is not of the form key=value"),
         (["data.split.protocol=levi_hassner"], "data.split: protocol 'levi_hassner' needs `lists`"),
     ],
@@ -123,3 +128,59 @@ def test_hash_counts_a_checkpoint_by_content(tmp_path: Path) -> None:
     b.write_bytes(b"retrained")
     assert load_config(None, [f"model.init_from={b}"]).hash() != config_a.hash()
     assert config_a.hash() != load_config(None, []).hash()
+
+
+def test_paper_preset_is_the_default_and_every_setting_is_sourced() -> None:
+    assert load_config() == load_config(preset="paper") == Config()
+    flat = Config().model_dump(mode="json")
+    for setting in PAPER:
+        node = flat
+        for part in setting.key.split("."):
+            node = node[part]
+        assert node == setting.value, setting.key
+        assert setting.basis in ("paper", "assumption", "ours")
+        assert setting.source, setting.key
+    c = Config()
+    assert (c.data.normalize, c.model.init, c.train.patience, c.train.test_at) == (
+        "mean_image",
+        "caffe",
+        None,
+        "final",
+    )
+    # the released solver's multipliers: biases at 2x lr without decay, fc8 at 10x
+    assert (c.optim.bias_lr_mult, c.optim.bias_decay_mult, c.optim.head_lr_mult) == (2, 0, 10)
+
+
+def test_modern_preset_and_deviations_are_recorded(tmp_path: Path) -> None:
+    modern = load_config(preset="modern")
+    assert modern.preset == "modern"
+    assert (modern.model.norm, modern.optim.name, modern.data.normalize) == (
+        "batchnorm",
+        "adamw",
+        "channel_mean_std",
+    )
+    assert set(MODERN) <= {s.key for s in PAPER} | {"train.iterations"}
+    assert deviations(modern) == []
+    assert deviations(Config()) == []
+    # a flag wins over the file's preset key; overrides go on top of both
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: modern\ndata:\n  crop: 64\n")
+    assert load_config(path).preset == "modern"
+    assert load_config(path, preset="paper").model.norm == "lrn"
+    c = load_config(path, ["optim.lr=0.01"])
+    assert deviations(c) == ["data.crop=64", "optim.lr=0.01"]
+    assert c.hash() != load_config(path, ["optim.lr=0.01"], preset="paper").hash()
+    # a preset file
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("model:\n  norm: batchnorm\n")
+    mine = load_config(preset=str(preset))
+    assert (mine.preset, mine.model.norm, mine.optim.name) == (str(preset), "batchnorm", "sgd")
+    with pytest.raises(ConfigError, match="not one of paper, modern and not a YAML/JSON file"):
+        load_config(preset="fancy")
+
+
+def test_suite_seeds() -> None:
+    suite, _ = load_suite_config(None, ["suite.variants=[age]", "suite.seeds=[0, 1, 2]"])
+    assert suite.seeds == (0, 1, 2)
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        load_suite_config(None, ["suite.variants=[age]", "suite.seeds=[1, 1]"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from agegender.config import ModelConfig
-from agegender.models import build_model, count_parameters, feature_side
+from agegender.models import LRN, build_model, count_parameters, feature_side
 
 
 def test_paper_size_parameter_count_and_shapes() -> None:
@@ -59,3 +59,26 @@ def test_dropout_uses_the_given_generator() -> None:
         torch.manual_seed(123 + len(outs))  # the global RNG must not matter
         outs.append(model(x)["age"])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_lrn_is_torchs_without_avg_pool3d() -> None:
+    """Our LRN (deterministic on CUDA) computes what nn.LocalResponseNorm computes."""
+    x = torch.randn(3, 96, 7, 7) * 60
+    ref = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)(x)
+    assert torch.allclose(LRN()(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_caffe_biases_follow_the_released_prototxt_and_pytorch_init_is_seeded() -> None:
+    model = build_model("multitask", 64, seed=0)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [float(c.bias.detach().unique()) for c in convs if c.bias is not None] == [0, 1, 0]
+    heads = [h for h in model.heads.values() if isinstance(h, torch.nn.Linear)]
+    assert len(heads) == 2
+    assert all(float(h.bias.detach().abs().max()) == 0 for h in heads)
+    config = ModelConfig(norm="batchnorm", init="pytorch")
+    a, b = build_model("age", 64, config, seed=3), build_model("age", 64, config, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    fc6 = a.fc[1]
+    assert isinstance(fc6, torch.nn.Linear)
+    bound = 1 / fc6.weight.shape[1] ** 0.5
+    assert bound * 0.9 < float(fc6.weight.detach().abs().max()) <= bound * (1 + 1e-5)

@@ -47,14 +47,44 @@ def test_center_and_ten_crops() -> None:
 def test_normalize_measures_and_applies() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
-    norm = Normalize.measure(images, np.arange(40))
+    norm = Normalize.measure(images, np.arange(40), "channel_mean_std")
     flat = images.reshape(-1, 3).astype(np.float64)
     np.testing.assert_allclose(norm.mean, flat.mean(0), rtol=1e-6)
+    assert norm.std is not None
     np.testing.assert_allclose(norm.std, flat.std(0), rtol=1e-4)
     x = norm(torch.from_numpy(images))
-    assert x.shape == (40, 3, 8, 8)
+    assert x.shape == (40, 8, 8, 3)
     assert abs(float(x.mean())) < 1e-3
     assert abs(float(x.std()) - 1) < 1e-2
+    assert norm.describe()["kind"] == "channel_mean_std"
+
+
+def test_mean_image_is_caffes_mean_file() -> None:
+    """Per-pixel mean of the given images, subtracted on the 0-255 scale, no division; cropping
+    after the subtraction equals Caffe's (image - mean) at the crop's offsets, mirrored too."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (30, 10, 12, 3), dtype=np.uint8)
+    norm = Normalize.measure(images, np.arange(20), "mean_image")
+    np.testing.assert_allclose(norm.mean, images[:20].astype(np.float64).mean(0), rtol=1e-6)
+    assert (norm.kind, norm.std, norm.describe()["shape"]) == ("mean_image", None, [10, 12, 3])
+    batch = torch.from_numpy(images[20:22])
+    out = random_crop_flip(norm(batch), 6, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)  # the same draws as random_crop_flip makes
+    t = torch.randint(0, 5, (2,), generator=gen)
+    s = torch.randint(0, 7, (2,), generator=gen)
+    f = torch.rand(2, generator=gen) < 0.5
+    mean = torch.from_numpy(norm.mean)
+    for i in range(2):
+        a, b = int(t[i]), int(s[i])
+        want = batch[i, a : a + 6, b : b + 6].float() - mean[a : a + 6, b : b + 6]
+        assert torch.allclose(out[i], want.flip(1) if f[i] else want)
+    # the raw 0-255 scale: what Caffe's N(0, 0.01) initialisation expects
+    assert float(norm(batch).abs().max()) > 50
+    again = Normalize.from_state(norm.state())
+    assert torch.equal(again(batch), norm(batch))
+    chan = Normalize.measure(images, np.arange(20), "channel_mean")
+    assert chan.std is None
+    np.testing.assert_allclose(chan.mean, norm.mean.reshape(-1, 3).mean(0), rtol=1e-5)
 
 
 def test_masked_losses_ignore_missing_labels() -> None:
