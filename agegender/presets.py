@@ -33,13 +33,13 @@ class Setting:
 
 
 PAPER: tuple[Setting, ...] = (
-    Setting("data.crop", 227, "paper", "227 x 227 crops of the 256 x 256 faces (Sec. 3.2)"),
-    Setting("data.batch_size", 50, "paper", "mini-batches of 50 images (Sec. 3.2)"),
+    Setting("data.crop", 227, "paper", "227 x 227 crops of the 256 x 256 faces"),
+    Setting("data.batch_size", 50, "paper", "mini-batches of 50 images"),
     Setting(
         "data.normalize",
         "mean_image",
         "paper",
-        "mean image subtracted from the 0-255 pixels, no division by a std (Sec. 3.1-3.2)",
+        "mean image subtracted from the 0-255 pixels, no division by a std",
     ),
     Setting(
         "data.norm_images",
@@ -60,9 +60,14 @@ PAPER: tuple[Setting, ...] = (
         "ours",
         "validation users chosen to match training's label distribution",
     ),
-    Setting("data.split.val_fraction", 0.1, "paper", "the published lists hold out 10 %"),
-    Setting("model.norm", "lrn", "paper", "LRN after pool1 and pool2 (Sec. 3.1)"),
-    Setting("model.dropout", 0.5, "paper", "dropout 0.5 after fc6 and fc7 (Sec. 3.1)"),
+    Setting(
+        "data.split.val_fraction",
+        0.1,
+        "assumption",
+        "the published fold lists hold out ~10 % of the training rows",
+    ),
+    Setting("model.norm", "lrn", "paper", "LRN after pool1 and pool2"),
+    Setting("model.dropout", 0.5, "paper", "dropout 0.5 after fc6 and fc7"),
     Setting(
         "model.init",
         "caffe",
@@ -70,11 +75,11 @@ PAPER: tuple[Setting, ...] = (
         "paper: weights N(0, 0.01); "
         f"{RELEASED}: fc6/fc7 N(0, 0.005), biases 1 on conv2/fc6/fc7, 0 elsewhere",
     ),
-    Setting("optim.name", "sgd", "paper", "stochastic gradient descent (Sec. 3.2)"),
-    Setting("optim.lr", 0.001, "paper", "initial learning rate 1e-3 (Sec. 3.2)"),
-    Setting("optim.schedule", "step", "paper", "reduced to 1e-4 after 10k iterations (Sec. 3.2)"),
-    Setting("optim.decay_every", 0.2, "paper", "10k of 50k iterations (Sec. 3.2)"),
-    Setting("optim.gamma", 0.1, "paper", "1e-3 -> 1e-4 (Sec. 3.2)"),
+    Setting("optim.name", "sgd", "paper", "stochastic gradient descent"),
+    Setting("optim.lr", 0.001, "paper", "initial learning rate 1e-3"),
+    Setting("optim.schedule", "step", "paper", "reduced to 1e-4 after 10k iterations"),
+    Setting("optim.decay_every", 0.2, "paper", "10k of 50k iterations"),
+    Setting("optim.gamma", 0.1, "paper", "1e-3 -> 1e-4"),
     Setting(
         "optim.step_repeat",
         True,
@@ -94,7 +99,7 @@ PAPER: tuple[Setting, ...] = (
         f"{RELEASED}: weight_decay 1 (weights), 0 (biases)",
     ),
     Setting("optim.head_lr_mult", 10.0, "assumption", f"{RELEASED}: fc8 blobs_lr 10 / 20"),
-    Setting("train.iterations", 50_000, "paper", "50k iterations (Sec. 3.2)"),
+    Setting("train.iterations", 50_000, "paper", "50k iterations"),
     Setting("train.epochs", None, "paper", "a fixed number of iterations, not epochs"),
     Setting("train.patience", None, "paper", "a fixed schedule: no early stopping"),
     Setting(
@@ -110,7 +115,7 @@ PAPER: tuple[Setting, ...] = (
         "ours",
         "validation loss, used only with train.test_at=best_val or train.patience",
     ),
-    Setting("train.tencrop", True, "paper", "centre crop and 10-crop over-sampling (Sec. 3.2)"),
+    Setting("train.tencrop", True, "paper", "centre crop and 10-crop over-sampling"),
     Setting(
         "train.age_weight",
         1.0,
@@ -118,7 +123,7 @@ PAPER: tuple[Setting, ...] = (
         "L&H trained one net per task; the multi-task loss weights are ours",
     ),
     Setting("train.gender_weight", 1.0, "ours", "as train.age_weight"),
-    Setting("train.bf16", False, "paper", "fp32, as Caffe"),
+    Setting("train.bf16", False, "assumption", "Caffe trained in fp32"),
 )
 
 MODERN: dict[str, Any] = {

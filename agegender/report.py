@@ -297,7 +297,7 @@ def summarize(
             "",
             f"{WELCH}: our n = {n_folds} folds and std against their n = 5 and std; their folds "
             "are not ours, so this compares two reported results. 95 % CI of the difference. "
-            f"Holm-adjusted over all {m_tests} tests of this summary.",
+            f"Holm-adjusted over the {m_tests} p-values of this summary.",
             "",
             "| comparison | metric | difference [95 % CI] | p (Welch) | p (Holm) |",
             "|---|---|---|---|---|",
@@ -311,7 +311,8 @@ def summarize(
             "",
             f"{CORRECTED}: the fold differences' variance is scaled by (1/k + n_test/n_train) "
             f"because the folds' training sets overlap; df = k − 1. On {CROPS[primary]} results. "
-            f"95 % CI of the difference. Holm-adjusted over all {m_tests} tests of this summary.",
+            f"95 % CI of the difference. Holm-adjusted over the {m_tests} p-values of this summary "
+            "('-': undefined, no variance).",
             "",
             "| comparison | metric | difference [95 % CI] | p (corrected t) | p (Holm) |",
             "|---|---|---|---|---|",

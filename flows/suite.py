@@ -129,7 +129,7 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
         aggregates,
         suite.model_dump(mode="json"),
         {v: c.model_dump(mode="json") for v, c in configs.items()},
-        synthetic,
+        {"synthetic": synthetic, "image_size": cache.image_size},
         run_root,
     )
     return {

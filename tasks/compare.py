@@ -22,16 +22,17 @@ def compare_task(
     aggregates: dict[str, dict[str, Any]],
     suite: dict[str, Any],
     configs: dict[str, dict[str, Any]],
-    synthetic: bool,
+    data: dict[str, Any],
     run_root: str,
 ) -> dict[str, Any]:
-    """Summary tables (logged as the suite's `summary` run; the CLI prints them) and a chart."""
+    """Summary tables (logged as the suite's `summary` run; the CLI prints them) and a chart.
+    `data`: what the folds were trained on (`synthetic`, the cache's `image_size`)."""
     s = SuiteConfig.model_validate(suite)
     summary = summarize(
         aggregates,
         {v: Config.model_validate(c) for v, c in configs.items()},
-        s.image_size,
-        synthetic,
+        int(data["image_size"]),
+        bool(data["synthetic"]),
         title=f"suite `{s.name}`",
     )
     run_id = _log_summary(Tracker(s.name, Path(run_root)), s, aggregates, summary, run_root)

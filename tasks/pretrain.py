@@ -19,7 +19,7 @@ from agegender.cache import build_source_cache, open_source_cache
 from agegender.config import CacheConfig, Config, PretrainConfig
 from agegender.pretrain import source_set
 from agegender.train import epoch_line, train
-from tasks.folds import log_training, logged_progress, scalar_metrics, slot
+from tasks.folds import config_tags, log_training, logged_progress, scalar_metrics, slot
 from tasks.tracking import Tracker, git_commit
 
 CHECKPOINT_FOLDER = "checkpoint"
@@ -66,7 +66,7 @@ def pretrain_task(
         "trained_on": ts.name,
         "config_hash": cfg.hash(),
         "data_fingerprint": cache.fingerprint,
-    }
+    } | config_tags(cfg, cache.synthetic)
     name = registered_name(p.source)
     out = Path(run_root, experiment, "pretrain", f"{p.source}-{cfg.hash()}-{cache.fingerprint[:8]}")
     done = tracker.finished(tags)

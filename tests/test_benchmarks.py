@@ -18,6 +18,12 @@ BENCHMARKS = [
         ["model-only bound", "ratio"],
     ),
     (
+        "convergence.py",
+        "--per-fold 24 --image-size 56 --crop 48 --iterations 6 --decay-every 3 --compare std "
+        "--determinism 2",
+        ["paper: test after 6 iterations", "std: test after", "identical: True", "summary"],
+    ),
+    (
         "calibrate_detect.py",
         "--faces 20 --repeat 1",
         ["image side / box side: median", "detect 4000x3000"],

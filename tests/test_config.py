@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,12 @@ def test_suite_seeds() -> None:
     assert suite.seeds == (0, 1, 2)
     with pytest.raises(ConfigError, match="seeds must be distinct"):
         load_suite_config(None, ["suite.variants=[age]", "suite.seeds=[1, 1]"])
+
+
+def test_readme_lists_every_paper_setting_with_its_basis() -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Paper settings") : text.index("### Does the paper preset train?")]
+    for s in PAPER:
+        value = s.value if isinstance(s.value, str) else json.dumps(s.value)
+        assert f"| `{s.key}` | `{value}` | {s.basis} | {s.source} |" in section, s.key
+    assert section.count("\n| `") == len(PAPER)
