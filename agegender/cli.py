@@ -248,6 +248,9 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
         epoch[0] = record["epoch"] + 1
         bar.reset(task)
 
+    table = cache.open_cache(a.cache).table
+    split = splits.make_split(table, a.fold, config.data.split)
+    err.print(f"fold {a.fold} {splits.distribution_line(split, table, 'val')}", highlight=False)
     changed = deviations(config)
     err.print(
         f"training {config.train.task} on fold {a.fold} -> {out_dir} (config {config.hash()}, "
@@ -264,8 +267,8 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
     def human(d: dict[str, Any]) -> None:
         test = d["test"]
         t = RichTable(
-            title=f"fold {d['fold']} {d['task']}: test at epoch {d['tested_epoch']} "
-            f"({d['selected_by']}; preset {d['preset']})"
+            title=f"fold {d['fold']} {d['task']}: test at epoch {d['tested_epoch']}, "
+            f"{d['selected_by']}, preset {d['preset']}"
             + (" — SYNTHETIC data" if d.get("synthetic") else "")
         )
         t.add_column("metric")

@@ -303,6 +303,17 @@ def load_config(
     return _validate(_layers(path, overrides, preset), path)
 
 
+def config_from(data: Mapping[str, Any] | None) -> Config:
+    """A config from sections given as data (a flow's parameters, say): the `preset` key's
+    preset (default `paper`) under them, as for a config file."""
+    data = dict(data or {})
+    try:
+        base = preset_data(str(data.get("preset") or "paper"))
+    except PresetError as exc:
+        raise ConfigError(str(exc)) from None
+    return _validate(_merge(base, data) | {"preset": base["preset"]}, None)
+
+
 def deviations(config: Config) -> list[str]:
     """`key=value` for every setting that differs from the config's own preset, except where a
     fold ran and what a suite variant sets (task, backbone): what "paper, but ..." means."""

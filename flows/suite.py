@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agegender.cache import open_cache
-from agegender.config import Config, SuiteConfig, Variant
+from agegender.config import Config, SuiteConfig, Variant, config_from
 from tasks.compare import compare_task
 from tasks.folds import (
     FoldJob,
@@ -151,8 +151,9 @@ def suite_flow(
     run_root: str = "runs/suite",
     data_root: str | None = None,
 ) -> dict[str, Any]:
-    """Every fold of every variant; `suite` and `config` are the sections of a config file."""
-    s, base = SuiteConfig.model_validate(suite or {}), Config.model_validate(config or {})
+    """Every fold of every variant; `suite` and `config` are the sections of a config file
+    (`config` may name its `preset`; default `paper`)."""
+    s, base = SuiteConfig.model_validate(suite or {}), config_from(config)
     set_slots(s.slots)
     if data_root is not None:
         prepare_cache_task(data_root, cache_dir, s.image_size)
@@ -169,7 +170,7 @@ def cross_validate(
 ) -> dict[str, Any]:
     s = SuiteConfig.model_validate((suite or {}) | {"variants": [variant]})
     set_slots(s.slots)
-    return _run(s, Config.model_validate(config or {}), cache_dir, run_root)
+    return _run(s, config_from(config), cache_dir, run_root)
 
 
 def run_suite(

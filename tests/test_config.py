@@ -8,6 +8,7 @@ import pytest
 from agegender.config import (
     Config,
     ConfigError,
+    config_from,
     deviations,
     load_config,
     load_pretrain_config,
@@ -194,3 +195,13 @@ def test_readme_lists_every_paper_setting_with_its_basis() -> None:
         value = s.value if isinstance(s.value, str) else json.dumps(s.value)
         assert f"| `{s.key}` | `{value}` | {s.basis} | {s.source} |" in section, s.key
     assert section.count("\n| `") == len(PAPER)
+
+
+def test_config_from_data_applies_its_preset() -> None:
+    """A flow's `config` parameter names a preset as a config file does."""
+    assert config_from(None) == Config()
+    modern = config_from({"preset": "modern", "data": {"crop": 64}})
+    assert modern == load_config(None, ["data.crop=64"], preset="modern")
+    assert config_from(Config().model_dump(mode="json")) == Config()
+    with pytest.raises(ConfigError, match="preset 'fancy'"):
+        config_from({"preset": "fancy"})

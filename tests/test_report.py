@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agegender.config import Config, SuiteConfig, load_config
+from agegender.config import Config, SuiteConfig, Variant, load_config
 from agegender.metrics import sample_std
 from agegender.report import summarize
 from agegender.stats import corrected_paired, holm, welch
@@ -36,8 +36,9 @@ AGGREGATES = {
 
 
 def _configs(config: Config) -> dict[str, Config]:
-    suite = SuiteConfig(variants=("age", "gender", "multitask"))
-    return {v: suite.variant_config(config, v) for v in AGGREGATES}
+    variants: tuple[Variant, ...] = ("age", "gender", "multitask")
+    suite = SuiteConfig(variants=variants)
+    return {v: suite.variant_config(config, v) for v in variants}
 
 
 def _row(markdown: str, start: str) -> list[str]:
