@@ -321,16 +321,17 @@ def deviations(config: Config) -> list[str]:
         base = load_config(preset=config.preset)
     except ConfigError:
         return ["preset file no longer readable"]
-    ours, theirs = _flat(config.model_dump(mode="json")), _flat(base.model_dump(mode="json"))
+    ours, theirs = flatten(config.model_dump(mode="json")), flatten(base.model_dump(mode="json"))
     skip = {"train.device", "train.task", "model.init_from", "model.freeze", "optim.backbone_lr"}
     return [f"{k}={v}" for k, v in ours.items() if k not in skip and theirs.get(k) != v]
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> dotted keys (MLflow params, deviations from a preset)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, Mapping):
-            out |= _flat(value, f"{prefix}{key}.")
+            out |= flatten(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
     return out

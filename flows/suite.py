@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agegender.cache import open_cache
-from agegender.config import Config, SuiteConfig, Variant, config_from
+from agegender.config import Config, SuiteConfig, Variant, config_from, flatten
 from tasks.compare import compare_task
 from tasks.folds import (
     FoldJob,
@@ -30,7 +30,7 @@ from tasks.folds import (
 )
 from tasks.pretrain import pretrain_task, resolve_pretrained_task
 from tasks.registry import register_champion_task
-from tasks.tracking import Tracker, flatten
+from tasks.tracking import Tracker
 
 
 def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> tuple[Path, dict[str, str]]:

@@ -28,12 +28,12 @@ from pydantic import BaseModel
 
 from agegender import plots
 from agegender.cache import build_cache, open_cache
-from agegender.config import CacheConfig, Config, deviations
+from agegender.config import CacheConfig, Config, deviations, flatten
 from agegender.metrics import sample_std
 from agegender.splits import distribution_line, make_split
 from agegender.train import epoch_line, train_fold
 from deployments.stack import alive
-from tasks.tracking import Tracker, flatten, git_commit
+from tasks.tracking import Tracker, git_commit
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
 _slots: queue.Queue[str] = queue.Queue()

@@ -277,17 +277,6 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     )
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> dotted keys, as MLflow params."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 @functools.cache
 def git_commit() -> str:
     try:
