@@ -46,12 +46,12 @@ test-fast: venv
 # ends by running that model on synthetic users' photos (faces found, one row per face). The data
 # are synthetic, so the summary is titled so and tests nothing against published numbers.
 DEMO := $(RUN)/demo
-DEMO_CFG := --preset modern data.crop=64 train.epochs=10
+DEMO_CFG := data.crop=64 train.epochs=10
 demo: venv
 	$(BIN)/agegender synth --out $(DEMO)/adience --per-fold 200 --size 816
 	$(BIN)/agegender data stats --metadata $(DEMO)/adience
 	$(BIN)/agegender synth --format celeba --out $(DEMO)/celeba --count 4000
-	$(BIN)/agegender suite --data-root $(DEMO)/adience --run-root $(DEMO)/suite \
+	$(BIN)/agegender suite --data-root $(DEMO)/adience --run-root $(DEMO)/suite --preset modern \
 	    suite.image_size=72 suite.pretrain.root=$(DEMO)/celeba $(DEMO_CFG)
 	$(BIN)/agegender synth --format photos --out $(DEMO)/photos --count 12
 	$(BIN)/agegender predict $(DEMO)/photos --model models:/agegender-multitask@champion \

@@ -458,8 +458,16 @@ def run(
     argv: Sequence[str] | None = None,
     extra_errors: tuple[type[Exception], ...] = (),
 ) -> int:
-    """Parse and dispatch; expected failures print one clear line and exit 2, no traceback."""
-    args = parser.parse_args(argv)
+    """Parse and dispatch; expected failures print one clear line and exit 2, no traceback.
+
+    `key=value` overrides may also follow options (`--preset modern data.crop=64`), which
+    argparse alone refuses once a positional list has ended."""
+    args, rest = parser.parse_known_args(argv)
+    late = [r for r in rest if "=" in r and not r.startswith("-")]
+    if len(late) < len(rest) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
     expected: tuple[type[Exception], ...] = (
         MetadataError,
         cache.CacheError,

@@ -324,3 +324,35 @@ def test_backbone_transfer(learn_cache: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(RunError, match="does not fit this net"):
         prepare_run(open_cache(learn_cache), 1, wrong)
+
+
+def test_train_fold_cli_takes_a_preset_and_overrides_after_it(
+    learn_cache: Path, tmp_path: Path
+) -> None:
+    res = run_cli(
+        "train-fold",
+        "--cache",
+        learn_cache,
+        "--fold",
+        "1",
+        "--out",
+        tmp_path / "run",
+        "--json",
+        "--preset",
+        "modern",
+        "data.crop=48",
+        "train.iterations=2",
+        "train.tencrop=false",
+    )
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert (summary["preset"], summary["test_at"], summary["iterations"]) == (
+        "modern",
+        "best_val",
+        2,
+    )
+    assert "preset modern with data.crop=48, train.iterations=2, train.tencrop=False" in res.stderr
+    assert "fold 1 val " in res.stderr  # the validation part's label distribution
+    bad = run_cli("train-fold", "--cache", learn_cache, "--fold", "1", "--bogus", "x=1")
+    assert bad.returncode == 2
+    assert "unrecognized arguments: --bogus" in bad.stderr
