@@ -248,9 +248,9 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
         epoch[0] = record["epoch"] + 1
         bar.reset(task)
 
-    table = cache.open_cache(a.cache).table
-    split = splits.make_split(table, a.fold, config.data.split)
-    err.print(f"fold {a.fold} {splits.distribution_line(split, table, 'val')}", highlight=False)
+    ts = train.adience_fold(cache.open_cache(a.cache), a.fold, config)
+    for line in ts.about:
+        err.print(line, highlight=False)
     changed = deviations(config)
     err.print(
         f"training {config.train.task} on fold {a.fold} -> {out_dir} (config {config.hash()}, "
@@ -258,9 +258,7 @@ def cmd_train_fold(a: argparse.Namespace) -> None:
         highlight=False,
     )
     with bar:
-        res = train.train_fold(
-            a.cache, a.fold, config, out_dir, resume=a.resume, log=log, progress=progress
-        )
+        res = train.train(ts, config, out_dir, resume=a.resume, log=log, progress=progress)
     for note in res.summary["notes"]:
         err.print(Text.assemble(("note: ", "yellow"), note), highlight=False, soft_wrap=True)
 

@@ -286,13 +286,16 @@ def _layers(
     The preset is `preset` (a flag) if given, else the file's `preset:` key, else `paper`.
     """
     data = _read_file(Path(path)) if path is not None else {}
-    name = preset or data.get("preset") or "paper"
+    return apply_overrides(_on_preset(data, preset), overrides)
+
+
+def _on_preset(data: Mapping[str, Any], preset: str | None) -> dict[str, Any]:
+    """`data` over its preset: `preset` if given, else data's `preset` key, else `paper`."""
     try:
-        base = preset_data(str(name))
+        base = preset_data(str(preset or data.get("preset") or "paper"))
     except PresetError as exc:
         raise ConfigError(str(exc)) from None
-    data = _merge(base, data) | {"preset": base["preset"]}
-    return apply_overrides(data, overrides)
+    return _merge(base, data) | {"preset": base["preset"]}
 
 
 def load_config(
@@ -306,12 +309,7 @@ def load_config(
 def config_from(data: Mapping[str, Any] | None) -> Config:
     """A config from sections given as data (a flow's parameters, say): the `preset` key's
     preset (default `paper`) under them, as for a config file."""
-    data = dict(data or {})
-    try:
-        base = preset_data(str(data.get("preset") or "paper"))
-    except PresetError as exc:
-        raise ConfigError(str(exc)) from None
-    return _validate(_merge(base, data) | {"preset": base["preset"]}, None)
+    return _validate(_on_preset(data or {}, None), None)
 
 
 def deviations(config: Config) -> list[str]:

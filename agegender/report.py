@@ -184,12 +184,13 @@ def summarize(
     """Markdown tables and the numbers behind them (every test, with its Holm-adjusted p)."""
     vals = {v: a["values"] for v, a in aggregates.items()}
     folds = {v: a["folds"] for v, a in aggregates.items()}
-    order: list[str] = [v for v in ("age", "gender", "multitask", "multitask_pretrained")]
-    order = [v for v in order if v in vals]
+    order: list[str] = [
+        v for v in ("age", "gender", "multitask", "multitask_pretrained") if v in vals
+    ]
     order += [v for v in vals if v not in order]
     base = configs.get("multitask") or next(iter(configs.values()))
-    seeds = max(max(a.get("sizes", {}).get("seeds", [1]) or [1]) for a in aggregates.values())
-    ours = protocol(base, image_size, synthetic, int(seeds))
+    seeds = [s for a in aggregates.values() for s in a.get("sizes", {}).get("seeds", [])]
+    ours = protocol(base, image_size, synthetic, int(max(seeds, default=1)))
     n_folds = max((len(f) for f in folds.values()), default=0)
 
     head = f"# {title}: summary" + (

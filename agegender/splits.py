@@ -79,7 +79,7 @@ class Split:
             out |= {
                 "seed": self.config.seed,
                 "val_fraction": self.config.val_fraction,
-                "stratified": _stratify(self.config),
+                "stratified": self.config.stratify,
             }
         for p in PARTS:
             part = self.part(p)
@@ -140,7 +140,7 @@ def _subject_disjoint(table: Table, fold: int, config: SplitConfig) -> Split:
         )
     rng = np.random.default_rng([config.seed, fold])
     n_val = max(1, round(config.val_fraction * len(others)))
-    if _stratify(config):
+    if config.stratify:
         counts = _user_counts(labels, users, ~in_test, others)
         chosen = np.flatnonzero(_stratified_users(counts, n_val, config.val_fraction, rng))
     else:
@@ -158,10 +158,6 @@ def _subject_disjoint(table: Table, fold: int, config: SplitConfig) -> Split:
     if any(shared.values()):  # cannot happen by construction; guards against future edits
         raise AssertionError(f"subject_disjoint split of fold {fold} shares users: {shared}")
     return split
-
-
-def _stratify(config: SplitConfig) -> bool:
-    return config.protocol == "subject_disjoint" and config.stratify
 
 
 def _user_counts(

@@ -32,8 +32,8 @@ from agegender.evaluate import autocast, masked_losses, part_metrics, predict, t
 from agegender.labels import AGE_GROUPS, GENDERS
 from agegender.metrics import mean_accuracy
 from agegender.models import HEADS, LeviHassner, build_model
-from agegender.splits import make_split
-from agegender.transforms import random_crop_flip
+from agegender.splits import distribution_line, make_split
+from agegender.transforms import random_window
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
@@ -175,7 +175,8 @@ class TrainSet:
     ids: Callable[[int], list[Any]]  # a cache row's id columns in test_predictions.csv
     id_fields: tuple[str, ...]
     info: dict[str, Any]  # what result.json says about the data
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # caveats, shown after training
+    about: tuple[str, ...] = ()  # what the data look like, shown before training
 
 
 def adience_fold(cache: Cache, fold: int, config: Config) -> TrainSet:
@@ -199,6 +200,7 @@ def adience_fold(cache: Cache, fold: int, config: Config) -> TrainSet:
         id_fields=("path", "fold", "user_id"),
         info={"fold": fold, "protocol": config.data.split.protocol},
         notes=split.notes,
+        about=(f"fold {fold} {distribution_line(split, cache.table, 'val')}",),
     )
 
 
@@ -288,8 +290,9 @@ def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:
     start = time.perf_counter()
     for step in range(steps):
         sel = order[step * bs : (step + 1) * bs]
-        images = run.data.normalize(store.batch(part.index[sel]))
-        x = to_input(random_crop_flip(images, crop, run.gen_data), run.channels_last)
+        images = store.batch(part.index[sel])
+        crops = run.data.normalize.crops(images, crop, random_window(images, crop, run.gen_data))
+        x = to_input(crops, run.channels_last)
         targets = {"age": part.age[sel].to(run.device), "gender": part.gender[sel].to(run.device)}
         stats = fit_batch(run, x, targets)
         stats["loss"] = stats["loss"] * stats["n"]
@@ -505,10 +508,13 @@ def _train(
         if log:
             log(record)
 
-    if t.test_at == "final":
+    if t.test_at == "final":  # the model holds them already
         _save_tested(run, out)
-    tested = torch.load(out / BEST, map_location=run.device, weights_only=False)
-    run.model.load_state_dict(tested["model"])
+        tested_epoch = run.epoch
+    else:
+        tested = torch.load(out / BEST, map_location=run.device, weights_only=False)
+        run.model.load_state_dict(tested["model"])
+        tested_epoch = tested["epoch"]
     d = run.data
     pred = predict(
         run.model,
@@ -525,7 +531,7 @@ def _train(
     if pred.tencrop is not None:
         test |= part_metrics(pred.tencrop, d.test, suffix="_10crop")
     _write_predictions(out / "test_predictions.csv", ts, d, pred.center, pred.tencrop)
-    tested_val = next(h for h in run.history if h["epoch"] == tested["epoch"])
+    tested_val = next(h for h in run.history if h["epoch"] == tested_epoch)
     summary = {
         **ts.info,
         "trained_on": ts.name,
@@ -540,7 +546,7 @@ def _train(
         "iterations": run.iteration,
         "epochs": run.epoch,
         "test_at": t.test_at,
-        "tested_epoch": tested["epoch"],
+        "tested_epoch": tested_epoch,
         "best_epoch": run.best_epoch,  # by validation, whichever checkpoint was tested
         "selected_by": (
             f"val {t.select_metric}"

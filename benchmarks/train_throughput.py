@@ -22,7 +22,7 @@ from agegender.config import CacheConfig, load_config
 from agegender.evaluate import to_input
 from agegender.synthetic import write_synthetic
 from agegender.train import Run, fit_batch, prepare_run, train_epoch
-from agegender.transforms import random_crop_flip
+from agegender.transforms import random_window
 
 
 def _sync(run: Run) -> None:
@@ -46,8 +46,9 @@ def bound(run: Run, iterations: int) -> float:
     """Images/s of the model step alone on one batch that is already on the device."""
     part, bs = run.data.train, run.config.data.batch_size
     sel = torch.arange(min(bs, len(part)))
-    images = run.data.normalize(run.data.store.batch(part.index[sel]))
-    x = to_input(random_crop_flip(images, run.config.data.crop, run.gen_data), run.channels_last)
+    images, crop = run.data.store.batch(part.index[sel]), run.config.data.crop
+    crops = run.data.normalize.crops(images, crop, random_window(images, crop, run.gen_data))
+    x = to_input(crops, run.channels_last)
     targets = {"age": part.age[sel].to(run.device), "gender": part.gender[sel].to(run.device)}
     run.model.train()
     _sync(run)

@@ -1,7 +1,7 @@
 """Prefect tasks around one fold and one variant: train (or skip), log, aggregate.
 
-Thin by design: the work is `agegender.train.train_fold`; these tasks add slots, retries that
-resume from the checkpoint, skip-if-finished, and the MLflow records.
+Thin by design: the work is `agegender.train.train` on `adience_fold`; these tasks add slots,
+retries that resume from the checkpoint, skip-if-finished, and the MLflow records.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from agegender import plots
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, Config, deviations, flatten
 from agegender.metrics import sample_std
-from agegender.splits import distribution_line, make_split
-from agegender.train import epoch_line, train_fold
+from agegender.train import adience_fold, epoch_line, train
 from deployments.stack import alive
 from tasks.tracking import Tracker, git_commit
 
@@ -168,11 +167,11 @@ def train_fold_task(job: FoldJob) -> dict[str, Any]:
             else ("resuming from its checkpoint" if (out / "last.pt").exists() else "training")
         )
         log.info(f"{variant} fold {fold}: {state} on {device} -> {out}")
-        split = make_split(cache.table, fold, cfg.data.split)
-        log.info(f"{variant} fold {fold}: {distribution_line(split, cache.table, 'val')}")
-        result = train_fold(
-            cache,
-            fold,
+        ts = adience_fold(cache, fold, cfg)
+        for line in ts.about:
+            log.info(f"{variant} {line}")
+        result = train(
+            ts,
             cfg,
             out,
             resume=True,

@@ -24,6 +24,11 @@ BENCHMARKS = [
         ["paper: test after 6 iterations", "std: test after", "identical: True", "summary"],
     ),
     (
+        "normalise_crops.py",
+        "--image-size 40 --crop 32 --images 60 --batches 2",
+        ["normalise-then-crop", "identical True"],
+    ),
+    (
         "calibrate_detect.py",
         "--faces 20 --repeat 1",
         ["image side / box side: median", "detect 4000x3000"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,11 @@ def _row(markdown: str, start: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+def _has_lines(markdown: str, *lines: str) -> None:
+    for line in lines:
+        assert line in markdown, line
+
+
 def test_real_data_like_for_like_with_welch_corrected_t_and_holm() -> None:
     out = summarize(AGGREGATES, _configs(Config()), 256, synthetic=False, title="t")
     md = out["markdown"]
@@ -65,15 +69,15 @@ def test_real_data_like_for_like_with_welch_corrected_t_and_holm() -> None:
     assert cells[2] == f"{100 * np.mean(age10):.1f} ± {100 * sample_std(age10):.1f}"
     assert cells[4] == "-"  # a single-task age net has no gender number
     # the protocol is in the table, with what differs
-    for line in (
+    _has_lines(
+        md,
         "| normalisation | per-pixel mean image, 0-255, no std | per-pixel mean image, 0-255, "
         "no std | same |",
         "| split | subject-disjoint (test = metadata fold k) | their published lists",
         "| resize | 256 px images, 227 px crops | 256 px images, 227 px crops | same |",
         "| crop mode | 10-crop | over-sample (4 corners + centre, mirrored) | same |",
         "| crop mode | centre crop | single centre crop | same |",
-    ):
-        assert line in md, line
+    )
     assert _row(md, "| training |")[3] == "same"
     assert _row(md, "| validation |")[3] == "differs"
 
@@ -110,15 +114,15 @@ def test_synthetic_data_are_never_set_against_published_numbers() -> None:
     assert "| data | SYNTHETIC images (agegender synth) | Adience (real photos) | differs |" in md
 
 
-def test_protocol_rows_follow_the_config(tmp_path: Path) -> None:
+def test_protocol_rows_follow_the_config() -> None:
     modern = load_config(None, ["data.crop=64"], preset="modern")
     md = summarize(AGGREGATES, _configs(modern), 72, synthetic=True)["markdown"]
-    for line in (
+    _has_lines(
+        md,
         "| normalisation | per-channel mean and std |",
         "| initialisation | PyTorch default, batch norm instead of LRN |",
         "| tested checkpoint | best validation loss |",
         "| resize | 72 px images, 64 px crops |",
-    ):
-        assert line in md, line
+    )
     assert _row(md, "| normalisation |")[3] == "differs"
     assert _row(md, "| training |")[3] == "differs"

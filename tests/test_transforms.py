@@ -10,6 +10,7 @@ from agegender.transforms import (
     center_crop,
     crop_batch,
     random_crop_flip,
+    random_window,
     ten_crops,
 )
 
@@ -54,6 +55,11 @@ def test_normalize_measures_and_applies() -> None:
     np.testing.assert_allclose(norm.std, flat.std(0), rtol=1e-4)
     x = norm(torch.from_numpy(images))
     assert x.shape == (40, 8, 8, 3)
+    # crops of the uint8 images, normalised: the numbers of normalising first, then cropping
+    top, left, flip = window = random_window(x, 5, torch.Generator().manual_seed(1))
+    assert torch.equal(
+        norm.crops(torch.from_numpy(images), 5, window), crop_batch(x, top, left, 5, flip)
+    )
     assert abs(float(x.mean())) < 1e-3
     assert abs(float(x.std()) - 1) < 1e-2
     assert norm.describe()["kind"] == "channel_mean_std"
@@ -78,6 +84,9 @@ def test_mean_image_is_caffes_mean_file() -> None:
         a, b = int(t[i]), int(s[i])
         want = batch[i, a : a + 6, b : b + 6].float() - mean[a : a + 6, b : b + 6]
         assert torch.allclose(out[i], want.flip(1) if f[i] else want)
+    # the training path crops the uint8 images and the mean image alike: the same numbers
+    window = random_window(batch, 6, torch.Generator().manual_seed(4))
+    assert torch.equal(norm.crops(batch, 6, window), out)
     # the raw 0-255 scale: what Caffe's N(0, 0.01) initialisation expects
     assert float(norm(batch).abs().max()) > 50
     again = Normalize.from_state(norm.state())
