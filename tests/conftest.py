@@ -123,7 +123,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     os.environ.update(creds)
     _STACK_CREDS.update(creds)
     # ports shifted by 101: a developer's own stack (`make stack`) may run beside the tests
-    st = Stack(tmp_path_factory.mktemp("stack"), ports=Ports.shifted(101))
+    # (AGEGENDER_TEST_PORT_SHIFT moves them again, for two test sessions on one machine)
+    shift = 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0"))
+    st = Stack(tmp_path_factory.mktemp("stack"), ports=Ports.shifted(shift))
     try:
         st.up(progress=lambda m: print(f"stack: {m}"))
         for k in creds:
