@@ -26,6 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deployments.automations import (
+    HEARTBEAT_S,
+    crash_detection,
+    ensure_zombie_automation,
+    heartbeat_env,
+)
+from deployments.schedules import check_parameters, describe, next_date
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 BIN = Path(sys.executable).parent
@@ -63,6 +71,7 @@ class Stack:
     ports: Ports = field(default_factory=Ports)
     host: str = "127.0.0.1"
     bucket: str = "mlflow"
+    heartbeat_s: int = HEARTBEAT_S  # flow-run heartbeats; silent for 3 of them = CRASHED
 
     @property
     def s3_url(self) -> str:
@@ -173,6 +182,7 @@ class Stack:
             return argv, env | {"PREFECT_HOME": str(self.run_dir / "prefect")}
         if name == "worker":
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"]
+            env |= heartbeat_env(self.heartbeat_s)  # its flow runs inherit it
             return argv, env | self.client_env() | {"PREFECT_HOME": str(self.run_dir / "worker")}
         raise ValueError(f"unknown service {name!r}; the stack has {', '.join(SERVICES)}")
 
@@ -296,7 +306,51 @@ class Stack:
             env,
             ok_if="already exists",
         )
+        resumed = self._resumed_schedules()
         _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)], env)
+        self._resume_schedules(resumed)
+        ensure_zombie_automation(self.prefect_api, self.heartbeat_s)
+
+    def _resumed_schedules(self) -> set[tuple[str, str]]:
+        """(deployment, schedule) pairs the user turned on: a second `stack up` redeploys
+        prefect.yaml, whose schedules start paused, and must not turn them off again."""
+        return {
+            (s["deployment"], s["schedule"]) for s in self.schedules(check=False) if s["active"]
+        }
+
+    def _resume_schedules(self, keep: set[tuple[str, str]]) -> None:
+        for s in self.schedules(check=False):
+            if (s["deployment"], s["schedule"]) in keep and not s["active"]:
+                _api(
+                    self.prefect_api,
+                    "PATCH",
+                    f"/deployments/{s['deployment_id']}/schedules/{s['schedule_id']}",
+                    {"active": True},
+                )
+
+    def schedules(self, check: bool = True) -> list[dict[str, Any]]:
+        """Every deployment schedule: on or paused, its next date, and (`check`) whether the
+        parameters it runs with name paths that exist on this machine."""
+        flows = {f["id"]: f["name"] for f in _api(self.prefect_api, "POST", "/flows/filter", {})}
+        out: list[dict[str, Any]] = []
+        for d in _api(self.prefect_api, "POST", "/deployments/filter", {}):
+            name = f"{flows.get(d['flow_id'], '?')}/{d['name']}"
+            for s in d.get("schedules") or []:
+                item: dict[str, Any] = {
+                    "deployment": name,
+                    "deployment_id": d["id"],
+                    "schedule_id": s["id"],
+                    "schedule": describe(s["schedule"]),
+                    "active": bool(s.get("active")) and not d.get("paused"),
+                    "resume": f"prefect deployment schedule resume {name} {s['id']}",
+                }
+                if check:
+                    params = (d.get("parameters") or {}) | (s.get("parameters") or {})
+                    item["next_run"] = next_date(s["schedule"])
+                    item["parameters"] = check_parameters(params)
+                    item["resolves"] = all(c["ok"] for c in item["parameters"])
+                out.append(item)
+        return out
 
     def down(self) -> list[str]:
         """Stop every service this run directory started, worker first."""
@@ -338,6 +392,8 @@ class Stack:
                 "/flow_runs/filter",
                 {"sort": "START_TIME_DESC", "limit": 5},
             )
+            out["schedules"] = self.schedules()
+            out["crash_detection"] = crash_detection(self.prefect_api)
             out["last_runs"] = [
                 {"name": r["name"], "state": r.get("state_type"), "start": r.get("start_time")}
                 for r in runs

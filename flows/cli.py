@@ -121,6 +121,8 @@ def cmd_stack(a: argparse.Namespace) -> None:
     elif a.action == "env":
         for k, v in stack.client_env().items():
             print(f"export {k}={v}")
+    elif a.action == "crash-detection":
+        _crash_detection(os.environ.get("PREFECT_API_URL") or stack.prefect_api)
     else:
         status = stack.status()
         if a.json:
@@ -138,8 +140,53 @@ def cmd_stack(a: argparse.Namespace) -> None:
             )
         if "deployments" in status:
             cli.out.print("deployments: " + ", ".join(status["deployments"]))
+        _print_schedules(status)
         for r in status.get("last_runs", []):
             cli.out.print(f"  {r['name']}: {r['state']} {r['start'] or ''}", highlight=False)
+
+
+def _crash_detection(api: str) -> None:
+    """The zombie-flow automation on any Prefect server (the compose stack's, say)."""
+    from deployments.automations import HEARTBEAT_S, NAME, ensure_zombie_automation
+
+    if not http_ok(api.rstrip("/") + "/health", timeout=10):
+        raise StackError(f"Prefect API at {api} is unreachable; set PREFECT_API_URL to the server")
+    done = ensure_zombie_automation(api, HEARTBEAT_S)
+    cli.out.print(
+        f"{api}: automation '{NAME}' {done}; workers must run flows with "
+        f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={HEARTBEAT_S}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _print_schedules(status: dict[str, object]) -> None:
+    """Each schedule: on or paused, next date, and the paths it would run with."""
+    schedules = status.get("schedules")
+    for s in schedules if isinstance(schedules, list) else []:
+        state = "active" if s["active"] else "paused"
+        cli.out.print(
+            f"schedule {s['deployment']} {s['schedule']}: {state}, next {s['next_run'] or '-'}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        for c in s["parameters"]:
+            mark = "ok" if c["ok"] else f"MISSING on this machine (needs {c['need']})"
+            cli.out.print(f"  {c['name']} = {c['value']}: {mark}", highlight=False, markup=False)
+        if not s["active"]:
+            verdict = "its parameters resolve" if s["resolves"] else "fix its parameters first"
+            cli.out.print(f"  turn it on ({verdict}): {s['resume']}", highlight=False, markup=False)
+    crash = status.get("crash_detection")
+    if isinstance(crash, dict):
+        cli.out.print(
+            f"crash detection: runs without a heartbeat for {crash['crashed_after_s']:.0f} s "
+            f"are marked CRASHED ({'enabled' if crash['enabled'] else 'DISABLED'})",
+            highlight=False,
+        )
+    elif "schedules" in status:
+        cli.out.print("crash detection: none (`agegender stack crash-detection` creates it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "stack", help="the local service stack: S3, MLflow, Prefect server and worker"
     )
-    s.add_argument("action", choices=["up", "down", "status", "env"])
+    s.add_argument("action", choices=["up", "down", "status", "env", "crash-detection"])
     s.add_argument("--run-dir", type=Path, default=Path("runs/stack"), help="PIDs, logs, data")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stack)

@@ -3,16 +3,16 @@ deployment on a work pool, so any number of workers on any number of machines ta
 
 The fold holds one slot of the global concurrency limit `gpu-slots` (created by the stack with
 one slot per GPU) while it trains; a worker that dies loses its lease after `LEASE` seconds, so
-its slot comes back. What is logged to MLflow is exactly what the in-process task logs.
+its slot comes back, and the server marks its flow run CRASHED once its heartbeats stop
+(deployments/automations.py), so the waiting suite starts the fold again. What is logged to
+MLflow is exactly what the in-process task logs.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from typing import Any
 
-from prefect import flow, get_client, runtime
+from prefect import flow
 from prefect.concurrency.sync import concurrency
 
 from tasks.folds import FoldJob, set_slots, train_fold_task
@@ -24,18 +24,5 @@ LEASE = 60.0  # the server accepts no shorter lease
 @flow(name="train_fold", log_prints=True)
 def train_fold_flow(job: FoldJob) -> dict[str, Any]:
     set_slots(1)
-    _tag_process()
     with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE):
         return train_fold_task(job)
-
-
-def _tag_process() -> None:
-    """Tag the flow run with where it runs, so a waiting suite on the same machine can tell a
-    run whose process died (a killed worker) from one that is still training."""
-    run_id = runtime.flow_run.id
-    if not run_id:
-        return
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
-        tags = [*run.tags, f"host:{socket.gethostname()}", f"pid:{os.getpid()}"]
-        client.update_flow_run(run_id, tags=tags)

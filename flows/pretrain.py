@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from agegender.config import Config, PretrainConfig
+from agegender.config import Config, PretrainConfig, SuiteConfig
 from tasks.folds import set_slots
 from tasks.pretrain import pretrain_task
 
@@ -24,11 +24,14 @@ def pretrain_flow(
     experiment: str = "agegender",
     image_size: int = 256,
     cache_dir: str | None = None,
+    retries: int = SuiteConfig.model_fields["retries"].default,
 ) -> dict[str, Any]:
+    """Pretraining, retried like a fold (`retries`, suite.retries' default): a retry resumes
+    from the checkpoint."""
     set_slots(1)
     p = PretrainConfig.model_validate(pretrain)
     cfg = p.train_config(Config.model_validate(config))
-    return pretrain_task(
+    return pretrain_task.with_options(retries=retries)(
         p.model_dump(mode="json"),
         cfg.model_dump(mode="json"),
         run_root,

@@ -39,7 +39,7 @@ def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> tuple[Path, di
         got = resolve_pretrained_task(suite.pretrained, run_root, suite.name)
         source = suite.pretrained
     else:
-        got = pretrain_task(
+        got = pretrain_task.with_options(retries=suite.retries)(  # as a fold: resumes
             suite.pretrain.model_dump(mode="json"),
             suite.pretrain.train_config(base).model_dump(mode="json"),
             run_root,

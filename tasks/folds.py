@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,6 @@ from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.states import Crashed
 from pydantic import BaseModel
 
 from agegender import plots
@@ -31,7 +29,6 @@ from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, Config, deviations, flatten
 from agegender.metrics import sample_std
 from agegender.train import adience_fold, epoch_line, train
-from deployments.stack import alive
 from tasks.tracking import Tracker, git_commit
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
@@ -201,7 +198,9 @@ def train_fold_task(job: FoldJob) -> dict[str, Any]:
 @task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE)
 def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, Any]:
     """One fold as a flow run of the `train_fold` deployment on a work pool. A run that fails,
-    or whose process died with its worker, is started again; it resumes from its checkpoint."""
+    or that the server marked CRASHED (its heartbeats stopped: the worker or its machine died,
+    wherever it was; deployments/automations.py), is started again and resumes from its
+    checkpoint."""
     log = get_run_logger()
     name, params = job.name, {"job": job.model_dump(mode="json")}
     state = None
@@ -214,12 +213,6 @@ def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, A
                 state = run.state
                 if state is not None and state.is_final():
                     break
-                if state is not None and state.is_running() and _died_here(run.tags):
-                    client.set_flow_run_state(
-                        run.id, Crashed(message="its process is gone (worker killed?)"), force=True
-                    )
-                    state = client.read_flow_run(run.id).state
-                    break
                 time.sleep(2)
         if state is not None and state.is_completed():
             log.info(f"{name}: flow run {run.name} ({run.id}) completed")
@@ -231,14 +224,6 @@ def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, A
             }
         log.warning(f"{name}: flow run {run.id} ended {state and state.name} (try {attempt + 1})")
     raise RuntimeError(f"{name}: {retries + 1} flow runs of {deployment} failed ({state})")
-
-
-def _died_here(tags: list[str]) -> bool:
-    """A fold flow run tagged with this machine and a process that no longer exists."""
-    info = dict(t.split(":", 1) for t in tags if t.startswith(("host:", "pid:")))
-    if info.get("host") != socket.gethostname() or not info.get("pid", "").isdigit():
-        return False
-    return not alive(int(info["pid"]))
 
 
 def log_training(

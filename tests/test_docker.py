@@ -429,3 +429,46 @@ def test_gpu_deployment_runs_in_the_compose_stack(config: dict[str, Any]) -> Non
     worker_env = config["services"]["worker"]["environment"]
     for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         assert variables["env"][name] == worker_env[name], name
+
+
+def _under(path: str, root: str) -> bool:
+    return Path(path).is_relative_to(root)
+
+
+def test_gpu_containers_see_the_workers_volumes_and_the_defaults_live_in_them(
+    config: dict[str, Any],
+) -> None:
+    """The scale-out contract: a fold's container mounts what the compose worker mounts (the
+    same named runs volume, the same mount points, datasets read-only), sends the heartbeats
+    crash detection needs, and every default path of the deployments lies inside those mounts
+    (datasets in a read-only one, caches and run roots in a writable one)."""
+    from deployments.automations import HEARTBEAT_S
+
+    worker = {v["target"]: v for v in config["services"]["worker"]["volumes"]}
+    worker.pop("/var/run/docker.sock")
+    deployments = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    variables = deployments["train-fold-gpu"]["work_pool"]["job_variables"]
+    mounts: dict[str, tuple[str, bool]] = {}
+    for volume in variables["volumes"]:
+        source, target, *mode = volume.split(":")
+        mounts[target] = (source, mode == ["ro"])
+    assert set(mounts) == set(worker), "the containers and the worker mount different paths"
+    for target, (source, read_only) in mounts.items():
+        theirs = worker[target]
+        assert read_only == bool(theirs.get("read_only")), target
+        if theirs["type"] == "volume":
+            assert source == config["volumes"][theirs["source"]]["name"], target
+        else:  # a bind of the host folder: DATA_DIR in the example env
+            assert source == theirs["source"], target
+    read_only = [t for t, (_, ro) in mounts.items() if ro]
+    writable = [t for t, (_, ro) in mounts.items() if not ro]
+    assert read_only == ["/data"]
+    assert variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
+
+    for name in ("suite", "cross-validate"):
+        params = deployments[name]["parameters"]
+        data = [params.get("data_root"), params.get("suite", {}).get("pretrain", {}).get("root")]
+        for path in filter(None, data):
+            assert any(_under(path, t) for t in read_only), (name, path)
+        for path in (params["cache_dir"], params["run_root"]):
+            assert any(_under(path, t) for t in writable), (name, path)

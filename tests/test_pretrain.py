@@ -214,3 +214,40 @@ def test_a_given_backbone_that_cannot_be_found_is_a_clear_error(tmp_path: Path) 
         resolve("runs:/0123456789abcdef/checkpoint", str(tmp_path), "agegender")
     with pytest.raises(TrackingError, match=r"MLflow at sqlite:///.*agegender-nope"):
         resolve("models:/agegender-nope/1", str(tmp_path), "agegender")
+
+
+def test_the_suite_retries_pretraining_like_a_fold(
+    small_synth: SynthResult, tmp_path: Path
+) -> None:
+    """suite.retries applies to pretraining as to folds: a failing pretraining task is run
+    retries + 1 times (a retry resumes from its checkpoint), read back from Prefect's API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.suite import suite_flow
+
+    build_cache(small_synth.out, tmp_path / "cache", config=CacheConfig(image_size=56))
+    suite = {
+        "name": "pretrain-retries",
+        "variants": ["multitask_pretrained"],
+        "retries": 2,
+        "pretrain": {"root": str(tmp_path / "celeba-not-here")},  # fails every time
+    }
+    config = load_config(None, TRAIN).model_dump(mode="json")
+    with prefect_test_harness(server_startup_timeout=600):
+        state = suite_flow(
+            str(tmp_path / "cache"), suite, config, str(tmp_path / "runs"), return_state=True
+        )
+        assert state.is_failed()
+        flow_run_id = state.state_details.flow_run_id
+        assert flow_run_id is not None
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+    (pre,) = [r for r in runs if r.name.startswith("pretrain-")]
+    assert pre.state is not None
+    assert pre.state.is_failed()
+    assert pre.run_count == 3
+    assert pre.empirical_policy.retries == 2

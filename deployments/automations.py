@@ -1,0 +1,96 @@
+"""Crash detection through Prefect itself: flow runs send heartbeats, and a server automation
+marks a run CRASHED when its heartbeats stop ("zombie" flow runs, Prefect's documented recipe).
+
+This works wherever the worker runs: nothing compares hosts or process ids. A suite waiting on a
+fold's flow run sees it end CRASHED and starts it again; the fold resumes from its checkpoint.
+`agegender stack up` creates the automation; `agegender stack crash-detection` creates it on any
+Prefect server (the compose stack's, for example). Both leave one automation, never two.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+HEARTBEAT_S = 60  # flows.heartbeat_frequency for our workers (Prefect accepts 30 or more)
+MISSED = 3  # heartbeats a run may miss (a loaded machine) before it counts as crashed
+NAME = "agegender: crash flow runs whose heartbeats stopped"
+
+
+def heartbeat_env(heartbeat_s: int = HEARTBEAT_S) -> dict[str, str]:
+    """What a worker needs so that the flow runs it starts send heartbeats this often."""
+    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_s)}
+
+
+def zombie_automation(heartbeat_s: int = HEARTBEAT_S) -> dict[str, Any]:
+    """The automation's JSON body: after a run's heartbeat, expect another event of that run
+    (heartbeat or state change) within MISSED heartbeats, else change its state to CRASHED."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    automation = AutomationCore(
+        name=NAME,
+        description=(
+            f"Flow runs send a heartbeat every {heartbeat_s} s "
+            f"(PREFECT_FLOWS_HEARTBEAT_FREQUENCY); a run silent for {MISSED * heartbeat_s} s "
+            "lost its process (a killed worker, a lost machine) and is marked CRASHED."
+        ),
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=MISSED * heartbeat_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {MISSED * heartbeat_s} s: its process is gone",
+            )
+        ],
+    )
+    return automation.model_dump(mode="json")
+
+
+def _same(have: dict[str, Any], want: dict[str, Any]) -> bool:
+    keys = ("name", "description", "enabled", "trigger", "actions")
+
+    def norm(a: dict[str, Any]) -> dict[str, Any]:
+        out = {k: a.get(k) for k in keys}
+        out["trigger"] = {k: v for k, v in (a.get("trigger") or {}).items() if k != "id"}
+        return out
+
+    return norm(have) == norm(want)
+
+
+def ensure_zombie_automation(api: str, heartbeat_s: int = HEARTBEAT_S) -> str:
+    """Create the automation, or update it to this heartbeat; duplicates are removed. Returns
+    what was done ("created", "updated" or "unchanged")."""
+    from deployments.stack import _api
+
+    want = zombie_automation(heartbeat_s)
+    found = [a for a in _api(api, "POST", "/automations/filter", {}) if a["name"] == NAME]
+    for extra in found[1:]:
+        _api(api, "DELETE", f"/automations/{extra['id']}")
+    if not found:
+        _api(api, "POST", "/automations/", want)
+        return "created"
+    if _same(found[0], want):
+        return "unchanged"
+    _api(api, "PUT", f"/automations/{found[0]['id']}", want)
+    return "updated"
+
+
+def crash_detection(api: str) -> dict[str, Any] | None:
+    """The automation as the server has it (None if missing): for `stack status`."""
+    from deployments.stack import _api
+
+    for a in _api(api, "POST", "/automations/filter", {}):
+        if a["name"] == NAME:
+            within = float(a["trigger"].get("within", 0))
+            return {"name": NAME, "enabled": bool(a.get("enabled")), "crashed_after_s": within}
+    return None

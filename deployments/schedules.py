@@ -1,0 +1,90 @@
+"""What `agegender stack status` says about schedules: each one, whether it is on, when it runs
+next, and whether its parameters name paths that exist on this machine.
+
+Schedules ship paused (`deployments/prefect.yaml`): a weekly run whose `/data/...` paths do
+not exist here would only fail every Monday. This report is how a user sees what a schedule
+would do before `prefect deployment schedule resume` turns it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from agegender.config import SuiteConfig
+
+
+def _creatable(path: Path) -> bool:
+    """The folder exists or could be made: its nearest existing ancestor is a writable folder."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return parent.is_dir() and os.access(parent, os.W_OK)
+    return False
+
+
+def check_parameters(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each path parameter of a suite/cross-validate run and whether it resolves here."""
+    checks: list[dict[str, Any]] = []
+
+    def add(name: str, value: Any, ok: bool, need: str) -> None:
+        checks.append({"name": name, "value": value, "ok": ok, "need": need})
+
+    try:
+        suite = SuiteConfig.model_validate(params.get("suite") or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        add("suite", params.get("suite"), False, f"a valid suite section ({where}: {first['msg']})")
+        return checks
+    data_root = params.get("data_root")
+    if data_root is not None:
+        add("data_root", data_root, Path(data_root).is_dir(), "an Adience download (a folder)")
+    if "cache_dir" in params:
+        cache = Path(params["cache_dir"])
+        if data_root is not None:
+            add("cache_dir", str(cache), _creatable(cache), "a folder it can create or update")
+        else:
+            add("cache_dir", str(cache), cache.is_dir(), "a prepared cache (no data_root given)")
+    if "run_root" in params:
+        root = Path(params["run_root"])
+        add("run_root", str(root), _creatable(root), "a folder it can create or write")
+    if "multitask_pretrained" in suite.variants:
+        if suite.pretrained is None:
+            source = suite.pretrain.root
+            add(
+                "suite.pretrain.root",
+                None if source is None else str(source),
+                source is not None and Path(source).is_dir(),
+                f"the {suite.pretrain.source} download (pretraining comes first)",
+            )
+        elif not suite.pretrained.startswith(("runs:/", "models:/")):
+            ok = Path(suite.pretrained).exists()
+            add("suite.pretrained", suite.pretrained, ok, "a best.pt checkpoint")
+    return checks
+
+
+def next_date(schedule: dict[str, Any]) -> str | None:
+    """The schedule's next date from now (cron schedules; others: None)."""
+    if not schedule.get("cron"):
+        return None
+    from prefect.server.schemas.schedules import CronSchedule
+
+    cron = CronSchedule(
+        cron=schedule["cron"],
+        timezone=schedule.get("timezone") or "UTC",
+        day_or=schedule.get("day_or", True),
+    )
+    dates = asyncio.run(cron.get_dates(n=1))
+    return dates[0].isoformat() if dates else None
+
+
+def describe(schedule: dict[str, Any]) -> str:
+    if schedule.get("cron"):
+        return f"cron '{schedule['cron']}' {schedule.get('timezone') or 'UTC'}"
+    if schedule.get("interval") is not None:
+        return f"every {schedule['interval']} s"
+    return f"rrule '{schedule.get('rrule')}'"
