@@ -12,7 +12,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-HEARTBEAT_S = 60  # flows.heartbeat_frequency for our workers (Prefect accepts 30 or more)
+# flows.heartbeat_frequency: Prefect's own default, so that flow runs of clients that set
+# nothing (any machine, any container) are never taken for dead. Every flow run on the server
+# is watched, so a shorter period needs every client to send it (`agegender stack env`
+# exports it; the test stack uses 30 s, Prefect's minimum).
+HEARTBEAT_S = 180
 MISSED = 3  # heartbeats a run may miss (a loaded machine) before it counts as crashed
 NAME = "agegender: crash flow runs whose heartbeats stopped"
 

@@ -95,8 +95,10 @@ class Stack:
         return cls(Path(run_dir), ports=Ports(**saved))
 
     def client_env(self) -> dict[str, str]:
-        """What a client (the CLI, a test, a worker) needs: no S3 credentials."""
-        return {"PREFECT_API_URL": self.prefect_api, "MLFLOW_TRACKING_URI": self.mlflow_url}
+        """What a client (the CLI, a test, a worker) needs: no S3 credentials. Its flow runs
+        send heartbeats as often as the crash automation expects them."""
+        urls = {"PREFECT_API_URL": self.prefect_api, "MLFLOW_TRACKING_URI": self.mlflow_url}
+        return urls | heartbeat_env(self.heartbeat_s)
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -182,7 +184,6 @@ class Stack:
             return argv, env | {"PREFECT_HOME": str(self.run_dir / "prefect")}
         if name == "worker":
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"]
-            env |= heartbeat_env(self.heartbeat_s)  # its flow runs inherit it
             return argv, env | self.client_env() | {"PREFECT_HOME": str(self.run_dir / "worker")}
         raise ValueError(f"unknown service {name!r}; the stack has {', '.join(SERVICES)}")
 

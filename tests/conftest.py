@@ -125,7 +125,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # ports shifted by 101: a developer's own stack (`make stack`) may run beside the tests
     # (AGEGENDER_TEST_PORT_SHIFT moves them again, for two test sessions on one machine)
     shift = 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0"))
-    st = Stack(tmp_path_factory.mktemp("stack"), ports=Ports.shifted(shift))
+    # heartbeats every 30 s (Prefect's minimum): a killed fold is CRASHED after 90 s
+    st = Stack(tmp_path_factory.mktemp("stack"), ports=Ports.shifted(shift), heartbeat_s=30)
     try:
         st.up(progress=lambda m: print(f"stack: {m}"))
         for k in creds:

@@ -453,9 +453,9 @@ def test_gpu_containers_see_the_workers_volumes_and_the_defaults_live_in_them(
         source, target, *mode = volume.split(":")
         mounts[target] = (source, mode == ["ro"])
     assert set(mounts) == set(worker), "the containers and the worker mount different paths"
-    for target, (source, read_only) in mounts.items():
+    for target, (source, ro) in mounts.items():
         theirs = worker[target]
-        assert read_only == bool(theirs.get("read_only")), target
+        assert ro == bool(theirs.get("read_only")), target
         if theirs["type"] == "volume":
             assert source == config["volumes"][theirs["source"]]["name"], target
         else:  # a bind of the host folder: DATA_DIR in the example env

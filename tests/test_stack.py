@@ -3,6 +3,7 @@ started by `deployments.stack`, then driven as a user would (deployments, CLI, R
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
-from deployments.stack import StackError, ensure_bucket
+from deployments.automations import NAME as ZOMBIES
+from deployments.stack import StackError, ensure_bucket, tail
 from tests.conftest import REPO, STACK_SUITE, STACK_TINY, client_env, prefect_api
 
 pytestmark = pytest.mark.integration
@@ -140,19 +143,90 @@ def test_stack_status_shows_servers_pools_workers_and_runs(
     assert status["last_runs"]
 
 
-def test_the_suite_deployment_is_scheduled(stack: Any) -> None:
+def _status(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    script = str(Path(sys.executable).with_name("agegender"))
+    return subprocess.run(
+        [script, "stack", "status", *args, "--run-dir", str(stack.run_dir)],
+        capture_output=True,
+        text=True,
+        env=client_env(stack),
+        timeout=120,
+    )
+
+
+def _automations(stack: Any) -> list[dict[str, Any]]:
+    req = urllib.request.Request(
+        f"{stack.prefect_api}/automations/filter",
+        data=b"{}",
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return [a for a in json.loads(r.read()) if a["name"] == ZOMBIES]
+
+
+def test_schedules_start_paused_until_resumed_and_status_checks_their_paths(stack: Any) -> None:
     with urllib.request.urlopen(f"{stack.prefect_api}/deployments/name/suite/suite") as r:
         deployment = json.loads(r.read())
-    crons = [s["schedule"].get("cron") for s in deployment["schedules"]]
-    assert crons == ["0 3 * * 1"]
+    (schedule,) = deployment["schedules"]
+    assert schedule["schedule"]["cron"] == "0 3 * * 1"
+    assert schedule["active"] is False  # the /data paths may not exist: nothing runs by itself
     assert deployment["work_pool_name"] == "local"
     body = {
         "deployments": {"id": {"any_": [deployment["id"]]}},
         "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
     }
+    assert _flow_runs(stack, body) == []
+
+    res = _status(stack, "--json")
+    assert res.returncode == 0, res.stderr
+    (shown,) = [s for s in json.loads(res.stdout)["schedules"] if s["deployment"] == "suite/suite"]
+    assert shown["active"] is False
+    assert shown["schedule_id"] == schedule["id"]
+    assert datetime.fromisoformat(shown["next_run"]).weekday() == 0  # a Monday
+    checks = {c["name"]: c["ok"] for c in shown["parameters"]}
+    assert checks["data_root"] is Path("/data/adience").is_dir()
+    assert checks["suite.pretrain.root"] is Path("/data/celeba").is_dir()
+    assert shown["resolves"] is all(checks.values())
+    text = _status(stack)
+    assert text.returncode == 0, text.stderr
+    assert "schedule suite/suite cron '0 3 * * 1' UTC: paused, next 20" in text.stdout
+    assert f"prefect deployment schedule resume suite/suite {schedule['id']}" in text.stdout
+    assert "crash detection: runs without a heartbeat for 90 s are marked CRASHED" in text.stdout
+
+    # turned on as the status line says, it gets its scheduled runs
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    resume = subprocess.run(
+        [prefect, "deployment", "schedule", "resume", "suite/suite", schedule["id"]],
+        capture_output=True,
+        text=True,
+        env=client_env(stack),
+        timeout=120,
+    )
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not _flow_runs(stack, body):
+        time.sleep(2)
     scheduled = _flow_runs(stack, body)
-    assert len(scheduled) >= 1
+    assert scheduled, "no run was scheduled after the schedule was resumed"
     assert all(run["expected_start_time"] for run in scheduled)
+
+    # a second `stack up` (setup again) keeps the user's choice and one crash automation
+    assert len(_automations(stack)) == 1
+    stack.setup()
+    with urllib.request.urlopen(f"{stack.prefect_api}/deployments/name/suite/suite") as r:
+        (again,) = json.loads(r.read())["schedules"]
+    assert again["active"] is True
+    assert len(_automations(stack)) == 1
+    pause = subprocess.run(
+        [prefect, "deployment", "schedule", "pause", "suite/suite", again["id"]],
+        capture_output=True,
+        text=True,
+        env=client_env(stack),
+        timeout=120,
+    )
+    assert pause.returncode == 0, pause.stdout + pause.stderr
+
     with urllib.request.urlopen(
         f"{stack.prefect_api}/deployments/name/train_fold/train-fold-gpu"
     ) as r:
@@ -190,7 +264,8 @@ def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
     body = {"flow_runs": {"name": {"any_": ["gender-fold0", "gender-fold1"]}}}
     fold_runs = _flow_runs(stack, body)
     assert {r["state_type"] for r in fold_runs} == {"COMPLETED"}
-    assert any(t.startswith("pid:") for r in fold_runs for t in r["tags"])
+    # nothing ties a run to the host or process it ran in (crash detection needs neither)
+    assert not [t for r in fold_runs for t in r["tags"] if t.startswith(("host:", "pid:"))]
 
 
 def _suite_cli(stack: Any, cache: Path, run_root: Path, *extra: str) -> subprocess.Popen[str]:
@@ -238,48 +313,91 @@ def test_mlflow_restart_during_a_suite_loses_no_fold(
     assert all(p.data.metrics["folds"] == 5 for p in parents)
 
 
-def test_a_worker_killed_mid_fold_is_resumed_from_the_checkpoint(
+def _processes_of(flow_run_id: str) -> list[int]:
+    """The processes running a flow run, found as an operator would (its environment); the
+    project itself never looks at processes."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in env:
+            found.append(int(proc.name))
+    return found
+
+
+def _worker_elsewhere(stack: Any, creds: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The stack's worker command under another host name (a UTS namespace, where we may make
+    one): the suite cannot tell its folds' processes by host, as on a second machine."""
+    argv, env = stack._command("worker", creds)
+    other = ["unshare", "--uts", "sh", "-c", 'hostname worker-elsewhere && exec "$@"', "sh"]
+    probe = subprocess.run([*other, "true"], capture_output=True, timeout=30)
+    with stack.log("worker").open("ab") as log:
+        return subprocess.Popen(
+            [*other, *argv] if probe.returncode == 0 else argv,
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
     stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
 ) -> None:
-    proc = _suite_cli(
-        stack,
-        learn_cache,
-        tmp_path,
-        "suite.name=stack-kill",
-        "suite.variants=[multitask]",
-        "suite.folds=[0]",
-        "suite.mode=deployments",
-        "train.iterations=150",
-        *TINY_ARGS,
-    )
-    checkpoints: list[Path] = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not checkpoints:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        checkpoints = list(tmp_path.glob("stack-kill/multitask/fold0-*/last.pt"))
-        time.sleep(0.2)
-    assert checkpoints, "no checkpoint was written"
-    body = {"flow_runs": {"name": {"any_": ["multitask-fold0"]}}}
-    (first,) = _flow_runs(stack, body)
-    pid = int(next(t for t in first["tags"] if t.startswith("pid:"))[4:])
-    worker = stack._pids()["worker"]
-    os.killpg(worker, signal.SIGKILL)  # the worker and the fold it runs die, as with a crash
-    os.killpg(pid, signal.SIGKILL)
-    assert not (checkpoints[0].parent / "result.json").exists()
     stack.stop("worker")
+    elsewhere = _worker_elsewhere(stack, stack_creds)
+    try:
+        proc = _suite_cli(
+            stack,
+            learn_cache,
+            tmp_path,
+            "suite.name=stack-kill",
+            "suite.variants=[multitask]",
+            "suite.folds=[0]",
+            "suite.mode=deployments",
+            "train.iterations=150",
+            *TINY_ARGS,
+        )
+        checkpoints: list[Path] = []
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not checkpoints:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert elsewhere.poll() is None, tail(stack.log("worker"))
+            checkpoints = list(tmp_path.glob("stack-kill/multitask/fold0-*/last.pt"))
+            time.sleep(0.2)
+        assert checkpoints, "no checkpoint was written"
+        body = {"flow_runs": {"name": {"any_": ["multitask-fold0"]}}}
+        (first,) = _flow_runs(stack, body)
+        fold = _processes_of(first["id"])
+        assert fold, "the fold's process was not found"
+        # the worker and the fold it runs die at once, as with a lost machine
+        os.killpg(elsewhere.pid, signal.SIGKILL)
+        for pid in fold:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        elsewhere.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(elsewhere.pid, signal.SIGKILL)
+    assert not (checkpoints[0].parent / "result.json").exists()
     stack.start("worker", stack_creds)
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     log = stack.log("worker").read_text()
     assert "multitask fold 0: resuming from its checkpoint" in log
-    states = sorted(run["state_type"] for run in _flow_runs(stack, body))
-    assert states == ["COMPLETED", "CRASHED"]
+    runs = sorted(_flow_runs(stack, body), key=lambda r: r["expected_start_time"])
+    assert [r["state_type"] for r in runs] == ["CRASHED", "COMPLETED"]
+    # marked by the server's automation, from the heartbeats alone
+    assert "no heartbeat for 90 s" in runs[0]["state"]["message"]
     client = MlflowClient(stack.mlflow_url)
     exp = client.get_experiment_by_name("stack-kill")
     assert exp is not None
-    (fold,) = client.search_runs([exp.experiment_id], "tags.kind = 'fold'")
-    assert fold.info.status == "FINISHED"
-    history = client.get_metric_history(fold.info.run_id, "val_loss")
+    (fold_run,) = client.search_runs([exp.experiment_id], "tags.kind = 'fold'")
+    assert fold_run.info.status == "FINISHED"
+    history = client.get_metric_history(fold_run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(1, len(history) + 1))  # no epoch lost
 
 
