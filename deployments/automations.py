@@ -61,12 +61,13 @@ def zombie_automation(heartbeat_s: int = HEARTBEAT_S) -> dict[str, Any]:
 
 
 def _same(have: dict[str, Any], want: dict[str, Any]) -> bool:
-    keys = ("name", "description", "enabled", "trigger", "actions")
+    """Equal as automations (parsed by Prefect's model: the server's extra fields, the
+    trigger's id and the order of its sets do not count)."""
+    from prefect.events.schemas.automations import AutomationCore
 
     def norm(a: dict[str, Any]) -> dict[str, Any]:
-        out = {k: a.get(k) for k in keys}
-        out["trigger"] = {k: v for k, v in (a.get("trigger") or {}).items() if k != "id"}
-        return out
+        parsed = AutomationCore.model_validate(a)
+        return parsed.model_dump(mode="json", exclude={"trigger": {"id"}})
 
     return norm(have) == norm(want)
 

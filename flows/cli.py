@@ -146,15 +146,17 @@ def cmd_stack(a: argparse.Namespace) -> None:
 
 
 def _crash_detection(api: str) -> None:
-    """The zombie-flow automation on any Prefect server (the compose stack's, say)."""
-    from deployments.automations import HEARTBEAT_S, NAME, ensure_zombie_automation
+    """The zombie-flow automation on any Prefect server (the compose stack's, say), for the
+    heartbeat period its clients use (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else Prefect's)."""
+    from deployments.automations import HEARTBEAT_S, MISSED, NAME, ensure_zombie_automation
 
     if not http_ok(api.rstrip("/") + "/health", timeout=10):
         raise StackError(f"Prefect API at {api} is unreachable; set PREFECT_API_URL to the server")
-    done = ensure_zombie_automation(api, HEARTBEAT_S)
+    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or HEARTBEAT_S)
+    done = ensure_zombie_automation(api, heartbeat)
     cli.out.print(
-        f"{api}: automation '{NAME}' {done}; workers must run flows with "
-        f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={HEARTBEAT_S}",
+        f"{api}: automation '{NAME}' {done} (CRASHED after {MISSED * heartbeat} s without a "
+        f"heartbeat); flow runs send one every PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat} s",
         highlight=False,
         markup=False,
         soft_wrap=True,

@@ -99,3 +99,20 @@ def test_no_code_path_compares_hosts_or_pids() -> None:
         names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
         names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         assert not names & {"gethostname", "getpid", "alive"}, path
+
+
+def test_crash_detection_on_an_unreachable_server_is_one_error_line() -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("agegender")
+    env = os.environ | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    res = subprocess.run(
+        [str(script), "stack", "crash-detection"], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        "error: Prefect API at http://127.0.0.1:9/api is unreachable; set PREFECT_API_URL to "
+        "the server"
+    )

@@ -218,6 +218,19 @@ def test_schedules_start_paused_until_resumed_and_status_checks_their_paths(stac
         (again,) = json.loads(r.read())["schedules"]
     assert again["active"] is True
     assert len(_automations(stack)) == 1
+    # and so does the command for other servers (its clients' heartbeat period: 30 s here)
+    script = str(Path(sys.executable).with_name("agegender"))
+    res = subprocess.run(
+        [script, "stack", "crash-detection"],
+        capture_output=True,
+        text=True,
+        env=client_env(stack),
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    said = f"{stack.prefect_api}: automation '{ZOMBIES}' unchanged (CRASHED after 90 s"
+    assert said in res.stdout
+    assert len(_automations(stack)) == 1
     pause = subprocess.run(
         [prefect, "deployment", "schedule", "pause", "suite/suite", again["id"]],
         capture_output=True,
