@@ -397,7 +397,12 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
             os.killpg(elsewhere.pid, signal.SIGKILL)
     assert not (checkpoints[0].parent / "result.json").exists()
     stack.start("worker", stack_creds)
-    out, _ = proc.communicate(timeout=900)
+    try:
+        out, _ = proc.communicate(timeout=900)
+    finally:  # a suite that never saw the crash must not outlive the test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
     assert proc.returncode == 0, out[-3000:]
     log = stack.log("worker").read_text()
     assert "multitask fold 0: resuming from its checkpoint" in log
