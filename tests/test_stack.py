@@ -22,7 +22,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from deployments.automations import NAME as ZOMBIES
-from deployments.stack import StackError, ensure_bucket, tail
+from deployments.stack import StackError, alive, ensure_bucket, tail
 from tests.conftest import REPO, STACK_SUITE, STACK_TINY, client_env, prefect_api
 
 pytestmark = pytest.mark.integration
@@ -362,18 +362,19 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
 ) -> None:
     stack.stop("worker")
     elsewhere = _worker_elsewhere(stack, stack_creds)
+    proc = _suite_cli(
+        stack,
+        learn_cache,
+        tmp_path,
+        "suite.name=stack-kill",
+        "suite.variants=[multitask]",
+        "suite.folds=[0]",
+        "suite.mode=deployments",
+        "train.iterations=150",
+        *TINY_ARGS,
+    )
+    body = {"flow_runs": {"name": {"any_": ["multitask-fold0"]}}}
     try:
-        proc = _suite_cli(
-            stack,
-            learn_cache,
-            tmp_path,
-            "suite.name=stack-kill",
-            "suite.variants=[multitask]",
-            "suite.folds=[0]",
-            "suite.mode=deployments",
-            "train.iterations=150",
-            *TINY_ARGS,
-        )
         checkpoints: list[Path] = []
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and not checkpoints:
@@ -382,7 +383,6 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
             checkpoints = list(tmp_path.glob("stack-kill/multitask/fold0-*/last.pt"))
             time.sleep(0.2)
         assert checkpoints, "no checkpoint was written"
-        body = {"flow_runs": {"name": {"any_": ["multitask-fold0"]}}}
         (first,) = _flow_runs(stack, body)
         fold = _processes_of(first["id"])
         assert fold, "the fold's process was not found"
@@ -392,17 +392,18 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         elsewhere.wait(timeout=60)
-    finally:
+        assert not (checkpoints[0].parent / "result.json").exists()
+        stack.start("worker", stack_creds)
+        out, _ = proc.communicate(timeout=900)
+    finally:  # whatever failed: no stray worker or suite, and the stack's worker back
         with contextlib.suppress(ProcessLookupError):
             os.killpg(elsewhere.pid, signal.SIGKILL)
-    assert not (checkpoints[0].parent / "result.json").exists()
-    stack.start("worker", stack_creds)
-    try:
-        out, _ = proc.communicate(timeout=900)
-    finally:  # a suite that never saw the crash must not outlive the test
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
+        worker = stack._pids().get("worker")
+        if worker is None or not alive(worker):
+            stack.start("worker", stack_creds)
     assert proc.returncode == 0, out[-3000:]
     log = stack.log("worker").read_text()
     assert "multitask fold 0: resuming from its checkpoint" in log
