@@ -116,3 +116,19 @@ def test_crash_detection_on_an_unreachable_server_is_one_error_line() -> None:
         "error: Prefect API at http://127.0.0.1:9/api is unreachable; set PREFECT_API_URL to "
         "the server"
     )
+
+
+def test_process_workers_run_from_the_shared_checkout_and_gpu_ones_from_the_image() -> None:
+    """The scale-out contract for code: deployments on the process pool `local` change into
+    `$AGEGENDER_HOME` (the checkout `stack up` deploys from, which every process worker must
+    see at that path); the GPU containers into the image's /app."""
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    step = "prefect.deployments.steps.set_working_directory"
+    shared = [{step: {"directory": "{{ $AGEGENDER_HOME }}"}}]
+    assert spec["pull"] == shared
+    for name, d in _deployments().items():
+        pull = d.get("pull", spec["pull"])
+        if d["work_pool"]["name"] == "local":
+            assert pull == shared, name
+        else:
+            assert pull == [{step: {"directory": "/app"}}], name

@@ -277,6 +277,10 @@ def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
     body = {"flow_runs": {"name": {"any_": ["gender-fold0", "gender-fold1"]}}}
     fold_runs = _flow_runs(stack, body)
     assert {r["state_type"] for r in fold_runs} == {"COMPLETED"}
+    # process workers run the folds from the checkout that deployed them (a shared checkout)
+    with urllib.request.urlopen(f"{stack.prefect_api}/deployments/name/train_fold/train-fold") as r:
+        pull = json.loads(r.read())["pull_steps"]
+    assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     # nothing ties a run to the host or process it ran in (crash detection needs neither)
     assert not [t for r in fold_runs for t in r["tags"] if t.startswith(("host:", "pid:"))]
 
