@@ -109,7 +109,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
 
 def cmd_stack(a: argparse.Namespace) -> None:
-    stack = Stack.at(a.run_dir)
+    stack = Stack.at(a.run_dir, a.db if a.action == "up" else None)
     if a.action == "up":
         env = stack.up(lambda m: cli.err.print(m, highlight=False))
         cli.out.print("stack up; point clients at it with:", highlight=False)
@@ -126,6 +126,7 @@ def cmd_stack(a: argparse.Namespace) -> None:
         if a.json:
             print(json.dumps(status, indent=2))
             return
+        cli.out.print(f"database: {status['db']}", highlight=False)
         for name, s in status["services"].items():
             state = "healthy" if s["healthy"] else ("running" if s["running"] else "stopped")
             cli.out.print(
@@ -207,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("action", choices=["up", "down", "status", "env"])
     s.add_argument("--run-dir", type=Path, default=Path("runs/stack"), help="PIDs, logs, data")
+    s.add_argument(
+        "--db",
+        choices=["sqlite", "postgres"],
+        default=None,
+        help="up: where Prefect and MLflow keep their data (default: the run dir's, else sqlite;"
+        " postgres: a private PostgreSQL server from Debian's package, as docker/ does)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stack)
     return parser
