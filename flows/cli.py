@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agegender import cli
 from agegender.config import ConfigError, load_pretrain_config, load_suite_config
+from agegender.train import select_device
 from deployments.stack import Stack, StackError, http_ok
 from tasks import TrackingError
 
@@ -37,6 +38,8 @@ def _check_servers() -> None:
 
 def cmd_suite(a: argparse.Namespace) -> None:
     suite, base = load_suite_config(a.config, a.overrides, a.preset)
+    if suite.mode == "tasks":  # folds train here: a CUDA device asked for must be here
+        select_device(base.train.device)
     _check_servers()
     if a.data_root is None and a.cache is None:
         raise ValueError("give --data-root (an Adience download) or --cache (a prepared cache)")
@@ -64,6 +67,7 @@ def cmd_suite(a: argparse.Namespace) -> None:
 def cmd_pretrain(a: argparse.Namespace) -> None:
     overrides = [f"pretrain.source={a.source}", f"pretrain.root={a.data_root}", *a.overrides]
     pretrain, base = load_pretrain_config(a.config, overrides, a.preset)
+    select_device(base.train.device)
     _check_servers()
     from flows.pretrain import run_pretrain  # Prefect starts only for this command
 
