@@ -248,6 +248,7 @@ class Stack:
     def _pg_init(self) -> None:
         """A fresh data folder (initdb) unless there is one: local admin by peer over the
         data folder's socket, TCP on 127.0.0.1 only with scram-sha-256 passwords."""
+        initdb = pg_bin() / "initdb"  # first: a missing install is the clearest error
         data = self._pg_data()
         if (data / "PG_VERSION").is_file():
             return
@@ -265,7 +266,7 @@ class Stack:
                 )
         res = _as_pg_user(
             [
-                str(pg_bin() / "initdb"),
+                str(initdb),
                 "-D",
                 str(data),
                 "--auth-local=peer",
