@@ -60,7 +60,7 @@ class Ports:
     weed_volume: int = 9340
     weed_filer: int = 8888
     weed_admin: int = 23646
-    postgres: int = 5432  # only with --db postgres
+    postgres: int = 15432  # only with --db postgres (not 5432: a system server may have it)
 
     @classmethod
     def shifted(cls, by: int) -> Ports:
