@@ -236,12 +236,13 @@ class Stack:
         return path.read_text().strip()
 
     def _database_url(self, database: str) -> str:
-        """Where Prefect (asyncpg) or MLflow (psycopg2) keep their data."""
+        """Where Prefect (asyncpg) or MLflow (psycopg2: SQLAlchemy 2.1 maps a bare
+        `postgresql://` to psycopg 3) keep their data."""
         if self.db == "sqlite":
             if database == "mlflow":
                 return f"sqlite:///{self.run_dir / 'mlflow' / 'mlflow.db'}"
             return f"sqlite+aiosqlite:///{self.run_dir / 'prefect' / 'prefect.db'}"
-        driver = "postgresql+asyncpg" if database == "prefect" else "postgresql"
+        driver = "postgresql+asyncpg" if database == "prefect" else "postgresql+psycopg2"
         where = f"{self.host}:{self.ports.postgres}/{database}"
         return f"{driver}://{PG_ROLE}:{self._pg_password()}@{where}"
 

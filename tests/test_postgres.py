@@ -35,6 +35,11 @@ def _agegender(*args: str | Path, env: dict[str, str] | None = None) -> Any:
     )
 
 
+def _dsn(st: Stack) -> str:
+    """The MLflow database's URL as psycopg2 itself takes it."""
+    return st._database_url("mlflow").replace("postgresql+psycopg2://", "postgresql://")
+
+
 @pytest.fixture
 def reachable_dir() -> Iterator[Path]:
     """A folder PostgreSQL's own user can reach when the tests run as root (pytest's temp
@@ -50,7 +55,7 @@ def test_stack_down_stops_postgresql_and_keeps_its_data(reachable_dir: Path) -> 
     st = Stack(reachable_dir / "stack", ports=Ports.shifted(SHIFT), db="postgres")
     pid = st.start("postgres", {})
     try:
-        with psycopg2.connect(st._database_url("mlflow")) as conn, conn.cursor() as cur:
+        with psycopg2.connect(_dsn(st)) as conn, conn.cursor() as cur:
             cur.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
         status = _agegender("stack", "status", "--json", "--run-dir", st.run_dir)
         assert status.returncode == 0, status.stderr
@@ -72,7 +77,7 @@ def test_stack_down_stops_postgresql_and_keeps_its_data(reachable_dir: Path) -> 
         assert not pg_ready("127.0.0.1", st.ports.postgres)
         # started again: the same data, role and password
         st.start("postgres", {})
-        with psycopg2.connect(st._database_url("mlflow")) as conn, conn.cursor() as cur:
+        with psycopg2.connect(_dsn(st)) as conn, conn.cursor() as cur:
             cur.execute("SELECT x FROM kept")
             assert cur.fetchall() == [(7,)]
     finally:
