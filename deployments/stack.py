@@ -193,10 +193,10 @@ class Stack:
                 "--port",
                 str(self.ports.prefect),
             ]
-            prefect_env = {"PREFECT_HOME": str(self.run_dir / "prefect")}
-            if self.db == "postgres":
-                url = self._database_url("prefect")
-                prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
+            prefect_env = {
+                "PREFECT_HOME": str(self.run_dir / "prefect"),
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": self._database_url("prefect"),
+            }
             return argv, env | prefect_env
         if name == "worker":
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"]
@@ -297,8 +297,10 @@ class Stack:
             [*self.psql_admin(), "-d", "postgres"], cwd=self._pg_data(), stdin="\n".join(sql)
         )
         if res.returncode != 0:
+            said = res.stderr.replace(password, "***")[-2000:]  # psql may echo the statement
             raise StackError(
-                f"postgres: making the role and databases failed; see {self.log('postgres')}"
+                f"postgres: making the role and databases failed (see {self.log('postgres')}):"
+                f"\n{said}"
             )
 
     def psql_admin(self) -> list[str]:
