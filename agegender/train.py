@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,9 +49,23 @@ class RunError(RuntimeError):
     """A run directory that cannot be used as asked (exists, or belongs to another config)."""
 
 
+class DeviceError(RunError):
+    """A device asked for that this machine does not have (retrying cannot help)."""
+
+
 def select_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"train.device={name} but no CUDA device is available")
+    """`auto` alone may fall back to the CPU; a CUDA device asked for and not found is an
+    error, never a silent run on the CPU."""
+    if name.startswith("cuda"):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= found:
+            what = f"only {found} CUDA device(s)" if found else "no CUDA device"
+            raise DeviceError(
+                f"train.device={name}, but this machine ({platform.node()}) has {what} "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); "
+                "train.device=auto runs on the CPU when there is no GPU"
+            )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

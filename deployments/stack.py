@@ -1,9 +1,11 @@
 """The local service stack without Docker: S3, MLflow, Prefect server and a Prefect worker.
 
 `agegender stack up` starts, on 127.0.0.1 only, a SeaweedFS S3 server (`weed mini`, the bucket
-made with boto3), an MLflow tracking server (SQLite backend, artifacts proxied to S3, so clients
-need no S3 credentials), a Prefect server (SQLite), the work pools, concurrency limit and
-deployments of `deployments/prefect.yaml`, and a process worker on the `local` pool. Each
+made with boto3), an MLflow tracking server (artifacts proxied to S3, so clients need no S3
+credentials), a Prefect server, the work pools, concurrency limit and deployments of
+`deployments/prefect.yaml`, and a process worker on the `local` pool. Both servers keep their
+data in SQLite, or (`--db postgres`, as the compose stack does) in a private PostgreSQL server
+from Debian's packages, with its own data folder, role and password under the run dir. Each
 service is its own process group; PIDs go to `RUN_DIR/stack.json`, logs to `RUN_DIR/logs/`, and
 `stack down` stops exactly those groups. Every start waits for the service's health check, never
 a fixed sleep. S3 credentials come only from the environment or a `.env` file (never written
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import secrets
 import signal
 import socket
 import subprocess
@@ -38,7 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 BIN = Path(sys.executable).parent
 SERVICES = ("s3", "mlflow", "prefect", "worker")
+DATABASES = ("sqlite", "postgres")
 POOLS = {"local": "process", "gpu": "docker"}
+# What a pool's base job template must pass on, per pool type: the GPU deployment's device
+# request and shm_size travel in `container_create_kwargs`, which Prefect's bundled docker
+# template (used when prefect-docker is not installed) silently lacks.
+POOL_VARIABLES = {"docker": ("container_create_kwargs", "volumes", "networks", "env", "image")}
+PG_ROLE = "agegender"  # the role Prefect and MLflow log in as; owns both databases
+PG_DATABASES = ("prefect", "mlflow")
 GPU_LIMIT = "gpu-slots"  # global concurrency limit: folds at once per machine's GPUs
 
 
@@ -57,6 +68,7 @@ class Ports:
     weed_volume: int = 9340
     weed_filer: int = 8888
     weed_admin: int = 23646
+    postgres: int = 15432  # only with --db postgres (not 5432: a system server may have it)
 
     @classmethod
     def shifted(cls, by: int) -> Ports:
@@ -72,6 +84,12 @@ class Stack:
     host: str = "127.0.0.1"
     bucket: str = "mlflow"
     heartbeat_s: int = HEARTBEAT_S  # flow-run heartbeats; silent for 3 of them = CRASHED
+    db: str = "sqlite"  # where Prefect and MLflow keep their data: sqlite or postgres
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """This stack's services, in start order."""
+        return (("postgres",) if self.db == "postgres" else ()) + SERVICES
 
     @property
     def s3_url(self) -> str:
@@ -86,13 +104,17 @@ class Stack:
         return f"http://{self.host}:{self.ports.prefect}/api"
 
     @classmethod
-    def at(cls, run_dir: Path) -> Stack:
-        """The stack of a run directory, on the ports it was started with (defaults if none)."""
+    def at(cls, run_dir: Path, db: str | None = None) -> Stack:
+        """The stack of a run directory, on the ports and database it was started with
+        (defaults if none; `db` chooses another database)."""
         try:
-            saved = json.loads((Path(run_dir) / "stack.json").read_text()).get("ports", {})
+            state = json.loads((Path(run_dir) / "stack.json").read_text())
         except (OSError, ValueError):
-            saved = {}
-        return cls(Path(run_dir), ports=Ports(**saved))
+            state = {}
+        db = db or state.get("db", "sqlite")
+        if db not in DATABASES:
+            raise StackError(f"--db {db}: the stack keeps its data in {' or '.join(DATABASES)}")
+        return cls(Path(run_dir), ports=Ports(**state.get("ports", {})), db=db)
 
     def client_env(self) -> dict[str, str]:
         """What a client (the CLI, a test, a worker) needs: no S3 credentials. Its flow runs
@@ -116,6 +138,7 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "pids": dict(pids),
+            "db": self.db,
             "ports": self.ports.__dict__,
             "urls": self.client_env() | {"S3": self.s3_url},
         }
@@ -153,8 +176,6 @@ class Stack:
             argv = [
                 str(BIN / "mlflow"),
                 "server",
-                "--backend-store-uri",
-                f"sqlite:///{self.run_dir / 'mlflow' / 'mlflow.db'}",
                 "--artifacts-destination",
                 f"s3://{self.bucket}/artifacts",
                 "--host",
@@ -169,6 +190,8 @@ class Stack:
             extra = {
                 "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                # in the environment, not on the command line: the URL may hold a password
+                "MLFLOW_BACKEND_STORE_URI": self._database_url("mlflow"),
             }
             return argv, env | dict(creds) | extra
         if name == "prefect":
@@ -181,11 +204,130 @@ class Stack:
                 "--port",
                 str(self.ports.prefect),
             ]
-            return argv, env | {"PREFECT_HOME": str(self.run_dir / "prefect")}
+            prefect_env = {
+                "PREFECT_HOME": str(self.run_dir / "prefect"),
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": self._database_url("prefect"),
+            }
+            return argv, env | prefect_env
         if name == "worker":
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"]
             return argv, env | self.client_env() | {"PREFECT_HOME": str(self.run_dir / "worker")}
-        raise ValueError(f"unknown service {name!r}; the stack has {', '.join(SERVICES)}")
+        if name == "postgres":
+            data = self._pg_data()
+            argv = [
+                str(pg_bin() / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.ports.postgres),
+                "-k",
+                str(data),  # its Unix socket: only the stack's own set-up uses it
+                "-c",
+                f"listen_addresses={self.host}",
+            ]
+            return argv, {"PATH": env.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+        raise ValueError(f"unknown service {name!r}; the stack has {', '.join(self.services)}")
+
+    # --- PostgreSQL (--db postgres) ---------------------------------------------------------
+
+    def _pg_data(self) -> Path:
+        return self.run_dir / "postgres" / "data"
+
+    def _pg_password_file(self) -> Path:
+        return self.run_dir / "postgres-password"
+
+    def _pg_password(self) -> str:
+        """The role's password: made once per stack, kept in the run dir (0600), never shown."""
+        path = self._pg_password_file()
+        if not path.is_file():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(24) + "\n")
+        return path.read_text().strip()
+
+    def _database_url(self, database: str) -> str:
+        """Where Prefect (asyncpg) or MLflow (psycopg2: SQLAlchemy 2.1 maps a bare
+        `postgresql://` to psycopg 3) keep their data."""
+        if self.db == "sqlite":
+            if database == "mlflow":
+                return f"sqlite:///{self.run_dir / 'mlflow' / 'mlflow.db'}"
+            return f"sqlite+aiosqlite:///{self.run_dir / 'prefect' / 'prefect.db'}"
+        driver = "postgresql+asyncpg" if database == "prefect" else "postgresql+psycopg2"
+        where = f"{self.host}:{self.ports.postgres}/{database}"
+        return f"{driver}://{PG_ROLE}:{self._pg_password()}@{where}"
+
+    def _pg_init(self) -> None:
+        """A fresh data folder (initdb) unless there is one: local admin by peer over the
+        data folder's socket, TCP on 127.0.0.1 only with scram-sha-256 passwords."""
+        initdb = pg_bin() / "initdb"  # first: a missing install is the clearest error
+        data = self._pg_data()
+        if (data / "PG_VERSION").is_file():
+            return
+        user = pg_user()
+        data.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(data.parent, 0o700)
+        if user is not None:
+            os.chown(data.parent, user.pw_uid, user.pw_gid)
+            reach = _as_pg_user(["test", "-w", str(data.parent)], cwd=Path("/"))
+            if reach.returncode != 0:
+                raise StackError(
+                    f"postgres: PostgreSQL runs as the `{user.pw_name}` user (it refuses root), "
+                    f"which cannot reach {data.parent}; make every folder above it searchable "
+                    "by that user (chmod o+x) or choose another --run-dir"
+                )
+        res = _as_pg_user(
+            [
+                str(initdb),
+                "-D",
+                str(data),
+                "--auth-local=peer",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+            ],
+            cwd=data.parent,
+        )
+        if res.returncode != 0:
+            raise StackError(f"postgres: initdb {data} failed:\n{res.stdout[-2000:]}")
+
+    def _pg_setup(self) -> None:
+        """The role (with this stack's password) and the `prefect` and `mlflow` databases."""
+        password = self._pg_password()
+        sql = [
+            "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
+            f"'{PG_ROLE}') THEN CREATE ROLE {PG_ROLE} LOGIN; END IF; END$$;",
+            f"ALTER ROLE {PG_ROLE} WITH LOGIN PASSWORD '{password}';",
+        ]
+        for name in PG_DATABASES:
+            sql.append(
+                f"SELECT 'CREATE DATABASE {name} OWNER {PG_ROLE}' WHERE NOT EXISTS "
+                f"(SELECT FROM pg_database WHERE datname = '{name}')\\gexec"
+            )
+        res = _as_pg_user(
+            [*self.psql_admin(), "-d", "postgres"], cwd=self._pg_data(), stdin="\n".join(sql)
+        )
+        if res.returncode != 0:
+            said = res.stderr.replace(password, "***")[-2000:]  # psql may echo the statement
+            raise StackError(
+                f"postgres: making the role and databases failed (see {self.log('postgres')}):"
+                f"\n{said}"
+            )
+
+    def psql_admin(self) -> list[str]:
+        """psql as the server's own superuser, over the data folder's socket (peer auth)."""
+        data = self._pg_data()
+        return [
+            str(pg_bin() / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            str(data),
+            "-p",
+            str(self.ports.postgres),
+        ]
 
     def start(self, name: str, creds: Mapping[str, str] | None = None) -> int:
         """Start one service in its own process group and wait until it is healthy."""
@@ -201,22 +343,33 @@ class Stack:
                 f"{name}: port {self.host}:{port} is already in use (another stack? "
                 "`agegender stack down`, or choose other ports)"
             )
-        argv, env = self._command(name, creds)
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+        user = None
+        if name == "postgres":
+            self._pg_init()
+            user = pg_user()
+        else:
+            (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+        argv, env = self._command(name, creds)
+        as_user: dict[str, Any] = {}
+        if user is not None:  # root: the server runs as the package's `postgres` user
+            as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         with self.log(name).open("ab") as log:
             proc = subprocess.Popen(
                 argv,
                 env=env,
-                cwd=REPO,
+                cwd=self._pg_data() if name == "postgres" else REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                **as_user,
             )
         self._save_pids(pids | {name: proc.pid})
         try:
             self._wait_healthy(name, creds, proc)
+            if name == "postgres":
+                self._pg_setup()
         except BaseException:
             self.stop(name)
             raise
@@ -225,7 +378,7 @@ class Stack:
     def _wait_healthy(
         self, name: str, creds: Mapping[str, str], proc: subprocess.Popen[bytes]
     ) -> None:
-        limit = {"s3": 60, "mlflow": 120, "prefect": 120, "worker": 90}[name]
+        limit = {"s3": 60, "mlflow": 120, "prefect": 120, "worker": 90, "postgres": 120}[name]
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -246,6 +399,8 @@ class Stack:
             return http_ok(f"{self.mlflow_url}/health")
         if name == "prefect":
             return http_ok(f"{self.prefect_api}/health")
+        if name == "postgres":
+            return pg_ready(self.host, self.ports.postgres)
         return self._worker_online()
 
     def _worker_online(self) -> bool:
@@ -261,9 +416,16 @@ class Stack:
         pid = pids.pop(name, None)
         stopped = False
         if pid is not None and alive(pid):
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+            # PostgreSQL: SIGINT to its server process alone (its fast shutdown; signals to its
+            # own children would disturb it); the others: their whole process group
+            steps: list[tuple[Callable[[int, int], None], int]] = (
+                [(os.kill, signal.SIGINT)]
+                if name == "postgres"
+                else [(os.killpg, signal.SIGTERM), (os.killpg, signal.SIGINT)]
+            )
+            for send, sig in [*steps, (os.killpg, signal.SIGKILL)]:
                 try:
-                    os.killpg(pid, sig)
+                    send(pid, sig)
                 except ProcessLookupError:
                     break
                 deadline = time.monotonic() + grace
@@ -279,20 +441,20 @@ class Stack:
 
     def up(self, progress: Callable[[str], None] = print) -> dict[str, str]:
         creds = credentials()
-        for name in ("s3", "mlflow", "prefect"):
+        for name in self.services[:-1]:  # the worker comes after the pools and deployments
             started = time.monotonic()
             self.start(name, creds)
             progress(f"{name} healthy in {time.monotonic() - started:.1f} s")
         ensure_bucket(self.s3_url, creds, self.bucket)
         progress(f"bucket s3://{self.bucket} ready")
         started = time.monotonic()
-        self.setup()
+        self.setup(progress=progress)
         progress(f"work pools, limits and deployments in {time.monotonic() - started:.1f} s")
         self.start("worker", creds)
         progress("worker online on pool 'local'")
         return self.client_env()
 
-    def setup(self, gpu_slots: int | None = None) -> None:
+    def setup(self, gpu_slots: int | None = None, progress: Callable[[str], None] = print) -> None:
         """Work pools, the GPU concurrency limit (one fold per GPU of this machine, at least
         one) and the deployments of prefect.yaml."""
         gpu_slots = gpu_slots or max(count_gpus(), 1)
@@ -301,7 +463,7 @@ class Stack:
         env.setdefault("AGEGENDER_WORKER_IMAGE", "agegender-worker:latest")
         env["AGEGENDER_HOME"] = str(REPO)  # where the local pool's flows run
         for pool, kind in POOLS.items():
-            _prefect(["work-pool", "create", pool, "--type", kind, "--overwrite"], env)
+            progress(ensure_pool(self.prefect_api, pool, kind))
         _prefect(
             ["global-concurrency-limit", "create", GPU_LIMIT, "--limit", str(gpu_slots)],
             env,
@@ -355,13 +517,14 @@ class Stack:
 
     def down(self) -> list[str]:
         """Stop every service this run directory started, worker first."""
-        return [n for n in reversed(SERVICES) if self.stop(n)]
+        return [n for n in reversed(self.services) if self.stop(n)]
 
     def status(self) -> dict[str, Any]:
         pids = self._pids()
-        out: dict[str, Any] = {"run_dir": str(self.run_dir), "services": {}}
+        out: dict[str, Any] = {"run_dir": str(self.run_dir), "db": self.db, "services": {}}
         urls = {"s3": self.s3_url, "mlflow": self.mlflow_url, "prefect": self.prefect_api}
-        for name in SERVICES:
+        urls["postgres"] = f"postgresql://{self.host}:{self.ports.postgres}"  # no password
+        for name in self.services:
             pid = pids.get(name)
             out["services"][name] = {
                 "pid": pid,
@@ -435,6 +598,135 @@ def count_gpus() -> int:
     return sum(line.startswith("GPU ") for line in res.stdout.splitlines())
 
 
+def pool_template(kind: str) -> dict[str, Any]:
+    """The default base job template of the worker type's own package: prefect-docker's for
+    `docker` (Prefect's bundled copy lacks `container_create_kwargs`), Prefect's for `process`."""
+    if kind == "docker":
+        try:
+            from prefect_docker.worker import DockerWorker
+        except ImportError:
+            raise StackError(
+                "the docker work pool needs prefect-docker's job template: "
+                "`pip install prefect-docker` (a dependency of this project: `make venv`)"
+            ) from None
+        template: dict[str, Any] = DockerWorker.get_default_base_job_template()
+    elif kind == "process":
+        from prefect.workers.process import ProcessWorker
+
+        template = ProcessWorker.get_default_base_job_template()
+    else:
+        raise StackError(f"no work pool template for type {kind!r} (known: process, docker)")
+    copy: dict[str, Any] = json.loads(json.dumps(template))
+    return copy
+
+
+def pool_problem(pool: Mapping[str, Any], kind: str) -> str | None:
+    """Why an existing pool cannot run this project's deployments (None: it can)."""
+    name = pool.get("name")
+    if pool.get("type") != kind:
+        return (
+            f"work pool {name!r} is a {pool.get('type')} pool, the stack needs a {kind} pool; "
+            f"delete it (`prefect work-pool delete {name}`) and run `agegender stack up` again"
+        )
+    template = pool.get("base_job_template") or {}
+    properties = template.get("variables", {}).get("properties", {})
+    job = template.get("job_configuration", {})
+    lost = [v for v in POOL_VARIABLES.get(kind, ()) if v not in properties or v not in job]
+    if lost:
+        return (
+            f"work pool {name!r} has a base job template without {', '.join(lost)}: the "
+            "deployments' job variables (GPU device requests, shm_size, volumes) would be "
+            f"dropped; give it prefect-docker's template (`prefect work-pool "
+            f"get-default-base-job-template --type {kind} --file t.json` with prefect-docker "
+            f"installed, then `prefect work-pool update {name} --base-job-template t.json`) or "
+            f"delete it (`prefect work-pool delete {name}`) and run `agegender stack up` again"
+        )
+    return None
+
+
+def ensure_pool(api: str, name: str, kind: str) -> str:
+    """Create the work pool from its worker's own template; a pool that exists is never
+    overwritten (it may be the user's), only checked: one that cannot carry the job variables
+    is an error naming the pool and the fix. Returns what was done, for the user."""
+    existing = _api(api, "GET", f"/work_pools/{name}", missing_ok=True)
+    if existing is None:
+        body = {"name": name, "type": kind, "base_job_template": pool_template(kind)}
+        _api(api, "POST", "/work_pools/", body)
+        return f"work pool {name!r} ({kind}) created from its worker's default job template"
+    problem = pool_problem(existing, kind)
+    if problem:
+        raise StackError(f"Prefect API at {api}: {problem}")
+    return f"work pool {name!r} ({kind}) exists: kept as it is (checked: its template fits)"
+
+
+def pg_bin() -> Path:
+    """The PostgreSQL server programs: $AGEGENDER_PG_BIN, else the newest of Debian's."""
+    given = os.environ.get("AGEGENDER_PG_BIN")
+    found = (
+        [Path(given)]
+        if given
+        else sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+            reverse=True,
+        )
+    )
+    for path in found:
+        if all((path / exe).is_file() for exe in ("initdb", "postgres", "psql", "pg_isready")):
+            return path
+    where = given or "/usr/lib/postgresql/*/bin"
+    raise StackError(
+        f"--db postgres: no PostgreSQL server programs (initdb, postgres, psql, pg_isready) "
+        f"in {where}; install Debian's `postgresql` package (`sudo apt-get install "
+        "postgresql`), set AGEGENDER_PG_BIN to their folder, or use --db sqlite"
+    )
+
+
+def pg_user() -> pwd.struct_passwd | None:
+    """The user PostgreSQL runs as when we are root (it refuses root); None: ourselves."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        raise StackError(
+            "--db postgres as root: PostgreSQL refuses to run as root and the `postgres` user "
+            "(made by Debian's `postgresql` package) does not exist; install the package"
+        ) from None
+
+
+def _as_pg_user(
+    argv: list[str], cwd: Path, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL program as the user the server runs as."""
+    user = pg_user()
+    as_user: dict[str, Any] = {}
+    if user is not None:
+        as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    return subprocess.run(
+        argv,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+        timeout=300,
+        **as_user,
+    )
+
+
+def pg_ready(host: str, port: int) -> bool:
+    try:
+        res = subprocess.run(
+            [str(pg_bin() / "pg_isready"), "-q", "-h", host, "-p", str(port), "-t", "5"],
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -469,7 +761,8 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _api(base: str, method: str, path: str, body: Any = None) -> Any:
+def _api(base: str, method: str, path: str, body: Any = None, missing_ok: bool = False) -> Any:
+    """One Prefect REST call; `missing_ok`: None for a 404 instead of an error."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
         base + path, data=data, method=method, headers={"Content-Type": "application/json"}
@@ -477,6 +770,10 @@ def _api(base: str, method: str, path: str, body: Any = None) -> Any:
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        if missing_ok and exc.code == 404:
+            return None
+        raise StackError(f"Prefect API at {base}: {method} {path} failed ({exc})") from None
     except (OSError, urllib.error.URLError, ValueError) as exc:
         raise StackError(f"Prefect API at {base}: {method} {path} failed ({exc})") from None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agegender import cli
 from agegender.config import ConfigError, load_pretrain_config, load_suite_config
+from agegender.train import select_device
 from deployments.stack import Stack, StackError, http_ok
 from tasks import TrackingError
 
@@ -37,6 +38,8 @@ def _check_servers() -> None:
 
 def cmd_suite(a: argparse.Namespace) -> None:
     suite, base = load_suite_config(a.config, a.overrides, a.preset)
+    if suite.mode == "tasks":  # folds train here: a CUDA device asked for must be here
+        select_device(base.train.device)
     _check_servers()
     if a.data_root is None and a.cache is None:
         raise ValueError("give --data-root (an Adience download) or --cache (a prepared cache)")
@@ -64,6 +67,7 @@ def cmd_suite(a: argparse.Namespace) -> None:
 def cmd_pretrain(a: argparse.Namespace) -> None:
     overrides = [f"pretrain.source={a.source}", f"pretrain.root={a.data_root}", *a.overrides]
     pretrain, base = load_pretrain_config(a.config, overrides, a.preset)
+    select_device(base.train.device)
     _check_servers()
     from flows.pretrain import run_pretrain  # Prefect starts only for this command
 
@@ -109,7 +113,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
 
 def cmd_stack(a: argparse.Namespace) -> None:
-    stack = Stack.at(a.run_dir)
+    stack = Stack.at(a.run_dir, a.db if a.action == "up" else None)
     if a.action == "up":
         env = stack.up(lambda m: cli.err.print(m, highlight=False))
         cli.out.print("stack up; point clients at it with:", highlight=False)
@@ -128,6 +132,7 @@ def cmd_stack(a: argparse.Namespace) -> None:
         if a.json:
             print(json.dumps(status, indent=2))
             return
+        cli.out.print(f"database: {status['db']}", highlight=False)
         for name, s in status["services"].items():
             state = "healthy" if s["healthy"] else ("running" if s["running"] else "stopped")
             cli.out.print(
@@ -256,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("action", choices=["up", "down", "status", "env", "crash-detection"])
     s.add_argument("--run-dir", type=Path, default=Path("runs/stack"), help="PIDs, logs, data")
+    s.add_argument(
+        "--db",
+        choices=["sqlite", "postgres"],
+        default=None,
+        help="up: where Prefect and MLflow keep their data (default: the run dir's, else sqlite;"
+        " postgres: a private PostgreSQL server from Debian's package, as docker/ does)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stack)
     return parser

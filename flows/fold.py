@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow
 from prefect.concurrency.sync import concurrency
 
+from agegender.train import select_device
 from tasks.folds import FoldJob, set_slots, train_fold_task
 
 GPU_LIMIT = "gpu-slots"
@@ -22,7 +23,14 @@ LEASE = 60.0  # the server accepts no shorter lease
 
 
 @flow(name="train_fold", log_prints=True)
-def train_fold_flow(job: FoldJob) -> dict[str, Any]:
+def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any]:
+    """`device`: what the deployment requires (`cuda` on the GPU pool: a container without a
+    GPU fails at once instead of training on its CPU); None keeps the job's train.device."""
+    train = job.config.get("train", {})
+    if device is not None and not str(train.get("device", "auto")).startswith(device):
+        train = train | {"device": device}  # (cuda:1 already is a cuda device)
+        job = job.model_copy(update={"config": job.config | {"train": train}})
+    select_device(str(train.get("device", "auto")))
     set_slots(1)
     with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE):
         return train_fold_task(job)

@@ -28,7 +28,7 @@ from agegender import plots
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, Config, deviations, flatten
 from agegender.metrics import sample_std
-from agegender.train import adience_fold, epoch_line, train
+from agegender.train import DeviceError, adience_fold, epoch_line, select_device, train
 from tasks.tracking import Tracker, git_commit
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
@@ -44,6 +44,21 @@ def set_slots(n: int) -> int:
     for i in range(n):
         _slots.put(f"cuda:{i % gpus}" if gpus else "cpu")
     return n
+
+
+def fold_device(requested: str, free: str) -> tuple[str, dict[str, str]]:
+    """The device a run trains on, given its `train.device` and the slot it got, and the tags
+    that say how it was chosen. A CUDA device asked for and missing is an error
+    (`select_device`); only `auto` falls back to the CPU, and its tags then say so."""
+    select_device(requested)
+    tags = {"device_requested": requested}
+    if requested == "auto":
+        if free == "cpu":
+            tags["device_fallback"] = "cpu: auto found no CUDA device"
+        return free, tags
+    if requested == "cuda" and free.startswith("cuda"):
+        return free, tags  # the slot's GPU
+    return requested, tags
 
 
 @contextmanager
@@ -136,7 +151,23 @@ class FoldJob(BaseModel):
         return f"{self.variant}-fold{self.fold}{repeat}"
 
 
-@task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE, retry_delay_seconds=2)
+def _retry_unless_device_missing(task: Any, task_run: Any, state: Any) -> bool:
+    """A retry resumes from the checkpoint, but a missing GPU stays missing: no retry."""
+    try:
+        state.result()
+    except DeviceError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+@task(
+    task_run_name="{job.variant}-fold{job.fold}",
+    cache_policy=NO_CACHE,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_unless_device_missing,
+)
 def train_fold_task(job: FoldJob) -> dict[str, Any]:
     """Train one fold unless an identical one already finished; log it as a child run."""
     cache_dir, fold, variant, run_root = job.cache_dir, job.fold, job.variant, job.run_root
@@ -156,7 +187,8 @@ def train_fold_task(job: FoldJob) -> dict[str, Any]:
         return {"variant": variant, "fold": fold, "run_id": done.info.run_id, "trained": False}
     out = Path(run_root) / suite / variant / f"fold{fold}-{cfg.hash()}-{cache.fingerprint[:8]}"
     finished = (out / "result.json").exists()  # trained, but killed before it was logged
-    with slot() as device:
+    with slot() as free:
+        device, device_tags = fold_device(cfg.train.device, free)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
         state = (
             "logging its finished result"
@@ -183,7 +215,7 @@ def train_fold_task(job: FoldJob) -> dict[str, Any]:
     )
     run_id = tracker.start(
         f"{variant} fold {fold}",
-        tags | {"git_commit": git_commit(), "device": s["device"]},
+        tags | device_tags | {"git_commit": git_commit(), "device": s["device"]},
         parent_id,
     )
     try:

@@ -19,7 +19,14 @@ from agegender.cache import build_source_cache, open_source_cache
 from agegender.config import CacheConfig, Config, PretrainConfig
 from agegender.pretrain import source_set
 from agegender.train import epoch_line, train
-from tasks.folds import config_tags, log_training, logged_progress, scalar_metrics, slot
+from tasks.folds import (
+    config_tags,
+    fold_device,
+    log_training,
+    logged_progress,
+    scalar_metrics,
+    slot,
+)
 from tasks.tracking import Tracker, git_commit
 
 CHECKPOINT_FOLDER = "checkpoint"
@@ -86,7 +93,8 @@ def pretrain_task(
         )
         test = {k[5:]: v for k, v in done.data.metrics.items() if k.startswith("test_")}
         return _result(run_id, checkpoint, name, version, test, trained=False)
-    with slot() as device:
+    with slot() as free:
+        device, device_tags = fold_device(cfg.train.device, free)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
         log.info(f"pretraining on {ts.name} ({len(cache)} images) on {device} -> {out}")
         result = train(
@@ -98,7 +106,8 @@ def pretrain_task(
         + ", ".join(f"{k} {v:.3f}" for k, v in scalar_metrics(s["test"]).items())
     )
     run_id = tracker.start(
-        f"pretrain {p.source}", tags | {"git_commit": git_commit(), "device": s["device"]}
+        f"pretrain {p.source}",
+        tags | device_tags | {"git_commit": git_commit(), "device": s["device"]},
     )
     try:
         tracker.log(run_id, params={f"pretrain.{k}": v for k, v in pretrain.items()})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,8 +127,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # ports shifted by 101: a developer's own stack (`make stack`) may run beside the tests
     # (AGEGENDER_TEST_PORT_SHIFT moves them again, for two test sessions on one machine)
     shift = 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0"))
+    # on PostgreSQL, as the compose stack runs (AGEGENDER_TEST_DB=sqlite: the embedded one);
+    # its run dir is outside pytest's private (0700) temp folder, so that PostgreSQL's own
+    # user reaches its data folder when the tests run as root
+    db = os.environ.get("AGEGENDER_TEST_DB", "postgres")
+    run_dir = Path(tempfile.mkdtemp(prefix="agegender-test-stack-"))
+    run_dir.chmod(0o711)
     # heartbeats every 30 s (Prefect's minimum): a killed fold is CRASHED after 90 s
-    st = Stack(tmp_path_factory.mktemp("stack"), ports=Ports.shifted(shift), heartbeat_s=30)
+    st = Stack(run_dir / "stack", ports=Ports.shifted(shift), db=db, heartbeat_s=30)
     try:
         st.up(progress=lambda m: print(f"stack: {m}"))
         for k in creds:
@@ -134,6 +142,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield st
     finally:
         st.down()
+        shutil.rmtree(run_dir, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -237,7 +237,8 @@ def test_mlflow_server_command(config: dict[str, Any]) -> None:
         return value
 
     assert arg("--artifacts-destination").startswith("s3://mlflow/")
-    assert arg("--backend-store-uri").startswith("postgresql://")
+    # psycopg2, the driver in the image: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
+    assert arg("--backend-store-uri").startswith("postgresql+psycopg2://")
     assert arg("--backend-store-uri").endswith("@postgres:5432/mlflow")
     hosts = arg("--allowed-hosts").split(",")
     assert {"mlflow", "mlflow:*", "localhost:*", "127.0.0.1:*"} <= set(hosts)

@@ -4,6 +4,7 @@ started by `deployments.stack`, then driven as a user would (deployments, CLI, R
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -133,8 +134,9 @@ def test_stack_status_shows_servers_pools_workers_and_runs(
     assert res.returncode == 0, res.stderr
     status = json.loads(res.stdout)
     assert {n: s["healthy"] for n, s in status["services"].items()} == dict.fromkeys(
-        ("s3", "mlflow", "prefect", "worker"), True
+        stack.services, True
     )
+    assert status["db"] == stack.db
     assert status["services"]["mlflow"]["url"] == stack.mlflow_url  # its own ports, remembered
     assert status["pools"]["local"]["type"] == "process"
     assert status["pools"]["gpu"]["type"] == "docker"
@@ -247,6 +249,135 @@ def test_schedules_start_paused_until_resumed_and_status_checks_their_paths(stac
     assert gpu["work_pool_name"] == "gpu"
     requests = gpu["job_variables"]["container_create_kwargs"]["device_requests"]
     assert requests == [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]
+
+
+def _container_kwargs(stack: Any, template: dict[str, Any], variables: dict[str, Any]) -> Any:
+    """What prefect-docker's worker passes to docker-py's `containers.create` for a flow run
+    of a deployment with these job variables on a pool with this template (the worker's own
+    code; no Docker engine is needed to build the arguments)."""
+    import asyncio
+
+    from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+
+    with prefect_api(stack):
+        config = asyncio.run(
+            DockerWorkerJobConfiguration.from_template_and_values(template, variables)
+        )
+    # docker-py (mypy would take the repository's docker/ folder for it)
+    docker = importlib.import_module("docker")
+    never_called = docker.DockerClient(base_url="unix:///nonexistent.sock", version="1.43")
+    return DockerWorker(work_pool_name="gpu")._build_container_settings(never_called, config)
+
+
+def _pool(stack: Any, name: str) -> Any:
+    with urllib.request.urlopen(f"{stack.prefect_api}/work_pools/{name}") as r:
+        return json.loads(r.read())
+
+
+def _set_template(stack: Any, name: str, template: dict[str, Any]) -> None:
+    req = urllib.request.Request(
+        f"{stack.prefect_api}/work_pools/{name}",
+        data=json.dumps({"base_job_template": template}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="PATCH",
+    )
+    urllib.request.urlopen(req, timeout=30).close()
+
+
+def test_the_gpu_pool_gives_the_containers_their_gpus_and_is_never_overwritten(
+    stack: Any,
+) -> None:
+    from tests.test_pools import bundled_docker_template
+
+    pool = _pool(stack, "gpu")
+    assert pool["type"] == "docker"
+    with urllib.request.urlopen(
+        f"{stack.prefect_api}/deployments/name/train_fold/train-fold-gpu"
+    ) as r:
+        variables = json.loads(r.read())["job_variables"]
+    created = _container_kwargs(stack, pool["base_job_template"], variables)
+    assert created["device_requests"] == [
+        {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+    ]
+    assert created["shm_size"] == "8g"
+    assert created["network"] == "agegender_default"
+    assert created["volumes"] == ["/data:/data:ro", "agegender_runs:/runs"]
+    # the control: Prefect's bundled docker template (what the pool got before prefect-docker
+    # was installed) drops both without a word
+    dropped = _container_kwargs(stack, bundled_docker_template(), variables)
+    assert "device_requests" not in dropped
+    assert "shm_size" not in dropped
+
+    original = pool["base_job_template"]
+    mine = json.loads(json.dumps(original))
+    mine["variables"]["properties"]["image"]["default"] = "registry.example/agegender:7"
+    try:
+        _set_template(stack, "gpu", mine)  # a user's own pool: set up again, it is kept
+        said: list[str] = []
+        stack.setup(progress=said.append)
+        kept = _pool(stack, "gpu")["base_job_template"]
+        assert kept["variables"]["properties"]["image"]["default"] == "registry.example/agegender:7"
+        assert "work pool 'gpu' (docker) exists: kept as it is (checked: its template fits)" in said
+        assert "work pool 'local' (process) exists: kept as it is (checked: its template fits)" in (
+            said
+        )
+        # one that cannot carry the GPUs: an error naming the pool and the fix
+        _set_template(stack, "gpu", bundled_docker_template())
+        with pytest.raises(
+            StackError,
+            match=r"work pool 'gpu' has a base job template without container_create_kwargs.*"
+            r"prefect work-pool update gpu --base-job-template",
+        ):
+            stack.setup(progress=said.append)
+    finally:
+        _set_template(stack, "gpu", original)
+
+
+def test_the_servers_keep_their_data_in_postgresql(stack: Any, stack_suite: dict[str, Any]) -> None:
+    if stack.db != "postgres":
+        pytest.skip("the stack runs on SQLite (AGEGENDER_TEST_DB)")
+    from deployments.stack import PG_ROLE, pg_bin
+
+    password = (stack.run_dir / "postgres-password").read_text().strip()
+    assert (stack.run_dir / "postgres-password").stat().st_mode & 0o777 == 0o600
+
+    psql_at = [
+        str(pg_bin() / "psql"),
+        "-X",
+        "-At",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(stack.ports.postgres),
+    ]
+
+    def psql(database: str, sql: str) -> str:
+        res = subprocess.run(
+            [*psql_at, "-U", PG_ROLE, "-d", database, "-c", sql],
+            capture_output=True,
+            text=True,
+            env=_no_aws() | {"PGPASSWORD": password},
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    experiment = stack_suite["experiment_id"]
+    folds = psql(
+        "mlflow",
+        "SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+        f"WHERE r.experiment_id = {experiment} AND t.key = 'kind' AND t.value = 'fold'",
+    )
+    assert int(folds) >= 20
+    run = psql(
+        "prefect", f"SELECT state_type FROM flow_run WHERE id = '{stack_suite['flow_run_id']}'"
+    )
+    assert run == "COMPLETED"
+    assert psql("prefect", "SELECT count(*) FROM work_pool WHERE name IN ('local', 'gpu')") == "2"
+    assert psql("postgres", "SHOW listen_addresses") == "127.0.0.1"
+    assert not list(stack.run_dir.rglob("*.db"))  # no SQLite store anywhere
+    for log in (stack.run_dir / "logs").iterdir():
+        assert password not in log.read_text(errors="replace"), log
 
 
 def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
