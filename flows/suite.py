@@ -84,37 +84,47 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
     tracker = Tracker(suite.name, Path(run_root))
     cache = open_cache(cache_dir)
     fingerprint, synthetic = cache.fingerprint, cache.synthetic
-    checkpoint, extra = None, {}
+    job_cache, job_root = cache_dir, run_root
+    if suite.mode == "deployments":  # workers anywhere: paths must mean the same there
+        job_cache, job_root = str(Path(cache_dir).resolve()), str(Path(run_root).resolve())
+    seeds: list[int | None] = list(suite.seeds) if suite.seeds is not None else [None]
+    configs: dict[str, Config] = {}
+    parents: dict[str, str] = {}
+    futures = []
+
+    def submit(v: str, cfg: Config, extra: dict[str, str]) -> None:
+        configs[v] = cfg
+        parents[v] = _parent(tracker, suite, v, cfg, fingerprint, synthetic, extra)
+        for k, seed in [(k, s) for k in suite.folds for s in seeds]:
+            c = cfg
+            if seed is not None:
+                c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+            job = FoldJob(
+                cache_dir=job_cache,
+                fold=k,
+                variant=v,
+                config=c.model_dump(mode="json"),
+                run_root=job_root,
+                suite=suite.name,
+                parent_id=parents[v],
+                seed=seed,
+            )
+            if suite.mode == "deployments":
+                futures.append(remote_fold_task.submit(suite.deployment, suite.retries, job))
+            else:
+                futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
+
+    # The folds that need no backbone go first: pretraining (which holds a slot like a fold)
+    # then trains beside them instead of before them all.
+    for v in suite.variants:
+        if v != "multitask_pretrained":
+            submit(v, suite.variant_config(base, v, None), {})
     if "multitask_pretrained" in suite.variants:
         checkpoint, from_tags = _backbone(suite, base, run_root)
-        extra["multitask_pretrained"] = from_tags
-    configs = {v: suite.variant_config(base, v, checkpoint) for v in suite.variants}
-    parents = {
-        v: _parent(tracker, suite, v, c, fingerprint, synthetic, extra.get(v, {}))
-        for v, c in configs.items()
-    }
-    if suite.mode == "deployments":  # workers anywhere: paths must mean the same there
-        cache_dir, run_root = str(Path(cache_dir).resolve()), str(Path(run_root).resolve())
-    seeds: list[int | None] = list(suite.seeds) if suite.seeds is not None else [None]
-    futures = []
-    for v, k, seed in [(v, k, s) for v in suite.variants for k in suite.folds for s in seeds]:
-        cfg = configs[v]
-        if seed is not None:
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
-        job = FoldJob(
-            cache_dir=cache_dir,
-            fold=k,
-            variant=v,
-            config=cfg.model_dump(mode="json"),
-            run_root=run_root,
-            suite=suite.name,
-            parent_id=parents[v],
-            seed=seed,
-        )
-        if suite.mode == "deployments":
-            futures.append(remote_fold_task.submit(suite.deployment, suite.retries, job))
-        else:
-            futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
+        v = "multitask_pretrained"
+        submit(v, suite.variant_config(base, v, checkpoint), from_tags)
+    configs = {v: configs[v] for v in suite.variants}
+    parents = {v: parents[v] for v in suite.variants}
     results = [f.result() for f in futures]
     trained = sum(bool(r["trained"]) for r in results)
     log.info(f"{trained} fold(s) trained, {len(results) - trained} already finished and skipped")
