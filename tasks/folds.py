@@ -36,15 +36,15 @@ from tasks.tracking import Tracker, git_commit
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
 _slots: queue.Queue[str] = queue.Queue()
-_THREADS = torch.get_num_threads()  # torch's own choice (the cores, or OMP_NUM_THREADS)
 
 
 def set_slots(n: int) -> int:
     """n slots (0 = one per GPU, else 1); each is a device string a fold trains on.
 
-    CPU slots share the cores: torch's intra-op threads (one pool per process) are divided
-    among them. Two folds with one thread each beat one fold with two threads on 2 cores, and
-    by far on a loaded machine, where two threads wait on each other (`benchmarks/slots.py`)."""
+    On a CPU every fold trains with one torch thread: its numbers then depend neither on the
+    slots nor on the machine's cores (the thread count changes float sums), and `suite.slots=2`
+    on 2 cores trains two folds at once, faster than one fold on two threads, and by far on a
+    loaded machine, where two threads wait on each other (`benchmarks/slots.py`)."""
     gpus = torch.cuda.device_count()
     n = n or max(gpus, 1)
     while not _slots.empty():
@@ -52,7 +52,7 @@ def set_slots(n: int) -> int:
     for i in range(n):
         _slots.put(f"cuda:{i % gpus}" if gpus else "cpu")
     if not gpus:
-        torch.set_num_threads(max(1, _THREADS // n))
+        torch.set_num_threads(1)  # one pool per process: the slots' threads share it
     return n
 
 
