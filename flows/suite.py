@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agegender.cache import open_cache
@@ -33,24 +34,26 @@ from tasks.registry import register_champion_task
 from tasks.tracking import Tracker
 
 
-def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> tuple[Path, dict[str, str]]:
-    """The local checkpoint for multitask_pretrained, and the tags that say where it is from."""
+def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> PrefectFuture[dict[str, Any]]:
+    """Start getting multitask_pretrained's checkpoint. Submitted before any fold: pretraining,
+    the longest single job, then takes the first free slot and trains beside the folds."""
     if suite.pretrained is not None:
-        got = resolve_pretrained_task(suite.pretrained, run_root, suite.name)
-        source = suite.pretrained
-    else:
-        got = pretrain_task(
-            suite.pretrain.model_dump(mode="json"),
-            suite.pretrain.train_config(base).model_dump(mode="json"),
-            run_root,
-            suite.name,
-            suite.image_size,
-        )
-        source = got["model_uri"]
-    tags = {"pretrained_from": source}
+        return resolve_pretrained_task.submit(suite.pretrained, run_root, suite.name)
+    return pretrain_task.submit(
+        suite.pretrain.model_dump(mode="json"),
+        suite.pretrain.train_config(base).model_dump(mode="json"),
+        run_root,
+        suite.name,
+        suite.image_size,
+    )
+
+
+def _backbone_tags(suite: SuiteConfig, got: dict[str, Any]) -> dict[str, str]:
+    """Where the checkpoint is from, for the multitask_pretrained parent run."""
+    tags = {"pretrained_from": suite.pretrained or got["model_uri"]}
     if got["run_id"]:
         tags["pretrain_run_id"] = got["run_id"]
-    return Path(got["checkpoint"]), tags
+    return tags
 
 
 def _parent(
@@ -114,15 +117,17 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
             else:
                 futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
 
-    # The folds that need no backbone go first: pretraining (which holds a slot like a fold)
-    # then trains beside them instead of before them all.
+    # Pretraining (it holds a slot like a fold) trains beside the folds that need no backbone,
+    # not before them all; the folds that start from its weights follow it.
+    pending = _backbone(suite, base, run_root) if "multitask_pretrained" in suite.variants else None
     for v in suite.variants:
         if v != "multitask_pretrained":
             submit(v, suite.variant_config(base, v, None), {})
-    if "multitask_pretrained" in suite.variants:
-        checkpoint, from_tags = _backbone(suite, base, run_root)
+    if pending is not None:
+        got = pending.result()
         v = "multitask_pretrained"
-        submit(v, suite.variant_config(base, v, checkpoint), from_tags)
+        config = suite.variant_config(base, v, Path(got["checkpoint"]))
+        submit(v, config, _backbone_tags(suite, got))
     configs = {v: configs[v] for v in suite.variants}
     parents = {v: parents[v] for v in suite.variants}
     results = [f.result() for f in futures]
