@@ -57,6 +57,19 @@ class StackError(RuntimeError):
     """A service that cannot start, answer or be reached; the message names it and its log."""
 
 
+STARTUP_VAR = "AGEGENDER_STARTUP_TIMEOUT"  # seconds a server may take to become healthy
+STARTUP_S = 600.0  # generous: a loaded 2-core machine takes minutes, an idle one seconds
+
+
+def startup_timeout() -> float:
+    """How long any server we start (stack services, test servers) may take to start."""
+    raw = os.environ.get(STARTUP_VAR, "")
+    try:
+        return float(raw) if raw else STARTUP_S
+    except ValueError:
+        raise StackError(f"{STARTUP_VAR}={raw!r}: expected a number of seconds") from None
+
+
 @dataclass(frozen=True)
 class Ports:
     """Every port the stack listens on (SeaweedFS also uses each port + 10000 for gRPC)."""
@@ -378,7 +391,7 @@ class Stack:
     def _wait_healthy(
         self, name: str, creds: Mapping[str, str], proc: subprocess.Popen[bytes]
     ) -> None:
-        limit = {"s3": 60, "mlflow": 120, "prefect": 120, "worker": 90, "postgres": 120}[name]
+        limit = startup_timeout()
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -389,7 +402,10 @@ class Stack:
             if self.healthy(name, creds):
                 return
             time.sleep(0.5)
-        raise StackError(f"{name} was not healthy after {limit:.0f} s; see {self.log(name)}")
+        raise StackError(
+            f"{name} was not healthy after {limit:.0f} s; see {self.log(name)} (on a busy "
+            f"machine raise {STARTUP_VAR})"
+        )
 
     def healthy(self, name: str, creds: Mapping[str, str] | None = None) -> bool:
         """The service's health check (S3: a signed request with `creds`, else its port)."""

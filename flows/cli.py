@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from agegender import cli
 from agegender.config import ConfigError, load_pretrain_config, load_suite_config
 from agegender.train import select_device
 from deployments.stack import Stack, StackError, http_ok
-from tasks import TrackingError
+from tasks import EPHEMERAL_STARTUP_VAR, StartupError, TrackingError
+
+DB_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 
 def _check_servers() -> None:
@@ -36,6 +40,36 @@ def _check_servers() -> None:
         check_server(uri)
 
 
+def _ephemeral_db(run_root: Path) -> None:
+    """With no Prefect server configured, the ephemeral server keeps its SQLite file under the
+    run root (beside MLflow's), not in ~/.prefect: two runs side by side (two clones, two
+    `make demo`s, two test sessions) then never share one database. Before Prefect is imported."""
+    keys = ("PREFECT_API_URL", *DB_VARS)
+    if not any(os.environ.get(k) for k in keys):
+        run_root.mkdir(parents=True, exist_ok=True)
+        os.environ[DB_VARS[0]] = f"sqlite+aiosqlite:///{run_root.resolve() / 'prefect.db'}"
+
+
+@contextmanager
+def _prefect_started() -> Iterator[None]:
+    """Prefect's ephemeral API server that did not start becomes one line naming the setting to
+    raise (Prefect raises a bare RuntimeError with the server's output appended)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if not text.startswith("Timed out while attempting to connect to ephemeral Prefect"):
+            raise
+        exited = re.search(r"exited with code (-?\d+)", text)
+        why = f" (it exited with status {exited.group(1)})" if exited else ""
+        raise StartupError(
+            f"Prefect's ephemeral API server (started because PREFECT_API_URL is not set) did "
+            f"not answer within {os.environ.get(EPHEMERAL_STARTUP_VAR)} s{why}; on a busy "
+            f"machine raise {EPHEMERAL_STARTUP_VAR}, or start one server (`agegender stack up`) "
+            "and point PREFECT_API_URL at it"
+        ) from None
+
+
 def cmd_suite(a: argparse.Namespace) -> None:
     suite, base = load_suite_config(a.config, a.overrides, a.preset)
     if suite.mode == "tasks":  # folds train here: a CUDA device asked for must be here
@@ -45,9 +79,11 @@ def cmd_suite(a: argparse.Namespace) -> None:
         raise ValueError("give --data-root (an Adience download) or --cache (a prepared cache)")
     run_root = a.run_root
     cache_dir = a.cache or run_root / "cache"
+    _ephemeral_db(run_root)
     from flows.suite import run_suite  # Prefect starts only for this command
 
-    res = run_suite(suite, base, cache_dir, run_root, a.data_root)
+    with _prefect_started():
+        res = run_suite(suite, base, cache_dir, run_root, a.data_root)
     cli.out.print(res["summary"]["markdown"], highlight=False, markup=False, soft_wrap=True)
     cli.out.print(f"\n{res['trained']} fold(s) trained, {res['skipped']} already finished.")
     for variant, c in res.get("champions", {}).items():
@@ -69,9 +105,11 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     pretrain, base = load_pretrain_config(a.config, overrides, a.preset)
     select_device(base.train.device)
     _check_servers()
+    _ephemeral_db(a.run_root)
     from flows.pretrain import run_pretrain  # Prefect starts only for this command
 
-    res = run_pretrain(pretrain, base, a.run_root, a.experiment, a.image_size, a.cache)
+    with _prefect_started():
+        res = run_pretrain(pretrain, base, a.run_root, a.experiment, a.image_size, a.cache)
 
     def human(d: dict[str, object]) -> None:
         verb = "pretrained" if d["trained"] else "already pretrained (reused)"
@@ -274,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(build_parser(), argv, extra_errors=(ConfigError, TrackingError, StackError))
+    return cli.run(
+        build_parser(), argv, extra_errors=(ConfigError, TrackingError, StackError, StartupError)
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agegender.cache import open_cache
@@ -33,24 +34,26 @@ from tasks.registry import register_champion_task
 from tasks.tracking import Tracker
 
 
-def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> tuple[Path, dict[str, str]]:
-    """The local checkpoint for multitask_pretrained, and the tags that say where it is from."""
+def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> PrefectFuture[dict[str, Any]]:
+    """Start getting multitask_pretrained's checkpoint. Submitted before any fold: pretraining,
+    the longest single job, then takes the first free slot and trains beside the folds."""
     if suite.pretrained is not None:
-        got = resolve_pretrained_task(suite.pretrained, run_root, suite.name)
-        source = suite.pretrained
-    else:
-        got = pretrain_task.with_options(retries=suite.retries)(  # as a fold: resumes
-            suite.pretrain.model_dump(mode="json"),
-            suite.pretrain.train_config(base).model_dump(mode="json"),
-            run_root,
-            suite.name,
-            suite.image_size,
-        )
-        source = got["model_uri"]
-    tags = {"pretrained_from": source}
+        return resolve_pretrained_task.submit(suite.pretrained, run_root, suite.name)
+    return pretrain_task.with_options(retries=suite.retries).submit(  # as a fold: resumes
+        suite.pretrain.model_dump(mode="json"),
+        suite.pretrain.train_config(base).model_dump(mode="json"),
+        run_root,
+        suite.name,
+        suite.image_size,
+    )
+
+
+def _backbone_tags(suite: SuiteConfig, got: dict[str, Any]) -> dict[str, str]:
+    """Where the checkpoint is from, for the multitask_pretrained parent run."""
+    tags = {"pretrained_from": suite.pretrained or got["model_uri"]}
     if got["run_id"]:
         tags["pretrain_run_id"] = got["run_id"]
-    return Path(got["checkpoint"]), tags
+    return tags
 
 
 def _parent(
@@ -84,37 +87,49 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
     tracker = Tracker(suite.name, Path(run_root))
     cache = open_cache(cache_dir)
     fingerprint, synthetic = cache.fingerprint, cache.synthetic
-    checkpoint, extra = None, {}
-    if "multitask_pretrained" in suite.variants:
-        checkpoint, from_tags = _backbone(suite, base, run_root)
-        extra["multitask_pretrained"] = from_tags
-    configs = {v: suite.variant_config(base, v, checkpoint) for v in suite.variants}
-    parents = {
-        v: _parent(tracker, suite, v, c, fingerprint, synthetic, extra.get(v, {}))
-        for v, c in configs.items()
-    }
+    job_cache, job_root = cache_dir, run_root
     if suite.mode == "deployments":  # workers anywhere: paths must mean the same there
-        cache_dir, run_root = str(Path(cache_dir).resolve()), str(Path(run_root).resolve())
+        job_cache, job_root = str(Path(cache_dir).resolve()), str(Path(run_root).resolve())
     seeds: list[int | None] = list(suite.seeds) if suite.seeds is not None else [None]
+    configs: dict[str, Config] = {}
+    parents: dict[str, str] = {}
     futures = []
-    for v, k, seed in [(v, k, s) for v in suite.variants for k in suite.folds for s in seeds]:
-        cfg = configs[v]
-        if seed is not None:
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
-        job = FoldJob(
-            cache_dir=cache_dir,
-            fold=k,
-            variant=v,
-            config=cfg.model_dump(mode="json"),
-            run_root=run_root,
-            suite=suite.name,
-            parent_id=parents[v],
-            seed=seed,
-        )
-        if suite.mode == "deployments":
-            futures.append(remote_fold_task.submit(suite.deployment, suite.retries, job))
-        else:
-            futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
+
+    def submit(v: str, cfg: Config, extra: dict[str, str]) -> None:
+        configs[v] = cfg
+        parents[v] = _parent(tracker, suite, v, cfg, fingerprint, synthetic, extra)
+        for k, seed in [(k, s) for k in suite.folds for s in seeds]:
+            c = cfg
+            if seed is not None:
+                c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+            job = FoldJob(
+                cache_dir=job_cache,
+                fold=k,
+                variant=v,
+                config=c.model_dump(mode="json"),
+                run_root=job_root,
+                suite=suite.name,
+                parent_id=parents[v],
+                seed=seed,
+            )
+            if suite.mode == "deployments":
+                futures.append(remote_fold_task.submit(suite.deployment, suite.retries, job))
+            else:
+                futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
+
+    # Pretraining (it holds a slot like a fold) trains beside the folds that need no backbone,
+    # not before them all; the folds that start from its weights follow it.
+    pending = _backbone(suite, base, run_root) if "multitask_pretrained" in suite.variants else None
+    for v in suite.variants:
+        if v != "multitask_pretrained":
+            submit(v, suite.variant_config(base, v, None), {})
+    if pending is not None:
+        got = pending.result()
+        v = "multitask_pretrained"
+        config = suite.variant_config(base, v, Path(got["checkpoint"]))
+        submit(v, config, _backbone_tags(suite, got))
+    configs = {v: configs[v] for v in suite.variants}
+    parents = {v: parents[v] for v in suite.variants}
     results = [f.result() for f in futures]
     trained = sum(bool(r["trained"]) for r in results)
     log.info(f"{trained} fold(s) trained, {len(results) - trained} already finished and skipped")

@@ -36,13 +36,20 @@ _slots: queue.Queue[str] = queue.Queue()
 
 
 def set_slots(n: int) -> int:
-    """n slots (0 = one per GPU, else 1); each is a device string a fold trains on."""
+    """n slots (0 = one per GPU, else 1); each is a device string a fold trains on.
+
+    On a CPU every fold trains with one torch thread: its numbers then depend neither on the
+    slots nor on the machine's cores (the thread count changes float sums), and `suite.slots=2`
+    on 2 cores trains two folds at once, faster than one fold on two threads, and by far on a
+    loaded machine, where two threads wait on each other (`benchmarks/slots.py`)."""
     gpus = torch.cuda.device_count()
     n = n or max(gpus, 1)
     while not _slots.empty():
         _slots.get_nowait()
     for i in range(n):
         _slots.put(f"cuda:{i % gpus}" if gpus else "cpu")
+    if not gpus:
+        torch.set_num_threads(1)  # one pool per process: the slots' threads share it
     return n
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import tasks  # noqa: F401  (Prefect's defaults, generous start-up included, before Prefect loads)
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.sources import write_synthetic_source

@@ -34,6 +34,11 @@ BENCHMARKS = [
         ["image side / box side: median", "detect 4000x3000"],
     ),
     (
+        "slots.py",
+        "--crop 48 --image-size 56 --iterations 2 --per-fold 16 --batch-size 8 --repeat 1",
+        ["two folds at once", "ratio"],
+    ),
+    (
         "predict.py",
         "--photos 4 --width 320 --height 240 --crop 48 --image-size 56",
         ["baseline: one photo, one face at a time", "ratio"],

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from agegender.labels import AGE_GROUPS
+from deployments.stack import startup_timeout
 from tests.conftest import REPO, client_env
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,7 @@ def served(stack: Any, stack_suite: dict[str, Any], tmp_path_factory: Any) -> It
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + startup_timeout()  # a loaded machine takes minutes
         while True:
             assert proc.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no /ping answer:\n{log.read_text()[-3000:]}"
