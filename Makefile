@@ -41,9 +41,9 @@ test-fast: venv
 
 # The main job at demo size: a synthetic Adience download (816 px JPEGs, 5 folds) and a synthetic
 # CelebA download (official layout, 178 x 218 px), then the whole suite (4 variants x 5 folds,
-# Prefect + MLflow, two folds at a time with one torch thread each: suite.slots=2) on 72 px
+# Prefect + MLflow, two folds at a time sharing the cores: suite.slots=2) on 72 px
 # images with 64 px crops, with the `modern` preset for speed (the
-# suite's default is `paper`; the tables say which). The suite pretrains on CelebA first (once:
+# suite's default is `paper`; the tables say which). The suite pretrains on CelebA beside the from-scratch folds (once:
 # a rerun reuses the run), registers the backbone and starts multitask_pretrained from it. Each
 # variant's best fold (by validation) is registered as agegender-<variant>@champion; the demo
 # ends by running that model on synthetic users' photos (faces found, one row per face). The data

@@ -1,5 +1,5 @@
-"""Two CPU folds at once with one torch thread each (what `suite.slots=2` does on a CPU) vs one
-after another with all of torch's threads (what the suite did before), in one process.
+"""Two CPU folds at once with half of torch's threads each (what `suite.slots=2` does on a CPU)
+vs one after another with all of them (`suite.slots=1`), in one process.
 
     python benchmarks/slots.py [--crop 64 --image-size 72] [--iterations 12] [--modern]
 
@@ -40,7 +40,7 @@ def sequential(runs: list[Run], iterations: int, threads: int) -> float:
 
 
 def concurrent(runs: list[Run], iterations: int, threads: int) -> float:
-    torch.set_num_threads(1)  # what set_slots does on a CPU
+    torch.set_num_threads(max(1, threads // len(runs)))  # what set_slots does on a CPU
     workers = [threading.Thread(target=steps, args=(r, iterations)) for r in runs]
     start = time.perf_counter()
     for w in workers:
@@ -79,7 +79,7 @@ def main() -> None:
     s, c = images / min(seq), images / min(con)
     print(f"cpu, {threads} torch threads, crop {a.crop} of {a.image_size}, batch {a.batch_size}")
     print(f"one fold after another, {threads} threads: {s:8.1f} img/s (best of {a.repeat})")
-    print(f"two folds at once, 1 thread each : {c:8.1f} img/s")
+    print(f"two folds at once, {max(1, threads // 2)} thread(s) each: {c:8.1f} img/s")
     print(f"ratio                            : {c / s:8.2f}  (> 1: slots are faster)")
 
 

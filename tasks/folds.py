@@ -33,23 +33,25 @@ from tasks.tracking import Tracker, git_commit
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
 _slots: queue.Queue[str] = queue.Queue()
+CPU_THREADS = torch.get_num_threads()  # torch's own choice (cores, or OMP_NUM_THREADS)
 
 
 def set_slots(n: int) -> int:
     """n slots (0 = one per GPU, else 1); each is a device string a fold trains on.
 
-    On a CPU every fold trains with one torch thread: its numbers then depend neither on the
-    slots nor on the machine's cores (the thread count changes float sums), and `suite.slots=2`
-    on 2 cores trains two folds at once, faster than one fold on two threads, and by far on a
-    loaded machine, where two threads wait on each other (`benchmarks/slots.py`)."""
+    On a CPU the slots share the process's torch threads: each fold gets cores // n of them, so
+    n folds never oversubscribe the cores (`suite.slots=2` on 2 cores: two folds with one thread
+    each, faster than one fold on two threads, by far on a loaded machine, where the two threads
+    wait on each other: `benchmarks/slots.py`), and one slot keeps every core. The thread count
+    changes float sums, so runs compared number for number use the same slots."""
     gpus = torch.cuda.device_count()
     n = n or max(gpus, 1)
     while not _slots.empty():
         _slots.get_nowait()
     for i in range(n):
         _slots.put(f"cuda:{i % gpus}" if gpus else "cpu")
-    if not gpus:
-        torch.set_num_threads(1)  # one pool per process: the slots' threads share it
+    if not gpus:  # one thread pool per process: the slots' threads share it
+        torch.set_num_threads(max(1, CPU_THREADS // n))
     return n
 
 

@@ -1,5 +1,5 @@
-"""The suite's scheduling on a CPU: two folds at once with one thread each, and pretraining
-beside the folds that do not need its backbone (a faster `make demo`, same numbers)."""
+"""The suite's scheduling on a CPU: folds at once share the cores (on 2 cores, two folds with one
+thread each), and pretraining beside the folds that do not need its backbone (a faster demo)."""
 
 from __future__ import annotations
 
@@ -29,12 +29,17 @@ def threads() -> Iterator[int]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU slots only")
-@pytest.mark.parametrize("n", [1, 2])
-def test_cpu_folds_train_with_one_thread_whatever_the_slots(n: int, threads: int) -> None:
-    """One thread per fold: n folds fit n cores, and a fold's numbers do not depend on n."""
-    torch.set_num_threads(2)
+@pytest.mark.parametrize(("cores", "n", "each"), [(2, 1, 2), (2, 2, 1), (16, 2, 8), (2, 3, 1)])
+def test_cpu_slots_share_the_cores(
+    cores: int, n: int, each: int, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n folds at once get cores // n torch threads each (never fewer than one): they fit the
+    cores without oversubscribing them, and one slot keeps every core."""
+    import tasks.folds
+
+    monkeypatch.setattr(tasks.folds, "CPU_THREADS", cores)
     assert set_slots(n) == n
-    assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == each
     held = []
     for _ in range(n):
         cm = slot()

@@ -54,6 +54,7 @@ def _cmd(cache: Path, run_root: Path, pretrained: Path, *extra: str) -> list[str
         "--run-root",
         str(run_root),
         f"suite.pretrained={pretrained}",
+        "suite.slots=2",  # two folds at once; every run here the same (threads change float sums)
         *TINY,
         *extra,
     ]
@@ -124,7 +125,7 @@ def test_suite_survives_a_kill_and_tracks_everything(
 
     straight_root = tmp_path / "straight"
     straight = subprocess.run(
-        _cmd(learn_cache, straight_root, pretrained, "suite.slots=2"),
+        _cmd(learn_cache, straight_root, pretrained),
         cwd=REPO,
         text=True,
         capture_output=True,
