@@ -164,7 +164,7 @@ def test_pretraining_has_the_sources_heads_and_transfers(
     assert s["sizes"] == {"train": 128, "val": 16, "test": 16}
     assert "age_1off" not in s["test"]  # meaningless for a binary age head
     assert len(s["test"]["age_confusion"]) == 2
-    best = torch.load(res.out_dir / "best.pt", weights_only=False)
+    best = torch.load(res.out_dir / "best.pt", weights_only=True)
     assert best["labels"]["age"] == list(CELEBA_AGE_CLASSES)
     assert best["model"]["heads.age.weight"].shape == (2, 512)
     # resuming a finished run returns its result, nothing is trained again
