@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +27,15 @@ from agegender.sources import (
     read_utkface,
 )
 from agegender.synthetic import SynthResult
+from deployments.stack import http_ok
 from tests.conftest import REPO, run_cli
+
+
+def prefect_api_at(url: str) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: url})
+
 
 SMALL = CacheConfig(image_size=32, workers=1)
 
@@ -179,22 +190,57 @@ def test_only_expected_failures_are_kept_off_the_console() -> None:
     assert shown("exception: MetadataError(...) in a library's own log", name="mlflow")
 
 
-def _flow_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """As `run_cli`, with room for the ephemeral Prefect server to start on a loaded machine."""
-    env = os.environ | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
+PREFECT_PORT = 4200 + 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0")) + 50
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for the flow commands below (each would otherwise start an
+    ephemeral one, slowly, on a loaded machine); its API keeps the records the console drops."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", PREFECT_PORT)) == 0:
+            pytest.fail(f"port {PREFECT_PORT} is taken; set AGEGENDER_TEST_PORT_SHIFT")
+    cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start"]
+    cmd += ["--host", "127.0.0.1", "--port", str(PREFECT_PORT)]
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
+    url = f"http://127.0.0.1:{PREFECT_PORT}/api"
+    try:
+        deadline = time.monotonic() + 600  # a loaded machine: minutes, not seconds
+        while not http_ok(url + "/health", timeout=5):
+            assert proc.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no /health:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _flow_cli(api: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """As `run_cli`, against the test's Prefect server."""
+    env = os.environ | {"PREFECT_API_URL": api}
     cmd = [str(Path(sys.executable).with_name("agegender")), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
 
 
 @pytest.fixture(scope="module")
 def flow_runs(
+    prefect_server: str,
     small_synth: SynthResult,
     synth_celeba: Path,
     synth_utkface: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Each bad input through `agegender pretrain` / `suite`, all at once (each command starts
-    its own ephemeral Prefect server, which takes a while)."""
+    """Each bad input through `agegender pretrain` / `suite`, two at a time."""
     root = tmp_path_factory.mktemp("flows")
     celeba = Path(shutil.copytree(synth_celeba, root / "celeba"))
     lines = (celeba / CELEBA_ATTR_FILE).read_text().splitlines()
@@ -229,8 +275,8 @@ def flow_runs(
         ],
         "debug": ["--debug", *pretrain("debug", "celeba", celeba)],
     }
-    with ThreadPoolExecutor(len(commands)) as pool:
-        futures = {k: pool.submit(_flow_cli, *cmd) for k, cmd in commands.items()}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {k: pool.submit(_flow_cli, prefect_server, *c) for k, c in commands.items()}
         return {k: f.result() for k, f in futures.items()}
 
 
@@ -256,6 +302,32 @@ def test_flow_commands_end_bad_input_in_one_error_line(
     res = flow_runs[case]
     root = Path(res.args[res.args.index("--run-root") + 1]).parent
     _one_error_line(res, *CHECKS[case](root))
+
+
+@pytest.mark.integration
+def test_the_prefect_server_keeps_the_tracebacks(
+    prefect_server: str, flow_runs: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    """What the console leaves out is still in Prefect (its UI): the failed task run's log."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        LogFilter,
+        LogFilterTaskRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    assert flow_runs["malformed celeba list"].returncode == 2
+    with prefect_api_at(prefect_server), get_client(sync_client=True) as client:
+        failed = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["pretrain-celeba"]))
+        )
+        ids = [t.id for t in failed if t.state is not None and t.state.is_failed()]
+        assert ids
+        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=ids)))
+    messages = "\n".join(log.message for log in logs)
+    assert "Traceback" in messages
+    assert "list_attr_celeba.txt, line 5" in messages
 
 
 @pytest.mark.integration
