@@ -158,6 +158,8 @@ def read_fold(path: Path, fold: int) -> tuple[list[Row], int]:
             continue
         seen.add(line)
         rows.append(_parse_row(line, path, lineno, fold))
+    if not rows:  # a truncated download: the fold's test part would be empty, found only later
+        raise MetadataError(path, 2, "no rows after the header; expected one row per face")
     return rows, duplicates
 
 

@@ -319,6 +319,13 @@ def _build(
             problems.append(Problem(item.path, item.source, "missing file"))
         else:
             present.append((item, st))
+    if not present:  # an empty cache would only fail later, at training
+        first = next((p for p in problems if p.problem == "missing file"), None)
+        raise CacheError(
+            f"{image_dir}: none of the {len(items)} images the metadata lists is there"
+            + (f" ({first.path}, listed at {first.source}, ...)" if first else "")
+            + "; is the data root the download's?"
+        )
     unique = {item.path: st for item, st in present}
     fingerprint = _fingerprint(settings, digest, [(p, *st) for p, st in unique.items()])
 
@@ -370,6 +377,12 @@ def _build(
             problems.append(Problem(item.path, item.source, failed_paths[item.path]))
         else:
             kept.append((slot_of[item.path], item, st))
+    if not kept:  # the old cache, if any, stays as it was
+        tmp_images.unlink()
+        path, why = next(iter(failed_paths.items()))
+        raise CacheError(
+            f"{image_dir}: none of the {len(unique)} images could be decoded ({path}: {why}, ...)"
+        )
 
     (cache_dir / MANIFEST).unlink(missing_ok=True)
     os.replace(tmp_images, cache_dir / IMAGES)

@@ -345,6 +345,11 @@ def predict_model(model: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agegender", description=__doc__)
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, the full traceback (and Prefect's logged ones), not one error line",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write a synthetic dataset in a real dataset's layout")
@@ -451,12 +456,24 @@ def _error(message: str) -> None:
     err.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
 
 
+# Failures that bad input or settings cause: one `error:` line each, no traceback (`--debug`
+# shows it). pydantic's ValidationError is a ValueError.
+EXPECTED: tuple[type[Exception], ...] = (
+    MetadataError,
+    cache.CacheError,
+    train.RunError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
 def run(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
     extra_errors: tuple[type[Exception], ...] = (),
 ) -> int:
-    """Parse and dispatch; expected failures print one clear line and exit 2, no traceback.
+    """Parse and dispatch; expected failures print one clear line and exit 2, no traceback
+    (with `--debug`, everything propagates with its traceback).
 
     `key=value` overrides may also follow options (`--preset modern data.crop=64`), which
     argparse alone refuses once a positional list has ended."""
@@ -466,14 +483,10 @@ def run(
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if late:
         args.overrides = [*args.overrides, *late]
-    expected: tuple[type[Exception], ...] = (
-        MetadataError,
-        cache.CacheError,
-        train.RunError,
-        FileNotFoundError,
-        ValueError,
-        *extra_errors,
-    )
+    if getattr(args, "debug", False):
+        args.func(args)
+        return 0
+    expected = (*EXPECTED, *extra_errors)
     try:
         args.func(args)
     except ValidationError as exc:

@@ -30,7 +30,7 @@ from agegender.config import Config
 from agegender.detect import Box, FaceDetector, crop_face
 from agegender.evaluate import to_input
 from agegender.models import LeviHassner, build_model
-from agegender.train import RunError, select_device
+from agegender.train import RunError, load_checkpoint, select_device
 from agegender.transforms import Normalize, center_crop, ten_crops
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -53,10 +53,12 @@ class Predictor:
     @classmethod
     def load(cls, checkpoint: Path | str, device: str = "auto") -> Predictor:
         try:
-            best = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            best = load_checkpoint(checkpoint)
             config = Config.model_validate(best["config"])
             labels = {h: list(v) for h, v in best["labels"].items()}
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+        except RunError:
+            raise
+        except (KeyError, ValueError, TypeError) as exc:
             raise RunError(f"{checkpoint}: not a readable agegender best.pt ({exc})") from None
         crop = int(best["crop"])
         model = build_model(

@@ -67,6 +67,12 @@ def source_set(cache: SourceCache, config: Config, pretrain: PretrainConfig) -> 
         "gender": gender >= 0,
     }[task]
     rows = {p: r[labelled[r]] for p, r in parts.items()}
+    for p, r in rows.items():
+        if len(r) == 0:
+            raise ValueError(
+                f"{cache.path}: no {cache.dataset} image of the {p} part has a label for "
+                f"train.task={task} ({len(parts[p])} images in the part)"
+            )
     official = cache.records[0].partition >= 0  # source_parts checked all agree
     if official:
         name, split = cache.dataset, "official partition"

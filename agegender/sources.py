@@ -16,7 +16,7 @@ line that is not `<file> <value>`, a file listed twice) is a fatal `MetadataErro
 and the line: a shifted or mis-parsed file would label every row wrongly. Well-formed files that
 disagree with each other or with the disk are reported per row in `problems` and the row is
 skipped: an image listed in one list file but not the other, or listed but absent from
-`img_align_celeba/`.
+`img_align_celeba/`. Empty list files, and a download where every row is skipped, are errors.
 
 UTKFace (`<age>_<gender>_<race>_<datetime>.jpg`, or `.jpg.chip.jpg` in the "aligned & cropped"
 download, directly in the root or in `root/UTKFace/`) has exact ages, mapped to the 8 Adience
@@ -28,8 +28,9 @@ younger one):
 
 Gender 0 is male and 1 female, as in Adience's labels. A malformed name (not 4 fields, an age
 that is not a whole number or is over 120, a gender other than 0/1, a race other than 0-4) is
-reported in `problems` and skipped, never fatal (the real download has a few names without a
-race field). UTKFace has no partition (-1); the trainer makes a seeded split.
+reported in `problems` and skipped (the real download has a few names without a race field);
+only a folder where no name is usable is an error. UTKFace has no partition (-1); the trainer
+makes a seeded split.
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ def _read_celeba_attributes(path: Path) -> dict[str, _AttrRow]:
         raise MetadataError(
             path, 1, f"line 1 gives {int(count_text)} images but the file lists {len(rows)}"
         )
+    if not rows:
+        raise MetadataError(path, 3, "no image rows after the attribute names")
     return rows
 
 
@@ -218,6 +221,8 @@ def _read_celeba_partition(path: Path) -> dict[str, tuple[int, int]]:
         if file in rows:
             raise MetadataError(path, lineno, f"{file} already listed on line {rows[file][0]}")
         rows[file] = (lineno, int(value))
+    if not rows:
+        raise MetadataError(path, 1, "empty file; expected a '<file> <partition>' line per image")
     return rows
 
 
@@ -259,6 +264,13 @@ def read_celeba(root: Path | str) -> SourceData:
                 f"{CELEBA_PARTITION_FILE}:{lineno}: {file} has no row in {CELEBA_ATTR_FILE}; "
                 "skipped"
             )
+    if not records:
+        raise MetadataError(
+            root,
+            None,
+            f"no usable image: all {len(attrs)} rows of {CELEBA_ATTR_FILE} were skipped "
+            f"({problems[0]}, ...)",
+        )
     return SourceData(
         name="celeba",
         image_dir=image_dir,
@@ -335,6 +347,14 @@ def read_utkface(root: Path | str) -> SourceData:
             None,
             "no .jpg images found; expected UTKFace's <age>_<gender>_<race>_<datetime>.jpg "
             f"files here or in a {UTKFACE_DIR}/ subfolder",
+        )
+    if not records:
+        bad = next(p for p in problems if p.partition(": ")[0].lower().endswith(".jpg"))
+        raise MetadataError(
+            image_dir,
+            None,
+            f"none of the {images} .jpg names is <age>_<gender>_<race>_<datetime>.jpg "
+            f"({bad.removesuffix('; skipped')}, ...)",
         )
     return SourceData(
         name="utkface",

@@ -15,7 +15,9 @@ import csv
 import json
 import math
 import os
+import pickle
 import platform
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -256,10 +258,12 @@ def start_run(ts: TrainSet, config: Config) -> Run:
 def load_backbone(model: LeviHassner, checkpoint: Path) -> None:
     """Copy conv1-3 and fc6/fc7 from another run's `best.pt`; the heads keep their fresh init."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
-    except (OSError, KeyError, RuntimeError) as exc:
+        state = load_checkpoint(checkpoint)["model"]
+    except RunError as exc:
+        raise RunError(f"model.init_from={exc}") from None
+    except (KeyError, TypeError):
         raise RunError(
-            f"model.init_from={checkpoint}: not a readable agegender checkpoint ({exc})"
+            f"model.init_from={checkpoint}: not an agegender checkpoint (no 'model' weights)"
         ) from None
     backbone = {k: v for k, v in state.items() if not k.startswith("heads.")}
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
@@ -359,6 +363,46 @@ def _save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+# What checkpoints saved before the statistics became tensors hold besides tensors and plain
+# data: float32 numpy arrays (rebuilt by the function their pickles name, whatever numpy's
+# module for it is called). Nothing else is allowed, so no object array either.
+_F32 = np.zeros(1, np.float32)
+_OLD_NUMPY: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+    _F32.__reduce__()[0],  # type: ignore[list-item]
+    np.ndarray,
+    np.dtype,
+    type(_F32.dtype),
+]
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """A checkpoint unpickled with `weights_only=True`: a registered model or a downloaded
+    backbone may come from anywhere, and a pickle that names a function (os.system, ...) would
+    run it on load. Ours hold tensors, numbers, strings and containers only."""
+    try:
+        with torch.serialization.safe_globals(_OLD_NUMPY):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        named = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", text)
+        if named is None:  # torch's advice around the reason is not for our users
+            reason = text.partition("WeightsUnpickler error:")[2].partition("Check the doc")[0]
+            raise RunError(
+                f"{path}: not a readable agegender checkpoint ({reason.strip() or text})"
+            ) from None
+        raise RunError(
+            f"{path}: refused to load: besides tensors and plain data it pickles "
+            f"{named.group(1) or named.group(2)}, which could run code when unpickled; "
+            "agegender never writes that (a tampered or foreign file?)"
+        ) from None
+    except EOFError:
+        raise RunError(
+            f"{path}: not a readable agegender checkpoint (empty or cut short)"
+        ) from None
+    except (OSError, RuntimeError) as exc:
+        raise RunError(f"{path}: not a readable agegender checkpoint ({exc})") from None
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -479,7 +523,7 @@ def _train(
     started = time.perf_counter()
     run = start_run(ts, config)
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=run.device, weights_only=False)
+        state = load_checkpoint(ckpt, run.device)
         for key, ours in (
             ("config_hash", config.hash()),
             ("data_fingerprint", ts.cache.fingerprint),
@@ -527,7 +571,7 @@ def _train(
         _save_tested(run, out)
         tested_epoch = run.epoch
     else:
-        tested = torch.load(out / BEST, map_location=run.device, weights_only=False)
+        tested = load_checkpoint(out / BEST, run.device)
         run.model.load_state_dict(tested["model"])
         tested_epoch = tested["epoch"]
     d = run.data

@@ -100,8 +100,12 @@ class Normalize:
         return cls(mean, np.sqrt(np.maximum(squares / pixels - mean**2, 1.0)))
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to apply it again (stored in checkpoints)."""
-        return {"mean": self.mean, "std": self.std}
+        """Everything needed to apply it again (stored in checkpoints): tensors, which
+        `weights_only` loading accepts (numpy arrays it does not, by default)."""
+        return {
+            "mean": torch.from_numpy(self.mean),
+            "std": None if self.std is None else torch.from_numpy(self.std),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Normalize:

@@ -7,12 +7,14 @@ Prefect or MLflow.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +25,73 @@ from deployments.stack import Stack, StackError, http_ok
 from tasks import EPHEMERAL_STARTUP_VAR, StartupError, TrackingError
 
 DB_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+ERRORS: tuple[type[Exception], ...] = (ConfigError, TrackingError, StackError, StartupError)
+
+
+class ExpectedFailures(logging.Filter):
+    """Keeps expected failures (bad input, see `agegender.cli.EXPECTED`) off the console while
+    a flow runs: Prefect logs a failing task run and flow run with their tracebacks, announces
+    retries and says again that each finished Failed, all before the CLI prints its one
+    `error:` line.
+
+    Only console handlers get this filter: Prefect's API handler still sends every record, so
+    a server's UI keeps the tracebacks, and `--debug` leaves the console alone. Any other
+    exception (a bug) is logged as Prefect logs it.
+    """
+
+    # how Prefect's records without a traceback name the exception they are about
+    NAMED = re.compile(r"exception[: ]+(?:during execution: )?(\w+)[(:]")
+
+    def __init__(self, expected: tuple[type[Exception], ...]) -> None:
+        super().__init__()
+        self.expected = expected
+        self.names = {c.__name__ for c in expected}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            if not isinstance(exc, self.expected):
+                return True
+            self.names.add(type(exc).__name__)  # a subclass: its later records name it
+            return False
+        if record.name.startswith("prefect"):
+            named = self.NAMED.search(record.getMessage())
+            return named is None or named.group(1) not in self.names
+        return True
+
+
+@contextmanager
+def prefect_console(debug: bool) -> Iterator[None]:
+    """`ExpectedFailures` on Prefect's console handlers while a flow command runs."""
+    if debug:
+        yield
+        return
+    import prefect.main  # noqa: F401  (sets up Prefect's logging: its handlers exist from here)
+
+    quiet = ExpectedFailures((*cli.EXPECTED, *ERRORS))
+    loggers = [logging.getLogger(), *map(logging.getLogger, ("prefect", "uvicorn", "fastapi"))]
+    handlers = {h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)}
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
+def flow_command(
+    func: Callable[[argparse.Namespace], None],
+) -> Callable[[argparse.Namespace], None]:
+    """A command that runs Prefect flows: bad input ends in one `error:` line, as elsewhere."""
+
+    @functools.wraps(func)
+    def run(a: argparse.Namespace) -> None:
+        with prefect_console(a.debug):
+            func(a)
+
+    return run
 
 
 def _check_servers() -> None:
@@ -256,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="e.g. suite.slots=2 suite.pretrained=PATH train.epochs=20",
     )
-    s.set_defaults(func=cmd_suite)
+    s.set_defaults(func=flow_command(cmd_suite))
 
     s = sub.add_parser(
         "pretrain",
@@ -283,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment", default="agegender", help="MLflow experiment (= suite.name)")
     s.add_argument("--json", action="store_true")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5")
-    s.set_defaults(func=cmd_pretrain)
+    s.set_defaults(func=flow_command(cmd_pretrain))
 
     s = sub.choices["predict"]
     s.add_argument(
@@ -312,9 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(
-        build_parser(), argv, extra_errors=(ConfigError, TrackingError, StackError, StartupError)
-    )
+    return cli.run(build_parser(), argv, extra_errors=ERRORS)
 
 
 if __name__ == "__main__":

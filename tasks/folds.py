@@ -26,9 +26,10 @@ from pydantic import BaseModel
 
 from agegender import plots
 from agegender.cache import build_cache, open_cache
+from agegender.cli import EXPECTED
 from agegender.config import CacheConfig, Config, deviations, flatten
 from agegender.metrics import sample_std
-from agegender.train import DeviceError, adience_fold, epoch_line, select_device, train
+from agegender.train import adience_fold, epoch_line, select_device, train
 from tasks.tracking import Tracker, git_commit
 
 # Devices that folds may occupy, one fold each at a time (set by the flow before it submits).
@@ -160,11 +161,12 @@ class FoldJob(BaseModel):
         return f"{self.variant}-fold{self.fold}{repeat}"
 
 
-def _retry_unless_device_missing(task: Any, task_run: Any, state: Any) -> bool:
-    """A retry resumes from the checkpoint, but a missing GPU stays missing: no retry."""
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """A retry resumes from the checkpoint, after a crash or a lost server; bad input (data,
+    config, a missing GPU: `agegender.cli.EXPECTED`) stays bad, so it is not retried."""
     try:
         state.result()
-    except DeviceError:
+    except EXPECTED:
         return False
     except BaseException:
         return True
@@ -175,7 +177,7 @@ def _retry_unless_device_missing(task: Any, task_run: Any, state: Any) -> bool:
     task_run_name="{job.variant}-fold{job.fold}",
     cache_policy=NO_CACHE,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_unless_device_missing,
+    retry_condition_fn=retry_unless_bad_input,
 )
 def train_fold_task(job: FoldJob) -> dict[str, Any]:
     """Train one fold unless an identical one already finished; log it as a child run."""

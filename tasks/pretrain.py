@@ -24,6 +24,7 @@ from tasks.folds import (
     fold_device,
     log_training,
     logged_progress,
+    retry_unless_bad_input,
     scalar_metrics,
     slot,
 )
@@ -36,7 +37,12 @@ def registered_name(source: str) -> str:
     return f"agegender-pretrained-{source}"
 
 
-@task(task_run_name="pretrain-{pretrain[source]}", cache_policy=NO_CACHE, retry_delay_seconds=2)
+@task(
+    task_run_name="pretrain-{pretrain[source]}",
+    cache_policy=NO_CACHE,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_bad_input,
+)
 def pretrain_task(
     pretrain: dict[str, Any],
     config: dict[str, Any],

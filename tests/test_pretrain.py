@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,7 +165,7 @@ def test_pretraining_has_the_sources_heads_and_transfers(
     assert s["sizes"] == {"train": 128, "val": 16, "test": 16}
     assert "age_1off" not in s["test"]  # meaningless for a binary age head
     assert len(s["test"]["age_confusion"]) == 2
-    best = torch.load(res.out_dir / "best.pt", weights_only=False)
+    best = torch.load(res.out_dir / "best.pt", weights_only=True)
     assert best["labels"]["age"] == list(CELEBA_AGE_CLASSES)
     assert best["model"]["heads.age.weight"].shape == (2, 512)
     # resuming a finished run returns its result, nothing is trained again
@@ -216,38 +217,57 @@ def test_a_given_backbone_that_cannot_be_found_is_a_clear_error(tmp_path: Path) 
         resolve("models:/agegender-nope/1", str(tmp_path), "agegender")
 
 
-def test_the_suite_retries_pretraining_like_a_fold(
+def test_the_suite_retries_pretraining_like_a_fold_but_not_bad_input(
     small_synth: SynthResult, tmp_path: Path
 ) -> None:
-    """suite.retries applies to pretraining as to folds: a failing pretraining task is run
-    retries + 1 times (a retry resumes from its checkpoint), read back from Prefect's API."""
-    from prefect import get_client
+    """suite.retries applies to pretraining as to folds, with the folds' condition: a crash is
+    retried (a retry resumes from its checkpoint), bad input is not (it stays bad). Read back
+    from Prefect's API."""
+    from prefect import flow, get_client, task
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.suite import suite_flow
+    from tasks.folds import retry_unless_bad_input
+    from tasks.pretrain import pretrain_task
 
     build_cache(small_synth.out, tmp_path / "cache", config=CacheConfig(image_size=56))
     suite = {
         "name": "pretrain-retries",
         "variants": ["multitask_pretrained"],
         "retries": 2,
-        "pretrain": {"root": str(tmp_path / "celeba-not-here")},  # fails every time
+        "pretrain": {"root": str(tmp_path / "celeba-not-here")},  # bad input: fails at once
     }
     config = load_config(None, TRAIN).model_dump(mode="json")
+
+    @task(retry_delay_seconds=0, retry_condition_fn=retry_unless_bad_input)
+    def crashes() -> None:
+        raise RuntimeError("a lost connection, a killed process: worth another try")
+
+    @flow
+    def crashing() -> None:
+        crashes.with_options(retries=2)()
+
+    def task_runs(state: Any) -> list[Any]:
+        with get_client(sync_client=True) as client:
+            return client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                )
+            )
+
     with prefect_test_harness(server_startup_timeout=600):
         state = suite_flow(
             str(tmp_path / "cache"), suite, config, str(tmp_path / "runs"), return_state=True
         )
         assert state.is_failed()
-        flow_run_id = state.state_details.flow_run_id
-        assert flow_run_id is not None
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-    (pre,) = [r for r in runs if r.name.startswith("pretrain-")]
+        (pre,) = [r for r in task_runs(state) if r.name.startswith("pretrain-")]
+        crash_state = crashing(return_state=True)
+        assert crash_state.is_failed()
+        (crash,) = task_runs(crash_state)
+    assert pretrain_task.retry_condition_fn is retry_unless_bad_input  # the folds' condition
     assert pre.state is not None
     assert pre.state.is_failed()
-    assert pre.run_count == 3
     assert pre.empirical_policy.retries == 2
+    assert pre.run_count == 1  # a missing download is not retried
+    assert crash.run_count == 3  # a crash is: retries + 1 runs

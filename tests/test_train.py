@@ -135,7 +135,7 @@ def test_normalisation_comes_from_training_images_only(learn_cache: Path, tmp_pa
         "std": None,
         "shape": [56, 56, 3],
     }
-    best = torch.load(tmp_path / "paper" / "best.pt", weights_only=False)
+    best = torch.load(tmp_path / "paper" / "best.pt", weights_only=True)
     np.testing.assert_allclose(best["normalize"]["mean"], train_images.mean(0), rtol=1e-5)
     assert best["normalize"]["std"] is None
 
@@ -152,8 +152,8 @@ def test_the_final_checkpoint_is_tested_and_validation_only_monitored(
     assert res["selection_score"] == -history[-1]["val_loss"]
     assert len(history) == 3
     assert all("val_loss" in h for h in history)
-    best = torch.load(tmp_path / "final" / "best.pt", weights_only=False)
-    last = torch.load(tmp_path / "final" / "last.pt", weights_only=False)
+    best = torch.load(tmp_path / "final" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "final" / "last.pt", weights_only=True)
     assert best["epoch"] == 3
     assert all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
     # best_val tests the epoch that validation picked, and says so
@@ -287,7 +287,7 @@ def test_backbone_transfer(learn_cache: Path, tmp_path: Path) -> None:
         load_config(None, [*SMALL, "train.iterations=2", "train.tencrop=false"]),
         tmp_path / "source",
     )
-    checkpoint = torch.load(source.out_dir / "best.pt", weights_only=False)["model"]
+    checkpoint = torch.load(source.out_dir / "best.pt", weights_only=True)["model"]
     config = load_config(None, [*SMALL, f"model.init_from={source.out_dir / 'best.pt'}"])
     run = prepare_run(open_cache(learn_cache), 1, config)
     for name, value in run.model.state_dict().items():
