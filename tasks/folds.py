@@ -22,6 +22,7 @@ from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.logging.loggers import task_run_logger
 from pydantic import BaseModel
 
 from agegender import plots
@@ -166,7 +167,13 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     config, a missing GPU: `agegender.cli.EXPECTED`) stays bad, so it is not retried."""
     try:
         state.result()
-    except EXPECTED:
+    except EXPECTED as exc:
+        # Prefect logs nothing when the condition says no: keep the record and its traceback
+        # in the run's log (the UI), as it does for a task without retries
+        task_run_logger(task_run, task).error(
+            f"Task run failed with exception: {exc!r} - not retried (bad input stays bad)",
+            exc_info=True,
+        )
         return False
     except BaseException:
         return True
