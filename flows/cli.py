@@ -84,18 +84,22 @@ def prefect_console(debug: bool) -> Iterator[None]:
 def flow_command(
     func: Callable[[argparse.Namespace], None],
 ) -> Callable[[argparse.Namespace], None]:
-    """A command that runs Prefect flows: bad input ends in one `error:` line, as elsewhere."""
+    """A command that runs Prefect flows: bad input ends in one `error:` line, as elsewhere,
+    and so does an ephemeral Prefect server that does not start."""
 
     @functools.wraps(func)
     def run(a: argparse.Namespace) -> None:
-        with prefect_console(a.debug):
+        with prefect_console(a.debug), _prefect_started():
             func(a)
 
     return run
 
 
-def _check_servers() -> None:
-    """With servers configured, fail fast naming them (not after minutes of retries)."""
+def _servers(run_root: Path) -> None:
+    """Before a flow runs: servers configured must answer (fail fast naming them, not after
+    minutes of retries); with no Prefect server configured, the ephemeral one keeps its SQLite
+    file under the run root (beside MLflow's), not in ~/.prefect, so that two runs side by side
+    (two clones, two `make demo`s, two test sessions) never share one database."""
     api = os.environ.get("PREFECT_API_URL")
     if api and not http_ok(api.rstrip("/") + "/health", timeout=10):
         raise TrackingError(
@@ -107,12 +111,6 @@ def _check_servers() -> None:
         from tasks.tracking import check_server
 
         check_server(uri)
-
-
-def _ephemeral_db(run_root: Path) -> None:
-    """With no Prefect server configured, the ephemeral server keeps its SQLite file under the
-    run root (beside MLflow's), not in ~/.prefect: two runs side by side (two clones, two
-    `make demo`s, two test sessions) then never share one database. Before Prefect is imported."""
     keys = ("PREFECT_API_URL", *DB_VARS)
     if not any(os.environ.get(k) for k in keys):
         run_root.mkdir(parents=True, exist_ok=True)
@@ -143,16 +141,12 @@ def cmd_suite(a: argparse.Namespace) -> None:
     suite, base = load_suite_config(a.config, a.overrides, a.preset)
     if suite.mode == "tasks":  # folds train here: a CUDA device asked for must be here
         select_device(base.train.device)
-    _check_servers()
     if a.data_root is None and a.cache is None:
         raise ValueError("give --data-root (an Adience download) or --cache (a prepared cache)")
-    run_root = a.run_root
-    cache_dir = a.cache or run_root / "cache"
-    _ephemeral_db(run_root)
+    _servers(a.run_root)
     from flows.suite import run_suite  # Prefect starts only for this command
 
-    with _prefect_started():
-        res = run_suite(suite, base, cache_dir, run_root, a.data_root)
+    res = run_suite(suite, base, a.cache or a.run_root / "cache", a.run_root, a.data_root)
     cli.out.print(res["summary"]["markdown"], highlight=False, markup=False, soft_wrap=True)
     cli.out.print(f"\n{res['trained']} fold(s) trained, {res['skipped']} already finished.")
     for variant, c in res.get("champions", {}).items():
@@ -173,12 +167,10 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     overrides = [f"pretrain.source={a.source}", f"pretrain.root={a.data_root}", *a.overrides]
     pretrain, base = load_pretrain_config(a.config, overrides, a.preset)
     select_device(base.train.device)
-    _check_servers()
-    _ephemeral_db(a.run_root)
+    _servers(a.run_root)
     from flows.pretrain import run_pretrain  # Prefect starts only for this command
 
-    with _prefect_started():
-        res = run_pretrain(pretrain, base, a.run_root, a.experiment, a.image_size, a.cache)
+    res = run_pretrain(pretrain, base, a.run_root, a.experiment, a.image_size, a.cache)
 
     def human(d: dict[str, object]) -> None:
         verb = "pretrained" if d["trained"] else "already pretrained (reused)"

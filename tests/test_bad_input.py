@@ -6,10 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +25,7 @@ from agegender.sources import (
     read_utkface,
 )
 from agegender.synthetic import SynthResult
-from deployments.stack import http_ok
+from deployments.stack import Ports, Stack
 from tests.conftest import REPO, run_cli
 
 
@@ -190,39 +188,19 @@ def test_only_expected_failures_are_kept_off_the_console() -> None:
     assert shown("exception: MetadataError(...) in a library's own log", name="mlflow")
 
 
-PREFECT_PORT = 4200 + 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0")) + 50
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real Prefect server for the flow commands below (each would otherwise start an
-    ephemeral one, slowly, on a loaded machine); its API keeps the records the console drops."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", PREFECT_PORT)) == 0:
-            pytest.fail(f"port {PREFECT_PORT} is taken; set AGEGENDER_TEST_PORT_SHIFT")
-    cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start"]
-    cmd += ["--host", "127.0.0.1", "--port", str(PREFECT_PORT)]
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = home / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
-    url = f"http://127.0.0.1:{PREFECT_PORT}/api"
+    ephemeral one, slowly, on a loaded machine); its API keeps the records the console drops.
+    Started as the stack starts it (health check, generous start-up), on the test stack's ports
+    shifted by 50 more, and stopped with its process group."""
+    shift = 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0")) + 50
+    server = Stack(tmp_path_factory.mktemp("prefect-server"), ports=Ports.shifted(shift))
+    server.start("prefect", creds={})
     try:
-        deadline = time.monotonic() + 600  # a loaded machine: minutes, not seconds
-        while not http_ok(url + "/health", timeout=5):
-            assert proc.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /health:\n{log.read_text()[-3000:]}"
-            time.sleep(1)
-        yield url
+        yield server.prefect_api
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop("prefect")
 
 
 def _flow_cli(api: str, *args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ This machine has no GPU, which is exactly the case these tests need."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from agegender.train import DeviceError
 from tasks.folds import FoldJob, fold_device
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
@@ -30,10 +29,11 @@ TINY = [
 ]
 
 
-def _agegender(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).with_name("agegender")
-    return subprocess.run(
-        [str(script), *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=900
+def _one_fold_suite(cache: Path, run_root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`agegender suite` on fold 0 of the single-task age variant, at tiny size."""
+    return run_cli(
+        *("suite", "--cache", cache, "--run-root", run_root),
+        *("suite.variants=[age]", "suite.folds=[0]", *extra, *TINY),
     )
 
 
@@ -41,17 +41,7 @@ def _agegender(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def test_a_suite_asked_for_cuda_without_one_stops_with_one_line(
     learn_cache: Path, tmp_path: Path, device: str
 ) -> None:
-    res = _agegender(
-        "suite",
-        "--cache",
-        learn_cache,
-        "--run-root",
-        tmp_path,
-        "suite.variants=[age]",
-        "suite.folds=[0]",
-        f"train.device={device}",
-        *TINY,
-    )
+    res = _one_fold_suite(learn_cache, tmp_path, f"train.device={device}")
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(errors) == 1, res.stderr
@@ -64,7 +54,7 @@ def test_a_suite_asked_for_cuda_without_one_stops_with_one_line(
 def test_pretraining_asked_for_cuda_without_one_stops_with_one_line(
     synth_celeba: Path, tmp_path: Path
 ) -> None:
-    res = _agegender(
+    res = run_cli(
         "pretrain",
         "--source",
         "celeba",
@@ -113,17 +103,8 @@ def test_fold_device_only_lets_auto_fall_back() -> None:
 
 
 def test_auto_falls_back_to_the_cpu_and_the_run_says_so(learn_cache: Path, tmp_path: Path) -> None:
-    res = _agegender(
-        "suite",
-        "--cache",
-        learn_cache,
-        "--run-root",
-        tmp_path,
-        "suite.variants=[age]",
-        "suite.folds=[0]",
-        "suite.register_champions=false",
-        "train.device=auto",
-        *TINY,
+    res = _one_fold_suite(
+        learn_cache, tmp_path, "suite.register_champions=false", "train.device=auto"
     )
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

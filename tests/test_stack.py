@@ -123,14 +123,7 @@ def test_suite_deployment_is_tracked_in_mlflow_with_artifacts_in_s3(
 def test_stack_status_shows_servers_pools_workers_and_runs(
     stack: Any, stack_suite: dict[str, Any]
 ) -> None:
-    script = str(Path(sys.executable).with_name("agegender"))
-    res = subprocess.run(
-        [script, "stack", "status", "--json", "--run-dir", str(stack.run_dir)],
-        capture_output=True,
-        text=True,
-        env=client_env(stack),
-        timeout=120,
-    )
+    res = _status(stack, "--json")
     assert res.returncode == 0, res.stderr
     status = json.loads(res.stdout)
     assert {n: s["healthy"] for n, s in status["services"].items()} == dict.fromkeys(
@@ -145,15 +138,19 @@ def test_stack_status_shows_servers_pools_workers_and_runs(
     assert status["last_runs"]
 
 
-def _status(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    script = str(Path(sys.executable).with_name("agegender"))
+def _client(stack: Any, program: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A venv program (`agegender`, `prefect`) run as a client of the stack."""
     return subprocess.run(
-        [script, "stack", "status", *args, "--run-dir", str(stack.run_dir)],
+        [str(Path(sys.executable).with_name(program)), *args],
         capture_output=True,
         text=True,
         env=client_env(stack),
         timeout=120,
     )
+
+
+def _status(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return _client(stack, "agegender", "stack", "status", *args, "--run-dir", str(stack.run_dir))
 
 
 def _automations(stack: Any) -> list[dict[str, Any]]:
@@ -197,13 +194,8 @@ def test_schedules_start_paused_until_resumed_and_status_checks_their_paths(stac
     assert "crash detection: runs without a heartbeat for 90 s are marked CRASHED" in text.stdout
 
     # turned on as the status line says, it gets its scheduled runs
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    resume = subprocess.run(
-        [prefect, "deployment", "schedule", "resume", "suite/suite", schedule["id"]],
-        capture_output=True,
-        text=True,
-        env=client_env(stack),
-        timeout=120,
+    resume = _client(
+        stack, "prefect", "deployment", "schedule", "resume", "suite/suite", schedule["id"]
     )
     assert resume.returncode == 0, resume.stdout + resume.stderr
     deadline = time.monotonic() + 300
@@ -221,25 +213,12 @@ def test_schedules_start_paused_until_resumed_and_status_checks_their_paths(stac
     assert again["active"] is True
     assert len(_automations(stack)) == 1
     # and so does the command for other servers (its clients' heartbeat period: 30 s here)
-    script = str(Path(sys.executable).with_name("agegender"))
-    res = subprocess.run(
-        [script, "stack", "crash-detection"],
-        capture_output=True,
-        text=True,
-        env=client_env(stack),
-        timeout=120,
-    )
+    res = _client(stack, "agegender", "stack", "crash-detection")
     assert res.returncode == 0, res.stderr
     said = f"{stack.prefect_api}: automation '{ZOMBIES}' unchanged (CRASHED after 90 s"
     assert said in res.stdout
     assert len(_automations(stack)) == 1
-    pause = subprocess.run(
-        [prefect, "deployment", "schedule", "pause", "suite/suite", again["id"]],
-        capture_output=True,
-        text=True,
-        env=client_env(stack),
-        timeout=120,
-    )
+    pause = _client(stack, "prefect", "deployment", "schedule", "pause", "suite/suite", again["id"])
     assert pause.returncode == 0, pause.stdout + pause.stderr
 
     with urllib.request.urlopen(
