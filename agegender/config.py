@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -162,6 +162,21 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _on_its_preset(cls, data: Any) -> Any:
+        """Sections given as data (a flow's parameters, a JSON file) sit on their `preset`
+        (default `paper`), as a config file's do; complete data (a checkpoint's) is unchanged.
+        A preset file gone since a complete config was saved is no reason to refuse it."""
+        if not isinstance(data, Mapping):
+            return data
+        try:
+            return _on_preset(data, None)
+        except ConfigError:
+            if all(k in data for k in ("data", "model", "optim", "train")):
+                return data
+            raise
+
     def hash(self) -> str:
         """Short content hash: equal configs train equal models (with equal data).
 
@@ -306,12 +321,6 @@ def load_config(
     return _validate(_layers(path, overrides, preset), path)
 
 
-def config_from(data: Mapping[str, Any] | None) -> Config:
-    """A config from sections given as data (a flow's parameters, say): the `preset` key's
-    preset (default `paper`) under them, as for a config file."""
-    return _validate(_on_preset(data or {}, None), None)
-
-
 def deviations(config: Config) -> list[str]:
     """`key=value` for every setting that differs from the config's own preset, except where a
     fold ran and what a suite variant sets (task, backbone): what "paper, but ..." means."""
@@ -373,7 +382,10 @@ class PretrainConfig(_Strict):
 
 
 class SuiteConfig(_Strict):
-    """The paper's experiments as variants of one base config, each over the CV folds."""
+    """The paper's experiments as variants of one base config, each over the CV folds.
+
+    What to train, not how it is run: the orchestration's settings (where folds run, retries)
+    extend it in `flows.settings`."""
 
     name: str = Field("agegender", min_length=1, description="MLflow experiment name")
     variants: tuple[Variant, ...] = VARIANTS
@@ -396,18 +408,6 @@ class SuiteConfig(_Strict):
     )
     backbone_lr: float = Field(
         1.0, ge=0.0, le=1.0, description="multitask_pretrained: backbone lr as a fraction of lr"
-    )
-    retries: int = Field(1, ge=0, description="a failed fold is retried, resuming its checkpoint")
-    mode: Literal["tasks", "deployments"] = Field(
-        "tasks",
-        description="tasks: folds in this process; deployments: each fold a flow run of "
-        "`deployment` on a work pool (scale-out)",
-    )
-    deployment: str = Field("train_fold/train-fold", description="flow/deployment of a fold")
-    register_champions: bool = Field(
-        True,
-        description="register each variant's best fold (by validation) as agegender-<variant> "
-        "with the alias `champion`",
     )
 
     @model_validator(mode="after")
@@ -443,13 +443,17 @@ class SuiteConfig(_Strict):
         return base.model_copy(update={"model": model, "optim": optim, "train": train})
 
 
-def _sectioned(
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_section(
     section: str,
-    model: type[BaseModel],
+    model: type[M],
     path: Path | str | None,
     overrides: Sequence[str],
     preset: str | None,
-) -> tuple[Any, Config]:
+) -> tuple[M, Config]:
+    """A config file's (or `section.` overrides') section as `model`, beside the config."""
     data = _layers(path, overrides, preset)
     section_data = data.pop(section, {}) or {}
     _check_keys(model, section_data, f"{section}.")
@@ -464,13 +468,11 @@ def load_suite_config(
     path: Path | str | None = None, overrides: Sequence[str] = (), preset: str | None = None
 ) -> tuple[SuiteConfig, Config]:
     """Like `load_config`, with a `suite` section (or `suite.` overrides) for the suite itself."""
-    suite, config = _sectioned("suite", SuiteConfig, path, overrides, preset)
-    return suite, config
+    return load_section("suite", SuiteConfig, path, overrides, preset)
 
 
 def load_pretrain_config(
     path: Path | str | None = None, overrides: Sequence[str] = (), preset: str | None = None
 ) -> tuple[PretrainConfig, Config]:
     """Like `load_config`, with a `pretrain` section (or `pretrain.` overrides)."""
-    pretrain, config = _sectioned("pretrain", PretrainConfig, path, overrides, preset)
-    return pretrain, config
+    return load_section("pretrain", PretrainConfig, path, overrides, preset)

@@ -352,3 +352,15 @@ def _ratio(aggregates: dict[str, dict[str, Any]], variants: tuple[str, ...]) -> 
         return float(np.mean(ratios))
     k = max(len(aggregates[v]["folds"]) for v in variants)
     return 1 / max(k - 1, 1)
+
+
+def variant_table(values: dict[str, list[float]]) -> str:
+    """One variant's test metrics per fold, with mean and sample std (its parent's results.md)."""
+    lines = ["| metric | mean | std (ddof=1) | folds |", "|---|---|---|---|"]
+    for k, v in values.items():
+        lines.append(
+            f"| test_{k} | {np.mean(v):.4f} | {sample_std(v):.4f} | "
+            + ", ".join(f"{x:.3f}" for x in v)
+            + " |"
+        )
+    return "\n".join(lines)

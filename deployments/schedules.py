@@ -26,6 +26,9 @@ def _creatable(path: Path) -> bool:
     return False
 
 
+TRAINS = frozenset(SuiteConfig.model_fields)
+
+
 def check_parameters(params: dict[str, Any]) -> list[dict[str, Any]]:
     """Each path parameter of a suite/cross-validate run and whether it resolves here."""
     checks: list[dict[str, Any]] = []
@@ -33,8 +36,11 @@ def check_parameters(params: dict[str, Any]) -> list[dict[str, Any]]:
     def add(name: str, value: Any, ok: bool, need: str) -> None:
         checks.append({"name": name, "value": value, "ok": ok, "need": need})
 
+    # what the suite trains; how it runs (flows.settings: mode, retries...) is the flow's to
+    # check, and Prefect validates every parameter against the flow's signature at run time
+    section = {k: v for k, v in (params.get("suite") or {}).items() if k in TRAINS}
     try:
-        suite = SuiteConfig.model_validate(params.get("suite") or {})
+        suite = SuiteConfig.model_validate(section)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"]))

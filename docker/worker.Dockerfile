@@ -51,6 +51,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); o
 # flow-run containers, where flow entrypoints such as flows/fold.py:train_fold_flow are found.
 COPY README.md ./
 COPY agegender/ agegender/
+COPY tracking/ tracking/
 COPY tasks/ tasks/
 COPY flows/ flows/
 COPY deployments/ deployments/

@@ -19,10 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agegender import cli
-from agegender.config import ConfigError, load_pretrain_config, load_suite_config
+from agegender.config import ConfigError, load_pretrain_config, load_section
 from agegender.train import select_device
 from deployments.stack import Stack, StackError, http_ok
-from tasks import EPHEMERAL_STARTUP_VAR, StartupError, TrackingError
+from flows.settings import SuiteRun
+from tasks import EPHEMERAL_STARTUP_VAR, StartupError
+from tracking import TrackingError
 
 DB_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
@@ -108,7 +110,7 @@ def _servers(run_root: Path) -> None:
         )
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        from tasks.tracking import check_server
+        from tracking.store import check_server
 
         check_server(uri)
     keys = ("PREFECT_API_URL", *DB_VARS)
@@ -138,7 +140,7 @@ def _prefect_started() -> Iterator[None]:
 
 
 def cmd_suite(a: argparse.Namespace) -> None:
-    suite, base = load_suite_config(a.config, a.overrides, a.preset)
+    suite, base = load_section("suite", SuiteRun, a.config, a.overrides, a.preset)
     if suite.mode == "tasks":  # folds train here: a CUDA device asked for must be here
         select_device(base.train.device)
     if a.data_root is None and a.cache is None:
@@ -198,7 +200,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
     if not a.model.startswith(("models:/", "runs:/")):
         cli.cmd_predict(a)
         return
-    from tasks.tracking import Tracker, store_uri
+    from tracking.store import Tracker, store_uri
 
     uri = store_uri(a.run_root)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

@@ -1,7 +1,8 @@
 """One fold as its own flow, for scale-out: the suite runs it through the `train_fold`
-deployment on a work pool, so any number of workers on any number of machines take folds.
+deployment on a work pool (`remote_fold_task`, below), so any number of workers on any number of
+machines take folds.
 
-The fold holds one slot of the global concurrency limit `gpu-slots` (created by the stack with
+The fold holds one slot of the global concurrency limit `GPU_LIMIT` (created by the stack with
 one slot per GPU) while it trains; a worker that dies loses its lease after `LEASE` seconds, so
 its slot comes back, and the server marks its flow run CRASHED once its heartbeats stop
 (deployments/automations.py), so the waiting suite starts the fold again. What is logged to
@@ -10,13 +11,18 @@ MLflow is exactly what the in-process task logs.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_client, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
 
 from agegender.train import select_device
-from tasks.folds import FoldJob, set_slots, train_fold_task
+from tasks.folds import FoldJob, train_fold_task
+from tasks.slots import on_device, set_slots
 
 GPU_LIMIT = "gpu-slots"
 LEASE = 60.0  # the server accepts no shorter lease
@@ -26,11 +32,41 @@ LEASE = 60.0  # the server accepts no shorter lease
 def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any]:
     """`device`: what the deployment requires (`cuda` on the GPU pool: a container without a
     GPU fails at once instead of training on its CPU); None keeps the job's train.device."""
-    train = job.config.get("train", {})
-    if device is not None and not str(train.get("device", "auto")).startswith(device):
-        train = train | {"device": device}  # (cuda:1 already is a cuda device)
-        job = job.model_copy(update={"config": job.config | {"train": train}})
-    select_device(str(train.get("device", "auto")))
+    if device is not None and not job.config.train.device.startswith(device):
+        # (cuda:1 already is a cuda device)
+        job = job.model_copy(update={"config": on_device(job.config, device)})
+    select_device(job.config.train.device)
     set_slots(1)
     with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE):
         return train_fold_task(job)
+
+
+@task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE)
+def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, Any]:
+    """One fold as a flow run of the `train_fold` deployment on a work pool. A run that fails,
+    or that the server marked CRASHED (its heartbeats stopped: the worker or its machine died,
+    wherever it was; deployments/automations.py), is started again and resumes from its
+    checkpoint."""
+    log = get_run_logger()
+    name, params = job.name, {"job": job.model_dump(mode="json")}
+    state = None
+    for attempt in range(retries + 1):
+        run = run_deployment(deployment, parameters=params, flow_run_name=name, timeout=0)
+        assert isinstance(run, FlowRun)  # the sync call returns the run, not a coroutine
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(run.id)
+                state = run.state
+                if state is not None and state.is_final():
+                    break
+                time.sleep(2)
+        if state is not None and state.is_completed():
+            log.info(f"{name}: flow run {run.name} ({run.id}) completed")
+            return {
+                "variant": job.variant,
+                "fold": job.fold,
+                "flow_run_id": str(run.id),
+                "trained": True,
+            }
+        log.warning(f"{name}: flow run {run.id} ended {state and state.name} (try {attempt + 1})")
+    raise RuntimeError(f"{name}: {retries + 1} flow runs of {deployment} failed ({state})")

@@ -11,33 +11,27 @@ from typing import Any
 
 from prefect import flow
 
-from agegender.config import Config, PretrainConfig, SuiteConfig
-from tasks.folds import set_slots
+from agegender.config import Config, PretrainConfig
+from flows.settings import RETRIES
 from tasks.pretrain import pretrain_task
+from tasks.slots import set_slots
 
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(
-    pretrain: dict[str, Any],
-    config: dict[str, Any],
+    pretrain: PretrainConfig,
+    config: Config,
     run_root: str,
     experiment: str = "agegender",
     image_size: int = 256,
     cache_dir: str | None = None,
-    retries: int = SuiteConfig.model_fields["retries"].default,
+    retries: int = RETRIES,
 ) -> dict[str, Any]:
     """Pretraining, retried like a fold (`retries`, suite.retries' default): a retry resumes
-    from the checkpoint."""
+    from the checkpoint. `config` is the base config; `pretrain.overrides` go on top."""
     set_slots(1)
-    p = PretrainConfig.model_validate(pretrain)
-    cfg = p.train_config(Config.model_validate(config))
     return pretrain_task.with_options(retries=retries)(
-        p.model_dump(mode="json"),
-        cfg.model_dump(mode="json"),
-        run_root,
-        experiment,
-        image_size,
-        cache_dir,
+        pretrain, pretrain.train_config(config), run_root, experiment, image_size, cache_dir
     )
 
 
@@ -50,10 +44,5 @@ def run_pretrain(
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     return pretrain_flow(
-        pretrain.model_dump(mode="json"),
-        base.model_dump(mode="json"),
-        str(run_root),
-        experiment,
-        image_size,
-        str(cache_dir) if cache_dir else None,
+        pretrain, base, str(run_root), experiment, image_size, str(cache_dir) if cache_dir else None
     )

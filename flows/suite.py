@@ -18,71 +18,34 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agegender.cache import open_cache
-from agegender.config import Config, SuiteConfig, Variant, config_from, flatten
+from agegender.config import Config, Variant, flatten
+from flows.fold import remote_fold_task
+from flows.settings import SuiteRun
+from tasks.cache import prepare_cache_task
 from tasks.compare import compare_task
-from tasks.folds import (
-    FoldJob,
-    aggregate_task,
-    config_tags,
-    prepare_cache_task,
-    remote_fold_task,
-    set_slots,
-    train_fold_task,
-)
+from tasks.folds import FoldJob, aggregate_task, train_fold_task
 from tasks.pretrain import pretrain_task, resolve_pretrained_task
 from tasks.registry import register_champion_task
-from tasks.tracking import Tracker
+from tasks.slots import set_slots
+from tracking.schema import backbone_tags, parent_tags
+from tracking.store import Tracker
 
 
-def _backbone(suite: SuiteConfig, base: Config, run_root: str) -> PrefectFuture[dict[str, Any]]:
+def _backbone(suite: SuiteRun, base: Config, run_root: str) -> PrefectFuture[dict[str, Any]]:
     """Start getting multitask_pretrained's checkpoint. Submitted before any fold: pretraining,
     the longest single job, then takes the first free slot and trains beside the folds."""
     if suite.pretrained is not None:
         return resolve_pretrained_task.submit(suite.pretrained, run_root, suite.name)
     return pretrain_task.with_options(retries=suite.retries).submit(  # as a fold: resumes
-        suite.pretrain.model_dump(mode="json"),
-        suite.pretrain.train_config(base).model_dump(mode="json"),
+        suite.pretrain,
+        suite.pretrain.train_config(base),
         run_root,
         suite.name,
         suite.image_size,
     )
 
 
-def _backbone_tags(suite: SuiteConfig, got: dict[str, Any]) -> dict[str, str]:
-    """Where the checkpoint is from, for the multitask_pretrained parent run."""
-    tags = {"pretrained_from": suite.pretrained or got["model_uri"]}
-    if got["run_id"]:
-        tags["pretrain_run_id"] = got["run_id"]
-    return tags
-
-
-def _parent(
-    tracker: Tracker,
-    suite: SuiteConfig,
-    variant: str,
-    config: Config,
-    fingerprint: str,
-    synthetic: bool,
-    extra: dict[str, str],
-) -> str:
-    tags = {
-        "suite": suite.name,
-        "variant": variant,
-        "kind": "parent",
-        "config_hash": config.hash(),
-        "data_fingerprint": fingerprint,
-        "task": config.train.task,
-        "seeds": ",".join(map(str, suite.seeds or [config.train.seed])),
-    } | config_tags(config, synthetic)
-    found = tracker.find(tags, finished_only=False)
-    if found is not None:
-        return str(found.info.run_id)
-    run_id = tracker.start(variant, tags | extra)
-    tracker.log(run_id, params=flatten(config.model_dump(mode="json")))  # the UI compares them
-    return run_id
-
-
-def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dict[str, Any]:
+def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[str, Any]:
     log = get_run_logger()
     tracker = Tracker(suite.name, Path(run_root))
     cache = open_cache(cache_dir)
@@ -97,7 +60,12 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
 
     def submit(v: str, cfg: Config, extra: dict[str, str]) -> None:
         configs[v] = cfg
-        parents[v] = _parent(tracker, suite, v, cfg, fingerprint, synthetic, extra)
+        tags = parent_tags(
+            suite.name, v, cfg, fingerprint, synthetic, suite.seeds or [cfg.train.seed]
+        )
+        parents[v], new = tracker.find_or_start(v, tags, extra)
+        if new:  # the UI compares the variants' params
+            tracker.log(parents[v], params=flatten(cfg.model_dump(mode="json")))
         for k, seed in [(k, s) for k in suite.folds for s in seeds]:
             c = cfg
             if seed is not None:
@@ -106,7 +74,7 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
                 cache_dir=job_cache,
                 fold=k,
                 variant=v,
-                config=c.model_dump(mode="json"),
+                config=c,
                 run_root=job_root,
                 suite=suite.name,
                 parent_id=parents[v],
@@ -127,7 +95,7 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
         got = pending.result()
         v = "multitask_pretrained"
         config = suite.variant_config(base, v, Path(got["checkpoint"]))
-        submit(v, config, _backbone_tags(suite, got))
+        submit(v, config, backbone_tags(suite.pretrained or got["model_uri"], got["run_id"]))
     configs = {v: configs[v] for v in suite.variants}
     parents = {v: parents[v] for v in suite.variants}
     results = [f.result() for f in futures]
@@ -140,13 +108,7 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
     aggregates: dict[str, dict[str, Any]] = {
         v: aggregate_task(v, suite.name, run_root, parents[v]) for v in suite.variants
     }
-    summary = compare_task(
-        aggregates,
-        suite.model_dump(mode="json"),
-        {v: c.model_dump(mode="json") for v, c in configs.items()},
-        {"synthetic": synthetic, "image_size": cache.image_size},
-        run_root,
-    )
+    summary = compare_task(aggregates, suite, configs, cache.image_size, synthetic, run_root)
     return {
         "summary": summary,
         "parents": parents,
@@ -161,14 +123,14 @@ def _run(suite: SuiteConfig, base: Config, cache_dir: str, run_root: str) -> dic
 @flow(name="suite", log_prints=True)
 def suite_flow(
     cache_dir: str = "runs/suite/cache",
-    suite: dict[str, Any] | None = None,
-    config: dict[str, Any] | None = None,
+    suite: SuiteRun | None = None,
+    config: Config | None = None,
     run_root: str = "runs/suite",
     data_root: str | None = None,
 ) -> dict[str, Any]:
     """Every fold of every variant; `suite` and `config` are the sections of a config file
-    (`config` may name its `preset`; default `paper`)."""
-    s, base = SuiteConfig.model_validate(suite or {}), config_from(config)
+    (`config` may name its `preset`, under its other keys; default `paper`)."""
+    s, base = suite or SuiteRun(), config or Config()
     set_slots(s.slots)
     if data_root is not None:
         prepare_cache_task(data_root, cache_dir, s.image_size)
@@ -179,17 +141,17 @@ def suite_flow(
 def cross_validate(
     variant: Variant = "multitask",
     cache_dir: str = "runs/suite/cache",
-    suite: dict[str, Any] | None = None,
-    config: dict[str, Any] | None = None,
+    suite: SuiteRun | None = None,
+    config: Config | None = None,
     run_root: str = "runs/suite",
 ) -> dict[str, Any]:
-    s = SuiteConfig.model_validate((suite or {}) | {"variants": [variant]})
+    s = SuiteRun.model_validate((suite or SuiteRun()).model_dump() | {"variants": [variant]})
     set_slots(s.slots)
-    return _run(s, config_from(config), cache_dir, run_root)
+    return _run(s, config or Config(), cache_dir, run_root)
 
 
 def run_suite(
-    suite: SuiteConfig, base: Config, cache_dir: Path, run_root: Path, data_root: Path | None = None
+    suite: SuiteRun, base: Config, cache_dir: Path, run_root: Path, data_root: Path | None = None
 ) -> dict[str, Any]:
     """Run the suite flow with as many task threads as slots."""
     slots = set_slots(suite.slots)
@@ -197,9 +159,5 @@ def run_suite(
         slots = len(suite.variants) * len(suite.folds)
     runner = ThreadPoolTaskRunner(max_workers=slots)  # type: ignore[var-annotated]
     return suite_flow.with_options(task_runner=runner)(  # type: ignore[arg-type]
-        str(cache_dir),
-        suite.model_dump(mode="json"),
-        base.model_dump(mode="json"),
-        str(run_root),
-        str(data_root) if data_root else None,
+        str(cache_dir), suite, base, str(run_root), str(data_root) if data_root else None
     )

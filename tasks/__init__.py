@@ -1,4 +1,4 @@
-"""Prefect tasks: thin wrappers that call `agegender` and log to MLflow (`tasks.tracking`).
+"""Prefect tasks: thin wrappers that call `agegender` and log to MLflow (`tracking`).
 
 Importing this package sets defaults the user did not set: it runs before Prefect or MLflow are
 imported by the tasks and flows (Prefect reads its settings once, at import). Telemetry is off,
@@ -19,13 +19,6 @@ for _var, _value in {
     EPHEMERAL_STARTUP_VAR: str(EPHEMERAL_STARTUP_S),
 }.items():
     os.environ.setdefault(_var, _value)
-
-
-class TrackingError(RuntimeError):
-    """The tracking server (or store) refused or failed a request, after retries.
-
-    Here and not in `tasks.tracking`, so the CLI can catch it without importing MLflow.
-    """
 
 
 class StartupError(RuntimeError):

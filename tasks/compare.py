@@ -14,28 +14,25 @@ from agegender import plots
 from agegender.config import Config, SuiteConfig
 from agegender.metrics import sample_std
 from agegender.report import LEVI_HASSNER, METRICS, summarize
-from tasks.tracking import Tracker
+from tracking.schema import summary_tags
+from tracking.store import Tracker
 
 
 @task(cache_policy=NO_CACHE)
 def compare_task(
     aggregates: dict[str, dict[str, Any]],
-    suite: dict[str, Any],
-    configs: dict[str, dict[str, Any]],
-    data: dict[str, Any],
+    suite: SuiteConfig,
+    configs: dict[str, Config],
+    image_size: int,
+    synthetic: bool,
     run_root: str,
 ) -> dict[str, Any]:
     """Summary tables (logged as the suite's `summary` run; the CLI prints them) and a chart.
-    `data`: what the folds were trained on (`synthetic`, the cache's `image_size`)."""
-    s = SuiteConfig.model_validate(suite)
-    summary = summarize(
-        aggregates,
-        {v: Config.model_validate(c) for v, c in configs.items()},
-        int(data["image_size"]),
-        bool(data["synthetic"]),
-        title=f"suite `{s.name}`",
-    )
-    run_id = _log_summary(Tracker(s.name, Path(run_root)), s, aggregates, summary, run_root)
+    `image_size`, `synthetic`: what the folds were trained on (the cache's)."""
+    title = f"suite `{suite.name}`"
+    summary = summarize(aggregates, configs, image_size, synthetic, title=title)
+    tracker = Tracker(suite.name, Path(run_root))
+    run_id = _log_summary(tracker, suite, aggregates, summary, run_root)
     get_run_logger().info(f"summary tables logged to MLflow run {run_id} (summary.md)")
     return summary
 
@@ -47,9 +44,7 @@ def _log_summary(
     summary: dict[str, Any],
     run_root: str,
 ) -> str:
-    tags = {"suite": suite.name, "kind": "summary", "synthetic": str(summary["synthetic"]).lower()}
-    found = tracker.find(tags, finished_only=False)
-    run_id = str(found.info.run_id) if found else tracker.start("summary", tags)
+    run_id, _ = tracker.find_or_start("summary", summary_tags(suite.name, summary["synthetic"]))
     tracker.text(run_id, summary["markdown"], "summary.md")
     metrics: dict[str, float] = {}
     for t in summary["tests"]:

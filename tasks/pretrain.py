@@ -16,19 +16,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from agegender.cache import build_source_cache, open_source_cache
-from agegender.config import CacheConfig, Config, PretrainConfig
+from agegender.config import CacheConfig, Config, PretrainConfig, flatten
 from agegender.pretrain import source_set
-from agegender.train import epoch_line, train
-from tasks.folds import (
-    config_tags,
-    fold_device,
-    log_training,
-    logged_progress,
-    retry_unless_bad_input,
-    scalar_metrics,
-    slot,
-)
-from tasks.tracking import Tracker, git_commit
+from tasks.cache import logged_progress
+from tasks.training import TrackedRun, retry_unless_bad_input, scalar_metrics, train_tracked
+from tracking.schema import pretrain_tags, registered_tag
+from tracking.store import Tracker
 
 CHECKPOINT_FOLDER = "checkpoint"
 
@@ -38,22 +31,23 @@ def registered_name(source: str) -> str:
 
 
 @task(
-    task_run_name="pretrain-{pretrain[source]}",
+    task_run_name="pretrain-{pretrain.source}",
     cache_policy=NO_CACHE,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_bad_input,
 )
 def pretrain_task(
-    pretrain: dict[str, Any],
-    config: dict[str, Any],
+    pretrain: PretrainConfig,
+    cfg: Config,
     run_root: str,
     experiment: str,
     image_size: int,
     cache_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Pretrain on the source unless an identical run finished; log and register it."""
+    """Pretrain on the source unless an identical run finished; log and register it. `cfg` is
+    the pretraining config (`pretrain.train_config(base)`)."""
     log = get_run_logger()
-    p, cfg = PretrainConfig.model_validate(pretrain), Config.model_validate(config)
+    p = pretrain
     if p.root is None:
         raise ValueError(
             f"pretrain.root is not set: give the {p.source} download (its official layout)"
@@ -73,58 +67,35 @@ def pretrain_task(
     cache = open_source_cache(cache_path)
     ts = source_set(cache, cfg, p)
     tracker = Tracker(experiment, Path(run_root))
-    tags = {
-        "kind": "pretrain",
-        "source": p.source,
-        "trained_on": ts.name,
-        "config_hash": cfg.hash(),
-        "data_fingerprint": cache.fingerprint,
-    } | config_tags(cfg, cache.synthetic)
+    tags = pretrain_tags(p.source, ts.name, cfg, cache.fingerprint, cache.synthetic)
     name = registered_name(p.source)
     out = Path(run_root, experiment, "pretrain", f"{p.source}-{cfg.hash()}-{cache.fingerprint[:8]}")
     done = tracker.finished(tags)
     if done is not None:
-        run_id = str(done.info.run_id)
-        version = tracker.register(run_id, CHECKPOINT_FOLDER, name, tags)
+        version = tracker.register(done.run_id, CHECKPOINT_FOLDER, name, tags)
         checkpoint = out / "best.pt"
         if not (out / "result.json").exists():  # trained elsewhere: fetch the logged weights
-            got = tracker.download(
-                f"runs:/{run_id}/{CHECKPOINT_FOLDER}/best.pt",
-                Path(run_root) / "pretrained" / run_id,
+            checkpoint = tracker.download(
+                f"runs:/{done.run_id}/{CHECKPOINT_FOLDER}/best.pt",
+                Path(run_root) / "pretrained" / done.run_id,
             )
-            checkpoint = got
         log.info(
-            f"pretraining on {ts.name}: already finished (run {run_id}, models:/{name}/{version});"
-            " not trained again"
+            f"pretraining on {ts.name}: already finished (run {done.run_id}, "
+            f"models:/{name}/{version}); not trained again"
         )
-        test = {k[5:]: v for k, v in done.data.metrics.items() if k.startswith("test_")}
-        return _result(run_id, checkpoint, name, version, test, trained=False)
-    with slot() as free:
-        device, device_tags = fold_device(cfg.train.device, free)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
-        log.info(f"pretraining on {ts.name} ({len(cache)} images) on {device} -> {out}")
-        result = train(
-            ts, cfg, out, resume=True, log=lambda r: log.info(f"pretrain: {epoch_line(r)}")
-        )
-    s = result.summary
-    log.info(
-        f"pretraining on {ts.name}: test "
-        + ", ".join(f"{k} {v:.3f}" for k, v in scalar_metrics(s["test"]).items())
-    )
-    run_id = tracker.start(
-        f"pretrain {p.source}",
-        tags | device_tags | {"git_commit": git_commit(), "device": s["device"]},
-    )
-    try:
-        tracker.log(run_id, params={f"pretrain.{k}": v for k, v in pretrain.items()})
-        log_training(tracker, run_id, out, cfg, s, f"pretrain {p.source}", CHECKPOINT_FOLDER)
-        version = tracker.register(run_id, CHECKPOINT_FOLDER, name, tags)
-        tracker.log(run_id, tags={"registered_model": f"models:/{name}/{version}"})
-    except BaseException:
-        tracker.finish(run_id, status="FAILED")
-        raise
-    tracker.finish(run_id)
-    return _result(run_id, out / "best.pt", name, version, scalar_metrics(s["test"]), True)
+        return _result(done.run_id, checkpoint, name, version, done.test_metrics(), False)
+    versions: list[str] = []
+
+    def register(run_id: str) -> None:
+        params = flatten(p.model_dump(mode="json"), "pretrain.")
+        tracker.log(run_id, params=params)
+        versions.append(tracker.register(run_id, CHECKPOINT_FOLDER, name, tags))
+        tracker.log(run_id, tags=registered_tag(f"models:/{name}/{versions[0]}"))
+
+    run = TrackedRun(tracker, f"pretrain {p.source}", tags, out, None, CHECKPOINT_FOLDER)
+    got = train_tracked(run, ts, cfg, also=register)
+    test = scalar_metrics(got.summary["test"])
+    return _result(got.run_id, out / "best.pt", name, versions[0], test, True)
 
 
 def _result(

@@ -119,7 +119,7 @@ def test_a_registered_pyfunc_model_loads_and_a_tampered_one_is_refused(
     checkpoint inside it through the same safe loader."""
     import mlflow.pyfunc
 
-    from tasks.tracking import Tracker
+    from tracking.store import Tracker
 
     tracker = Tracker("checkpoints", tmp_path / "runs")
     marker = tmp_path / "pwned"

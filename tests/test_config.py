@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from agegender.config import (
     Config,
     ConfigError,
-    config_from,
+    DataConfig,
     deviations,
     load_config,
     load_pretrain_config,
@@ -198,10 +199,14 @@ def test_readme_lists_every_paper_setting_with_its_basis() -> None:
 
 
 def test_config_from_data_applies_its_preset() -> None:
-    """A flow's `config` parameter names a preset as a config file does."""
-    assert config_from(None) == Config()
-    modern = config_from({"preset": "modern", "data": {"crop": 64}})
+    """A flow's `config` parameter (validated by Prefect into a `Config`) names a preset as a
+    config file does; complete data, as a checkpoint saves it, is unchanged."""
+    assert Config.model_validate({}) == Config()
+    modern = Config.model_validate({"preset": "modern", "data": {"crop": 64}})
     assert modern == load_config(None, ["data.crop=64"], preset="modern")
-    assert config_from(Config().model_dump(mode="json")) == Config()
-    with pytest.raises(ConfigError, match="preset 'fancy'"):
-        config_from({"preset": "fancy"})
+    assert modern != Config(data=DataConfig(crop=64))
+    assert Config.model_validate(Config().model_dump(mode="json")) == Config()
+    saved = modern.model_dump(mode="json") | {"preset": "/gone/preset.yaml"}
+    assert Config.model_validate(saved).optim == modern.optim
+    with pytest.raises(ValidationError, match="preset 'fancy'"):
+        Config.model_validate({"preset": "fancy"})

@@ -12,8 +12,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from agegender.config import Config, TrainConfig
 from agegender.train import DeviceError
-from tasks.folds import FoldJob, fold_device
+from tasks.folds import FoldJob
+from tasks.slots import fold_device
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -82,7 +84,7 @@ def test_the_gpu_deployment_requires_cuda() -> None:
         cache_dir="/nonexistent",
         fold=0,
         variant="age",
-        config={"train": {"device": "auto"}},
+        config=Config(train=TrainConfig(device="auto")),
         run_root="/nonexistent",
         suite="s",
         parent_id="p",
@@ -92,11 +94,8 @@ def test_the_gpu_deployment_requires_cuda() -> None:
 
 
 def test_fold_device_only_lets_auto_fall_back() -> None:
-    assert fold_device("auto", "cpu") == (
-        "cpu",
-        {"device_requested": "auto", "device_fallback": "cpu: auto found no CUDA device"},
-    )
-    assert fold_device("cpu", "cpu") == ("cpu", {"device_requested": "cpu"})
+    assert fold_device("auto", "cpu") == ("cpu", "cpu: auto found no CUDA device")
+    assert fold_device("cpu", "cpu") == ("cpu", None)
     for asked in ("cuda", "cuda:0", "cuda:3"):
         with pytest.raises(DeviceError, match=f"train.device={asked}, "):
             fold_device(asked, "cpu")

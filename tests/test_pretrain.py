@@ -26,9 +26,9 @@ from agegender.pretrain import pretrain, source_parts
 from agegender.sources import CELEBA_AGE_CLASSES, CELEBA_IMAGE_DIR, read_source
 from agegender.synthetic import SynthResult
 from agegender.train import RunError, prepare_run, train_epoch
-from tasks import TrackingError
 from tasks.pretrain import resolve_pretrained_task
 from tests.conftest import run_cli
+from tracking import TrackingError
 
 SMALL = CacheConfig(image_size=32, workers=2)
 TRAIN = [
@@ -228,8 +228,8 @@ def test_the_suite_retries_pretraining_like_a_fold_but_not_bad_input(
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.suite import suite_flow
-    from tasks.folds import retry_unless_bad_input
     from tasks.pretrain import pretrain_task
+    from tasks.training import retry_unless_bad_input
 
     build_cache(small_synth.out, tmp_path / "cache", config=CacheConfig(image_size=56))
     suite = {

@@ -15,7 +15,7 @@ import torch
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.synthetic import SynthResult
-from tasks.folds import set_slots, slot
+from tasks.slots import set_slots, slot
 from tests.conftest import REPO
 
 TINY = ["data.crop=48", "train.iterations=2", "train.tencrop=false", "model.norm=batchnorm"]
@@ -35,9 +35,9 @@ def test_cpu_slots_share_the_cores(
 ) -> None:
     """n folds at once get cores // n torch threads each (never fewer than one): they fit the
     cores without oversubscribing them, and one slot keeps every core."""
-    import tasks.folds
+    import tasks.slots
 
-    monkeypatch.setattr(tasks.folds, "CPU_THREADS", cores)
+    monkeypatch.setattr(tasks.slots, "CPU_THREADS", cores)
     assert set_slots(n) == n
     assert torch.get_num_threads() == each
     held = []
@@ -75,3 +75,14 @@ def test_folds_that_need_no_backbone_do_not_wait_for_pretraining(
     assert len(scratch) == len(from_backbone) == 2
     assert scratch[0] < pretrained, "a from-scratch fold finished before pretraining did"
     assert from_backbone[0] > pretrained  # these need its weights
+
+
+def test_a_slot_before_any_flow_set_them_is_an_error_not_a_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, an empty queue: a task run outside a flow that sets slots blocked forever."""
+    import tasks.slots
+
+    monkeypatch.setattr(tasks.slots, "_slots", None)
+    with pytest.raises(tasks.slots.SlotsError, match="set_slots"), slot():
+        pass

@@ -1,4 +1,4 @@
-"""Every MLflow call of the project, in one place.
+"""Every MLflow call of the project, in one place; callers get `tracking.schema` records.
 
 Runs are addressed by id through `MlflowClient` (no global "active run"), so folds logging from
 several threads cannot mix their runs. With `MLFLOW_TRACKING_URI` unset, tracking goes to a
@@ -7,10 +7,8 @@ SQLite store and a local artifact folder under the suite's run directory.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -26,7 +24,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks import TrackingError
+from tracking import TrackingError
+from tracking.schema import RunRecord, VersionRecord
 
 T = TypeVar("T")
 _PARAM_MAX = 6000
@@ -83,7 +82,7 @@ class Tracker:
             return f"mlflow ui --backend-store-uri '{self.uri}' --host 127.0.0.1 --port 5000"
         return f"open {self.uri}"
 
-    def find(self, tags: Mapping[str, str], finished_only: bool = True) -> Run | None:
+    def find(self, tags: Mapping[str, str], finished_only: bool = True) -> RunRecord | None:
         """The newest run carrying all `tags` (and FINISHED unless asked otherwise)."""
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         if finished_only:
@@ -96,14 +95,24 @@ class Tracker:
                 order_by=["attributes.start_time DESC"],
             )
         )
-        return runs[0] if runs else None
+        return _record(runs[0]) if runs else None
 
-    def finished(self, tags: Mapping[str, str]) -> Run | None:
+    def find_or_start(
+        self, name: str, tags: Mapping[str, str], extra: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
+        """The run with `tags` (whatever its status: a rerun adds to it), else a new one that
+        also carries `extra`; and whether it is new."""
+        found = self.find(tags, finished_only=False)
+        if found is not None:
+            return found.run_id, False
+        return self.start(name, dict(tags) | dict(extra or {})), True
+
+    def finished(self, tags: Mapping[str, str]) -> RunRecord | None:
         """The newest FINISHED run with `tags`; a newer one still RUNNING belongs to a killed
         process, so it is marked KILLED first (a rerun then trains or resumes it)."""
         latest = self.find(tags, finished_only=False)
-        if latest is not None and latest.info.status == "RUNNING":
-            self.finish(latest.info.run_id, status="KILLED")
+        if latest is not None and latest.status == "RUNNING":
+            self.finish(latest.run_id, status="KILLED")
         return self.find(tags)
 
     def start(self, name: str, tags: Mapping[str, str], parent_id: str | None = None) -> str:
@@ -115,13 +124,19 @@ class Tracker:
         )
         return str(run.info.run_id)
 
-    def children(self, parent_id: str) -> list[Run]:
+    def children(self, parent_id: str) -> list[RunRecord]:
+        """The parent's FINISHED child runs, oldest first."""
         query = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'"
-        return list(
-            self._retry(
-                lambda: self.client.search_runs([self.experiment_id], query, max_results=1000)
-            )
+        runs = self._retry(
+            lambda: self.client.search_runs([self.experiment_id], query, max_results=1000)
         )
+        return sorted(map(_record, runs), key=lambda r: r.start_time)
+
+    def latest_folds(self, parent_id: str) -> dict[tuple[int, int], RunRecord]:
+        """(fold, seed) -> the parent's newest FINISHED run of it (a rerun after a crash logs a
+        second one)."""
+        latest = {(r.fold, r.seed): r for r in self.children(parent_id)}
+        return dict(sorted(latest.items()))
 
     def log(
         self,
@@ -177,9 +192,7 @@ class Tracker:
         models = self._retry(lambda: self.client.search_registered_models(f"name = '{name}'"))
         if not models:
             self._retry(lambda: self.client.create_registered_model(name))
-        found = [
-            v for v in self.versions(name, run_id) if (v.source or "").endswith(f"/{artifact_path}")
-        ]
+        found = [v for v in self.versions(name, run_id) if v.source.endswith(f"/{artifact_path}")]
         if found:
             return str(found[0].version)
         version = self._retry(
@@ -192,11 +205,11 @@ class Tracker:
     def log_pyfunc(
         self, run_id: str, checkpoint: Path, artifact_path: str, metadata: Mapping[str, Any]
     ) -> None:
-        """The checkpoint as an MLflow pyfunc model (`tasks.serving`) in a run's artifacts:
+        """The checkpoint as an MLflow pyfunc model (`tracking.serving`) in a run's artifacts:
         the code travels with it, and the requirements are pinned to this environment's."""
         import mlflow.pyfunc
 
-        from tasks.serving import AgeGenderModel
+        from tracking.serving import AgeGenderModel
 
         root = Path(__file__).resolve().parent.parent
         with tempfile.TemporaryDirectory() as tmp:
@@ -204,7 +217,7 @@ class Tracker:
                 Path(tmp) / "model",
                 python_model=AgeGenderModel(),
                 artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(root / "agegender"), str(root / "tasks")],
+                code_paths=[str(root / "agegender"), str(root / "tracking")],
                 pip_requirements=[f"{d}=={version(d)}" for d in SERVING_REQUIREMENTS],
                 metadata=dict(metadata),
                 model_config={"detect": True, "oversample": False, "device": "auto"},
@@ -215,14 +228,12 @@ class Tracker:
                 lambda: self.client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path)
             )
 
-    def versions(self, name: str, run_id: str) -> list[ModelVersion]:
-        return list(
-            self._retry(
-                lambda: self.client.search_model_versions(
-                    f"name = '{name}' and run_id = '{run_id}'"
-                )
-            )
+    def versions(self, name: str, run_id: str) -> list[VersionRecord]:
+        """The versions of `name` registered from run `run_id`."""
+        found = self._retry(
+            lambda: self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
         )
+        return [_version_record(v) for v in found]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self._retry(lambda: self.client.set_registered_model_alias(name, alias, version))
@@ -277,16 +288,23 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     )
 
 
-@functools.cache
-def git_commit() -> str:
-    try:
-        res = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return res.stdout.strip() or "unknown"
+def _record(run: Run) -> RunRecord:
+    return RunRecord(
+        run_id=str(run.info.run_id),
+        name=str(run.info.run_name or ""),
+        status=str(run.info.status),
+        start_time=int(run.info.start_time or 0),
+        tags=dict(run.data.tags),
+        params=dict(run.data.params),
+        metrics={k: float(v) for k, v in run.data.metrics.items()},
+    )
+
+
+def _version_record(v: ModelVersion) -> VersionRecord:
+    return VersionRecord(
+        name=str(v.name),
+        version=str(v.version),
+        run_id=str(v.run_id or ""),
+        source=str(v.source or ""),
+        tags=dict(v.tags or {}),
+    )
