@@ -26,9 +26,12 @@ from rich.progress import (
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from agegender import adience, cache, sources, splits, synthetic, train
+from agegender import adience, cache, splits, train
 from agegender.adience import MetadataError
 from agegender.config import CacheConfig, SplitConfig, deviations, load_config
+from agegender.synth.adience import write_synthetic
+from agegender.synth.photos import write_photos
+from agegender.synth.sources import write_synthetic_source
 
 # soft_wrap: paths and messages stay on one line whatever the terminal (or pipe) width, so
 # they can be grepped.
@@ -99,13 +102,13 @@ SYNTH_SIZES = {"adience": 816, "celeba": 178, "utkface": 200, "photos": 1024}
 def cmd_synth(a: argparse.Namespace) -> None:
     size = a.size or SYNTH_SIZES[a.format]
     if a.format == "photos":
-        written = synthetic.write_photos(a.out, a.count, size, a.seed)
+        written = write_photos(a.out, a.count, size, a.seed)
         info = {"out": str(a.out), "format": a.format, "images": len(written)}
         _emit(info, a.json, lambda d: out.print(f"wrote {d['images']:,} photos to {d['out']}"))
         return
     if a.format != "adience":
         with progress_bar("drawing faces") as bar:
-            src = sources.write_synthetic_source(
+            src = write_synthetic_source(
                 a.format, a.out, n=a.count, size=size, seed=a.seed, workers=a.workers, progress=bar
             )
         info = {
@@ -121,7 +124,7 @@ def cmd_synth(a: argparse.Namespace) -> None:
         )
         return
     with progress_bar("drawing faces") as bar:
-        res = synthetic.write_synthetic(
+        res = write_synthetic(
             a.out,
             size=size,
             per_fold=a.per_fold,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,10 +9,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from agegender.data import ImageStore, PartData
 from agegender.metrics import head_metrics
+from agegender.models import autocast, masked_losses, to_input
 from agegender.transforms import Normalize, center_crop, ten_crops
 
 Probs = dict[str, npt.NDArray[np.float32]]
@@ -24,36 +23,6 @@ class Predictions:
     center: Probs  # head -> (N, classes) softmax of the centre crop
     tencrop: Probs | None  # head -> mean softmax over the 10 crops
     losses: dict[str, float]  # head -> mean cross-entropy (centre crop) over labelled rows
-
-
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when asked; a no-op elsewhere (bf16 is slow on most CPUs)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_input(crops: Tensor, channels_last: bool) -> Tensor:
-    """Normalised NHWC crops -> the net's NCHW input (channels-last in memory if asked)."""
-    x = crops.permute(0, 3, 1, 2)
-    return x.contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
-
-
-def masked_losses(
-    outputs: dict[str, Tensor], targets: dict[str, Tensor], reduction: str = "mean"
-) -> dict[str, Tensor]:
-    """Cross-entropy of each head over the samples that carry its label (0 when none do)."""
-    out = {}
-    for head, logits in outputs.items():
-        y = targets[head]
-        mask = y >= 0
-        if mask.any():
-            out[head] = F.cross_entropy(logits[mask].float(), y[mask], reduction=reduction)
-        else:
-            out[head] = logits.sum() * 0.0
-    return out
 
 
 @torch.no_grad()

@@ -3,14 +3,20 @@
 Three conv blocks and two 512-unit fully connected layers, exactly as the Caffe prototxt:
 11,416,074 parameters for the multi-task net at 227x227. The input side is configuration: the
 same topology runs on 64 px crops for CPU tests and demos (fc6 then sees a 1x1 map).
+
+The net's input layout (`to_input`), precision (`autocast`) and per-head loss (`masked_losses`)
+live here too: training, evaluation and prediction all use them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from agegender.config import ModelConfig, Task
 
@@ -194,3 +200,36 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- the net's input layout, precision and loss, shared by training, evaluation and prediction
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (bf16 is slow on most CPUs)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_input(crops: Tensor, channels_last: bool) -> Tensor:
+    """Normalised NHWC crops -> the net's NCHW input (channels-last in memory if asked)."""
+    x = crops.permute(0, 3, 1, 2)
+    return x.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+
+
+def masked_losses(
+    outputs: dict[str, Tensor], targets: dict[str, Tensor], reduction: str = "mean"
+) -> dict[str, Tensor]:
+    """Cross-entropy of each head over the samples that carry its label (0 when none do)."""
+    out = {}
+    for head, logits in outputs.items():
+        y = targets[head]
+        mask = y >= 0
+        if mask.any():
+            out[head] = F.cross_entropy(logits[mask].float(), y[mask], reduction=reduction)
+        else:
+            out[head] = logits.sum() * 0.0
+    return out

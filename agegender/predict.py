@@ -28,8 +28,7 @@ from PIL import Image, ImageOps
 from agegender.cache import decode_image, square_resize
 from agegender.config import Config
 from agegender.detect import Box, FaceDetector, crop_face
-from agegender.evaluate import to_input
-from agegender.models import LeviHassner, build_model
+from agegender.models import LeviHassner, build_model, to_input
 from agegender.train import RunError, load_checkpoint, select_device
 from agegender.transforms import Normalize, center_crop, ten_crops
 

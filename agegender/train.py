@@ -31,10 +31,10 @@ import torch
 from agegender.cache import Cache, ImageCache, open_cache
 from agegender.config import Config
 from agegender.data import FoldData, fold_data
-from agegender.evaluate import autocast, masked_losses, part_metrics, predict, to_input
+from agegender.evaluate import part_metrics, predict
 from agegender.labels import AGE_GROUPS, GENDERS
 from agegender.metrics import mean_accuracy
-from agegender.models import HEADS, LeviHassner, build_model
+from agegender.models import HEADS, LeviHassner, autocast, build_model, masked_losses, to_input
 from agegender.splits import distribution_line, make_split
 from agegender.transforms import random_window
 

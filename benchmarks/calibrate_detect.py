@@ -22,8 +22,8 @@ from matplotlib import cbook
 from PIL import Image
 
 from agegender.detect import FACE_DY, FACE_SCALE, Box, FaceDetector, crop_face
-from agegender.faces import render_face
-from agegender.synthetic import group_photo
+from agegender.synth.faces import render_face
+from agegender.synth.photos import group_photo
 
 
 def aligned_faces(n: int, size: int, seed: int, images: Path | None) -> list[np.ndarray]:

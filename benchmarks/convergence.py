@@ -31,7 +31,7 @@ import torch
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, load_config
 from agegender.splits import distribution_line, make_split
-from agegender.synthetic import write_synthetic
+from agegender.synth.adience import write_synthetic
 from agegender.train import train_fold
 
 VARIANTS = {

@@ -26,7 +26,7 @@ from agegender.detect import FaceDetector, crop_face
 from agegender.labels import AGE_GROUPS, GENDERS
 from agegender.models import build_model
 from agegender.predict import Predictor, predict_paths
-from agegender.synthetic import group_photo
+from agegender.synth.photos import group_photo
 
 
 def make_model(path: Path, crop: int, image_size: int) -> Path:

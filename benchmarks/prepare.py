@@ -21,7 +21,7 @@ from PIL import Image
 
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
-from agegender.synthetic import write_synthetic
+from agegender.synth.adience import write_synthetic
 
 
 def naive(paths: list[Path], size: int) -> float:

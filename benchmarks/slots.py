@@ -20,7 +20,7 @@ import torch
 
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, load_config
-from agegender.synthetic import write_synthetic
+from agegender.synth.adience import write_synthetic
 from agegender.train import Run, prepare_run, train_epoch
 
 

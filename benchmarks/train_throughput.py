@@ -19,8 +19,8 @@ import torch
 
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, load_config
-from agegender.evaluate import to_input
-from agegender.synthetic import write_synthetic
+from agegender.models import to_input
+from agegender.synth.adience import write_synthetic
 from agegender.train import Run, fit_batch, prepare_run, train_epoch
 from agegender.transforms import random_window
 

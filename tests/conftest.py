@@ -17,8 +17,8 @@ import pytest
 import tasks  # noqa: F401  (Prefect's defaults, generous start-up included, before Prefect loads)
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
-from agegender.sources import write_synthetic_source
-from agegender.synthetic import SynthResult, write_synthetic
+from agegender.synth.adience import SynthResult, write_synthetic
+from agegender.synth.sources import write_synthetic_source
 from deployments.stack import Ports, Stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Users' photos: two synthetic faces side by side (a seed whose two faces the Haar cascade
     finds: it misses about a quarter of these cartoon faces), one with none, one corrupt file.
     `faces` says where the two faces were pasted."""
-    from agegender.synthetic import group_photo
+    from agegender.synth.photos import group_photo
 
     root = tmp_path_factory.mktemp("photos")
     two, faces = group_photo(2, 640, 320, seed=0)

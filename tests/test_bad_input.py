@@ -24,7 +24,7 @@ from agegender.sources import (
     read_celeba,
     read_utkface,
 )
-from agegender.synthetic import SynthResult
+from agegender.synth.adience import SynthResult
 from deployments.stack import Ports, Stack
 from tests.conftest import REPO, run_cli
 

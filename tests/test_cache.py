@@ -12,7 +12,7 @@ from PIL import Image
 from agegender.adience import read_metadata, stats
 from agegender.cache import CacheError, build_cache, decode_image, open_cache
 from agegender.config import CacheConfig
-from agegender.synthetic import SynthResult
+from agegender.synth.adience import SynthResult
 from tests.conftest import run_cli
 
 SMALL = CacheConfig(image_size=32, workers=2)

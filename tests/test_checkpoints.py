@@ -18,7 +18,7 @@ from agegender.cache import build_cache
 from agegender.config import CacheConfig, load_config
 from agegender.models import build_model
 from agegender.predict import Predictor
-from agegender.synthetic import SynthResult
+from agegender.synth.adience import SynthResult
 from agegender.train import RunError, adience_fold, load_backbone, train, train_fold
 from tests.conftest import run_cli
 

@@ -19,8 +19,8 @@ from agegender.detect import (
     crop_box,
     crop_face,
 )
-from agegender.faces import render_face
-from agegender.synthetic import group_photo
+from agegender.synth.faces import render_face
+from agegender.synth.photos import group_photo
 
 U8 = NDArray[np.uint8]
 N_ALIGNED = 60
@@ -119,7 +119,8 @@ def test_detection_rate_on_aligned_faces(found: list[tuple[U8, Box]]) -> None:
 
 
 def test_calibration_matches_the_aligned_faces(found: list[tuple[U8, Box]]) -> None:
-    """The constants still describe the renderer: recalibrate if faces.py changes the framing."""
+    """The constants still describe the renderer: recalibrate if synth/faces.py changes the
+    framing."""
     side = [img.shape[0] / b.w for img, b in found]
     dy = [(img.shape[0] / 2 - (b.y + b.h / 2)) / b.w for img, b in found]
     assert abs(float(np.median(side)) - FACE_SCALE) < 0.08  # measured 1.384

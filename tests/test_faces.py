@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from agegender.faces import render_face
 from agegender.labels import AGE_RANGES
+from agegender.synth.faces import render_face
 
 
 def _px(

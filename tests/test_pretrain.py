@@ -24,7 +24,7 @@ from agegender.cache import (
 from agegender.config import CacheConfig, PretrainConfig, load_config
 from agegender.pretrain import pretrain, source_parts
 from agegender.sources import CELEBA_AGE_CLASSES, CELEBA_IMAGE_DIR, read_source
-from agegender.synthetic import SynthResult
+from agegender.synth.adience import SynthResult
 from agegender.train import RunError, prepare_run, train_epoch
 from tasks.pretrain import resolve_pretrained_task
 from tests.conftest import run_cli

@@ -14,7 +14,7 @@ import torch
 
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
-from agegender.synthetic import SynthResult
+from agegender.synth.adience import SynthResult
 from tasks.slots import set_slots, slot
 from tests.conftest import REPO
 

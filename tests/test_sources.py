@@ -19,12 +19,11 @@ from agegender.sources import (
     CELEBA_IMAGE_DIR,
     CELEBA_PARTITION_FILE,
     SourceData,
-    plan_synthetic_source,
     read_celeba,
     read_source,
     read_utkface,
-    write_synthetic_source,
 )
+from agegender.synth.sources import plan_synthetic_source, write_synthetic_source
 from tests.conftest import run_cli
 
 N, SIZE, SEED = 40, 32, 5

@@ -14,7 +14,7 @@ import pytest
 
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
-from agegender.synthetic import SynthResult
+from agegender.synth.adience import SynthResult
 from deployments.stack import STARTUP_VAR, Ports, Stack, StackError, alive, startup_timeout
 from tasks import EPHEMERAL_STARTUP_VAR
 from tests.conftest import REPO

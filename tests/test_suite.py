@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from agegender.cache import build_cache
 from agegender.config import CacheConfig, load_config
 from agegender.labels import AGE_GROUPS
-from agegender.synthetic import SynthResult
+from agegender.synth.adience import SynthResult
 from agegender.train import train_fold
 from tests.conftest import REPO
 

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from agegender.adience import read_metadata, stats
-from agegender.synthetic import SynthResult, group_photo, write_synthetic
+from agegender.synth.adience import SynthResult, write_synthetic
+from agegender.synth.photos import group_photo
 from tests.conftest import run_cli
 
 

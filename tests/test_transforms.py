@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agegender.evaluate import masked_losses
 from agegender.metrics import head_metrics
+from agegender.models import masked_losses
 from agegender.transforms import (
     Normalize,
     center_crop,
