@@ -16,9 +16,9 @@ from prefect import flow
 from prefect.concurrency.sync import concurrency
 
 from agegender.train import select_device
+from deployments.services import GPU_LIMIT
 from tasks.folds import FoldJob, set_slots, train_fold_task
 
-GPU_LIMIT = "gpu-slots"
 LEASE = 60.0  # the server accepts no shorter lease
 
 
