@@ -7,9 +7,9 @@ RUN    := runs
 # Tested versions; pip takes them from the local wheel cache here, from PyPI elsewhere.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-export DO_NOT_TRACK := true
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
+# Telemetry off and the other client defaults: `agegender` and the tests set them in Python
+# (deployments/services.py); a target that runs mlflow or prefect itself goes through
+# `python -m deployments.services`.
 
 .PHONY: venv lint format test test-fast demo serve bench stack stack-down stack-status clean
 
@@ -68,7 +68,8 @@ SERVE_PORT ?= 5001
 serve: venv
 	PATH="$(abspath $(BIN)):$$PATH" \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(DEMO))/suite/mlflow.db}" \
-	    $(BIN)/mlflow models serve -m $(SERVE_MODEL) --env-manager local \
+	    $(BIN)/python -m deployments.services $(BIN)/mlflow models serve -m $(SERVE_MODEL) \
+	    --env-manager local \
 	    --host 127.0.0.1 --port $(SERVE_PORT)
 
 # The local service stack (S3, MLflow, Prefect server + worker) on 127.0.0.1; S3 credentials from

@@ -1,4 +1,13 @@
-"""The `agegender` command line. Thin: parse, call the library, print (JSON with --json)."""
+"""The `agegender` command line. Thin: parse, call the library, print (JSON with --json).
+
+Each layer adds its sub-commands with `add_commands(sub)`: this module the library's (synth,
+prepare, data, train-fold, predict on files), `flows.cli` the orchestrated ones; `flows.cli`
+builds the one `agegender` parser from them. `main` here is the library's commands alone.
+
+Settings follow one precedence rule, in every command (`PRECEDENCE`, shown by `--help`):
+preset < `--config` file < `key=value` overrides < the command's own flags. A flag is the most
+specific thing typed, so it wins (`flag_overrides` applies flags as the last overrides).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +16,12 @@ import csv
 import json
 import sys
 import time
+import typing
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -28,10 +38,27 @@ from rich.text import Text
 
 from agegender import adience, cache, splits, train
 from agegender.adience import MetadataError
-from agegender.config import CacheConfig, SplitConfig, deviations, load_config
+from agegender.config import (
+    CacheConfig,
+    Config,
+    Protocol,
+    SplitConfig,
+    Task,
+    deviations,
+    load_config,
+)
+from agegender.labels import AgePolicy
 from agegender.synth.adience import write_synthetic
 from agegender.synth.photos import write_photos
 from agegender.synth.sources import write_synthetic_source
+
+DESCRIPTION = "Age group and gender from face photos: data, training, prediction."
+PRECEDENCE = (
+    "Settings, each later one winning: the preset (--preset, else the --config file's `preset:`, "
+    "else paper), the --config file, key=value overrides, then the command's own flags "
+    "(train-fold --task, pretrain --source and --data-root): a flag beats an override of the "
+    "same setting."
+)
 
 # soft_wrap: paths and messages stay on one line whatever the terminal (or pipe) width, so
 # they can be grepped.
@@ -229,8 +256,7 @@ def cmd_split(a: argparse.Namespace) -> None:
 
 
 def cmd_train_fold(a: argparse.Namespace) -> None:
-    overrides = list(a.overrides) + ([f"train.task={a.task}"] if a.task else [])
-    config = load_config(a.config, overrides, a.preset)
+    config = train_fold_config(a)
     out_dir = a.out or Path("runs/train") / f"{config.train.task}-fold{a.fold}-{config.hash()}"
     bar = Progress(
         TextColumn("{task.description}"),
@@ -346,15 +372,29 @@ def predict_model(model: str) -> Path:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agegender", description=__doc__)
+class Commands(typing.Protocol):
+    """Where a layer adds its sub-commands: what `ArgumentParser.add_subparsers()` returns."""
+
+    def add_parser(
+        self, name: str, *, help: str | None = ..., epilog: str | None = ...
+    ) -> argparse.ArgumentParser: ...
+
+
+def new_parser(description: str) -> tuple[argparse.ArgumentParser, Commands]:
+    """The `agegender` parser, `--debug` and the precedence rule in its help, with no commands
+    yet: each layer's `add_commands` adds its own (`flows.cli.build_parser` assembles them)."""
+    p = argparse.ArgumentParser(prog="agegender", description=description, epilog=PRECEDENCE)
     p.add_argument(
         "--debug",
         action="store_true",
         help="on an error, the full traceback (and Prefect's logged ones), not one error line",
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    return p, p.add_subparsers(dest="command", required=True)
 
+
+def add_commands(sub: Commands, predict: bool = True) -> None:
+    """The library's commands; `predict=False` where the caller adds a `predict` of its own
+    (the orchestration's, which also takes model URIs) with `add_predict`."""
     s = sub.add_parser("synth", help="write a synthetic dataset in a real dataset's layout")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--format", choices=sorted(SYNTH_SIZES), default="adience")
@@ -406,16 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         src = s.add_mutually_exclusive_group(required=True)
         src.add_argument("--metadata", type=Path, help="folder of fold_K_data.txt")
         src.add_argument("--cache", type=Path, help="a prepared cache (rows that have images)")
-        s.add_argument("--age-policy", choices=["strict", "lenient"], default="strict")
+        s.add_argument("--age-policy", choices=get_args(AgePolicy), default="strict")
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=func)
         if name == "split":
             s.add_argument("--fold", type=int, required=True, choices=range(adience.N_FOLDS))
-            s.add_argument(
-                "--protocol",
-                choices=["subject_disjoint", "levi_hassner"],
-                default="subject_disjoint",
-            )
+            s.add_argument("--protocol", choices=get_args(Protocol), default="subject_disjoint")
             s.add_argument(
                 "--lists",
                 type=Path,
@@ -424,10 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--val-fraction", type=float, default=0.1)
-    s = sub.add_parser("train-fold", help="train and evaluate one cross-validation fold")
+    s = sub.add_parser(
+        "train-fold", help="train and evaluate one cross-validation fold", epilog=PRECEDENCE
+    )
     s.add_argument("--cache", type=Path, required=True, help="a prepared cache")
     s.add_argument("--fold", type=int, required=True, choices=range(adience.N_FOLDS))
-    s.add_argument("--task", choices=["multitask", "age", "gender"], default=None)
+    s.add_argument("--task", choices=get_args(Task), default=None, help="= train.task")
     add_preset_argument(s)
     s.add_argument("--config", type=Path, default=None, help="YAML or JSON config file")
     s.add_argument("--out", type=Path, default=None, help="run directory (default under runs/)")
@@ -436,11 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=20")
     s.set_defaults(func=cmd_train_fold)
 
+    if predict:
+        add_predict(sub, cmd_predict, "a best.pt or its run folder")
+
+
+def add_predict(
+    sub: Commands, func: Callable[[argparse.Namespace], None], model_help: str
+) -> argparse.ArgumentParser:
+    """`predict`'s arguments, for `func`: `cmd_predict` (files), or a caller's that takes more
+    kinds of `--model` and hands files to `cmd_predict`."""
     s = sub.add_parser("predict", help="age group and gender of the faces in new photos")
     s.add_argument("paths", nargs="+", type=Path, help="images, folders or .txt lists of paths")
-    s.add_argument(
-        "--model", required=True, help="a best.pt (or its run folder), or models:/NAME@ALIAS"
-    )
+    s.add_argument("--model", required=True, help=model_help)
     s.add_argument(
         "--no-detect",
         action="store_true",
@@ -451,8 +496,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, help="file (default: stdout)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
-    s.set_defaults(func=cmd_predict)
-    return p
+    s.set_defaults(func=func)
+    return s
+
+
+def flag_overrides(args: argparse.Namespace, keys: Mapping[str, str]) -> list[str]:
+    """The user's `key=value` overrides, then each flag given (`dest` -> config key) as one more:
+    the last wins, so the flag does (`PRECEDENCE`). Values go as JSON, which the overrides' YAML
+    reads back unchanged (a path named `2024` or `on` stays a string)."""
+    flags = []
+    for dest, key in keys.items():
+        value = getattr(args, dest)
+        if value is not None:
+            flags.append(f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
+    return [*args.overrides, *flags]
+
+
+def train_fold_config(a: argparse.Namespace) -> Config:
+    return load_config(a.config, flag_overrides(a, {"task": "train.task"}), a.preset)
 
 
 def _error(message: str) -> None:
@@ -476,16 +537,8 @@ def run(
     extra_errors: tuple[type[Exception], ...] = (),
 ) -> int:
     """Parse and dispatch; expected failures print one clear line and exit 2, no traceback
-    (with `--debug`, everything propagates with its traceback).
-
-    `key=value` overrides may also follow options (`--preset modern data.crop=64`), which
-    argparse alone refuses once a positional list has ended."""
-    args, rest = parser.parse_known_args(argv)
-    late = [r for r in rest if "=" in r and not r.startswith("-")]
-    if len(late) < len(rest) or (late and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if late:
-        args.overrides = [*args.overrides, *late]
+    (with `--debug`, everything propagates with its traceback)."""
+    args = parse(parser, argv)
     if getattr(args, "debug", False):
         args.func(args)
         return 0
@@ -503,8 +556,23 @@ def run(
     return 0
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """As argparse, but `key=value` overrides may also follow options (`--preset modern
+    data.crop=64`), which argparse alone refuses once a positional list has ended."""
+    args, rest = parser.parse_known_args(argv)
+    late = [r for r in rest if "=" in r and not r.startswith("-")]
+    if len(late) < len(rest) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    """The library's commands alone (the `agegender` command is `flows.cli.main`)."""
+    parser, sub = new_parser(DESCRIPTION)
+    add_commands(sub)
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

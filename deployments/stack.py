@@ -37,6 +37,7 @@ from deployments.automations import (
     heartbeat_env,
 )
 from deployments.schedules import check_parameters, describe, next_date
+from deployments.services import GPU_LIMIT, apply_defaults, health
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -50,7 +51,6 @@ POOLS = {"local": "process", "gpu": "docker"}
 POOL_VARIABLES = {"docker": ("container_create_kwargs", "volumes", "networks", "env", "image")}
 PG_ROLE = "agegender"  # the role Prefect and MLflow log in as; owns both databases
 PG_DATABASES = ("prefect", "mlflow")
-GPU_LIMIT = "gpu-slots"  # global concurrency limit: folds at once per machine's GPUs
 
 
 class StackError(RuntimeError):
@@ -161,12 +161,8 @@ class Stack:
         return self.run_dir / "logs" / f"{name}.log"
 
     def _command(self, name: str, creds: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-        quiet = {
-            "DO_NOT_TRACK": "true",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-        }
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | quiet
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        apply_defaults(env)  # telemetry off, unless the user turned it on
         if name == "s3":
             argv = [
                 str(BIN / "weed"),
@@ -412,9 +408,9 @@ class Stack:
         if name == "s3":
             return s3_ready(self.s3_url, creds) if creds else port_open(self.host, self.ports.s3)
         if name == "mlflow":
-            return http_ok(f"{self.mlflow_url}/health")
+            return health(self.mlflow_url, timeout=2.0) is None
         if name == "prefect":
-            return http_ok(f"{self.prefect_api}/health")
+            return health(self.prefect_api, timeout=2.0) is None
         if name == "postgres":
             return pg_ready(self.host, self.ports.postgres)
         return self._worker_online()
@@ -760,14 +756,6 @@ def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return bool(r.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 def tail(path: Path, lines: int = 15) -> str:

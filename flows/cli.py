@@ -1,14 +1,16 @@
-"""The `agegender` command: the library's commands plus the orchestrated ones (`suite`).
+"""The `agegender` command, assembled: `build_parser` is the one place that builds it, from
+each layer's `add_commands` (the library's `agegender.cli`, this module's orchestrated commands:
+suite, pretrain, predict with model URIs; the ops room's `deployments.cli`: stack).
 
 The orchestration commands live here, not in `agegender.cli`, so the library never imports
-Prefect or MLflow.
+Prefect or MLflow. Flags and `key=value` overrides follow `agegender.cli.PRECEDENCE`: preset <
+`--config` file < overrides < the command's own flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
 import re
@@ -17,16 +19,30 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import get_args
 
 from agegender import cli
-from agegender.config import ConfigError, load_pretrain_config, load_section
+from agegender.config import (
+    Config,
+    ConfigError,
+    PretrainConfig,
+    Source,
+    load_pretrain_config,
+    load_section,
+)
 from agegender.train import select_device
-from deployments.stack import Stack, StackError, http_ok
+from deployments import cli as ops_cli
+from deployments.services import EPHEMERAL_STARTUP_VAR
+from deployments.stack import StackError
 from flows.settings import SuiteRun
-from tasks import EPHEMERAL_STARTUP_VAR, StartupError
 from tracking import TrackingError
 
 DB_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
+class StartupError(RuntimeError):
+    """A server this run needs did not start; the message names it and the setting to raise."""
+
 
 ERRORS: tuple[type[Exception], ...] = (ConfigError, TrackingError, StackError, StartupError)
 
@@ -103,16 +119,11 @@ def _servers(run_root: Path) -> None:
     file under the run root (beside MLflow's), not in ~/.prefect, so that two runs side by side
     (two clones, two `make demo`s, two test sessions) never share one database."""
     api = os.environ.get("PREFECT_API_URL")
-    if api and not http_ok(api.rstrip("/") + "/health", timeout=10):
-        raise TrackingError(
-            f"Prefect API at {api} is unreachable; is the server running "
-            "(`agegender stack status`) and PREFECT_API_URL right?"
-        )
+    if api:
+        ops_cli.reachable("Prefect API", api, "PREFECT_API_URL")
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        from tracking.store import check_server
-
-        check_server(uri)
+        ops_cli.reachable("MLflow", uri, "MLFLOW_TRACKING_URI")
     keys = ("PREFECT_API_URL", *DB_VARS)
     if not any(os.environ.get(k) for k in keys):
         run_root.mkdir(parents=True, exist_ok=True)
@@ -158,16 +169,25 @@ def cmd_suite(a: argparse.Namespace) -> None:
             highlight=False,
         )
     cli.out.print(
-        f"MLflow UI on these results:\n  {sys.executable.rsplit('/', 1)[0]}/{res['ui']}",
+        f"MLflow UI on these results:\n  {ui_hint(res['ui'])}",
         highlight=False,
         markup=False,
         soft_wrap=True,
     )
 
 
+def ui_hint(command: str, bin_dir: Path = Path(sys.executable).parent) -> str:
+    """`mlflow ui ...` from this venv (which may not be on PATH); `open URL` as it is."""
+    return f"{bin_dir}/{command}" if command.startswith("mlflow ") else command
+
+
+def pretrain_config(a: argparse.Namespace) -> tuple[PretrainConfig, Config]:
+    flags = {"source": "pretrain.source", "data_root": "pretrain.root"}
+    return load_pretrain_config(a.config, cli.flag_overrides(a, flags), a.preset)
+
+
 def cmd_pretrain(a: argparse.Namespace) -> None:
-    overrides = [f"pretrain.source={a.source}", f"pretrain.root={a.data_root}", *a.overrides]
-    pretrain, base = load_pretrain_config(a.config, overrides, a.preset)
+    pretrain, base = pretrain_config(a)
     select_device(base.train.device)
     _servers(a.run_root)
     from flows.pretrain import run_pretrain  # Prefect starts only for this command
@@ -213,95 +233,37 @@ def cmd_predict(a: argparse.Namespace) -> None:
         cli.cmd_predict(a)
 
 
-def cmd_stack(a: argparse.Namespace) -> None:
-    stack = Stack.at(a.run_dir, a.db if a.action == "up" else None)
-    if a.action == "up":
-        env = stack.up(lambda m: cli.err.print(m, highlight=False))
-        cli.out.print("stack up; point clients at it with:", highlight=False)
-        for k, v in env.items():
-            cli.out.print(f"  export {k}={v}", highlight=False, markup=False)
-    elif a.action == "down":
-        stopped = stack.down()
-        cli.out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
-    elif a.action == "env":
-        for k, v in stack.client_env().items():
-            print(f"export {k}={v}")
-    elif a.action == "crash-detection":
-        _crash_detection(os.environ.get("PREFECT_API_URL") or stack.prefect_api)
-    else:
-        status = stack.status()
-        if a.json:
-            print(json.dumps(status, indent=2))
-            return
-        cli.out.print(f"database: {status['db']}", highlight=False)
-        for name, s in status["services"].items():
-            state = "healthy" if s["healthy"] else ("running" if s["running"] else "stopped")
-            cli.out.print(
-                f"{name:8} {state:8} pid {s['pid'] or '-':<8} {s['url']}", highlight=False
-            )
-        for pool, info in status.get("pools", {}).items():
-            workers = status["workers"].get(pool, [])
-            cli.out.print(
-                f"pool {pool} ({info['type']}, {info['status']}): {len(workers)} worker(s)"
-            )
-        if "deployments" in status:
-            cli.out.print("deployments: " + ", ".join(status["deployments"]))
-        _print_schedules(status)
-        for r in status.get("last_runs", []):
-            cli.out.print(f"  {r['name']}: {r['state']} {r['start'] or ''}", highlight=False)
-
-
-def _crash_detection(api: str) -> None:
-    """The zombie-flow automation on any Prefect server (the compose stack's, say), for the
-    heartbeat period its clients use (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else Prefect's)."""
-    from deployments.automations import HEARTBEAT_S, MISSED, NAME, ensure_zombie_automation
-
-    if not http_ok(api.rstrip("/") + "/health", timeout=10):
-        raise StackError(f"Prefect API at {api} is unreachable; set PREFECT_API_URL to the server")
-    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or HEARTBEAT_S)
-    done = ensure_zombie_automation(api, heartbeat)
-    cli.out.print(
-        f"{api}: automation '{NAME}' {done} (CRASHED after {MISSED * heartbeat} s without a "
-        f"heartbeat); flow runs send one every PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat} s",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
-
-
-def _print_schedules(status: dict[str, object]) -> None:
-    """Each schedule: on or paused, next date, and the paths it would run with."""
-    schedules = status.get("schedules")
-    for s in schedules if isinstance(schedules, list) else []:
-        state = "active" if s["active"] else "paused"
-        cli.out.print(
-            f"schedule {s['deployment']} {s['schedule']}: {state}, next {s['next_run'] or '-'}",
-            highlight=False,
-            markup=False,
-            soft_wrap=True,
-        )
-        for c in s["parameters"]:
-            mark = "ok" if c["ok"] else f"MISSING on this machine (needs {c['need']})"
-            cli.out.print(f"  {c['name']} = {c['value']}: {mark}", highlight=False, markup=False)
-        if not s["active"]:
-            verdict = "its parameters resolve" if s["resolves"] else "fix its parameters first"
-            cli.out.print(f"  turn it on ({verdict}): {s['resume']}", highlight=False, markup=False)
-    crash = status.get("crash_detection")
-    if isinstance(crash, dict):
-        cli.out.print(
-            f"crash detection: runs without a heartbeat for {crash['crashed_after_s']:.0f} s "
-            f"are marked CRASHED ({'enabled' if crash['enabled'] else 'DISABLED'})",
-            highlight=False,
-        )
-    elif "schedules" in status:
-        cli.out.print("crash detection: none (`agegender stack crash-detection` creates it)")
+DESCRIPTION = (
+    "Age group and gender from face photos: data, training, the paper's experiments over all "
+    "folds (Prefect + MLflow), prediction, the service stack."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    """The one `agegender` parser: `--debug`, then each layer's commands."""
+    parser, sub = cli.new_parser(DESCRIPTION)
+    cli.add_commands(sub, predict=False)  # `predict` is ours: it also takes model URIs
+    add_commands(sub)
+    ops_cli.add_commands(sub)
+    return parser
+
+
+def add_commands(sub: cli.Commands) -> None:
+    """The orchestrated commands: suite, pretrain, and predict on files or model URIs."""
+    s = cli.add_predict(
+        sub, cmd_predict, "a best.pt (or its run folder), or models:/NAME@ALIAS or runs:/ID/PATH"
+    )
+    s.add_argument(
+        "--run-root",
+        type=Path,
+        default=Path("runs/suite"),
+        help="the suite's, for models:/ URIs when no MLflow server is configured",
+    )
+
     s = sub.add_parser(
-        "suite", help="run the paper's experiments over all folds (Prefect + MLflow)"
+        "suite",
+        help="run the paper's experiments over all folds (Prefect + MLflow)",
+        epilog=cli.PRECEDENCE,
     )
     s.add_argument("--data-root", type=Path, default=None, help="Adience download (has aligned/)")
     s.add_argument("--cache", type=Path, default=None, help="cache dir (default RUN_ROOT/cache)")
@@ -324,10 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "pretrain",
         help="multi-task pretraining on CelebA or UTKFace (MLflow run + registered model)",
+        epilog=cli.PRECEDENCE,
     )
-    s.add_argument("--source", choices=["celeba", "utkface"], required=True)
+    s.add_argument("--source", choices=get_args(Source), required=True, help="= pretrain.source")
     s.add_argument(
-        "--data-root", type=Path, required=True, help="the source's download (official layout)"
+        "--data-root",
+        type=Path,
+        required=True,
+        help="= pretrain.root: the source's download (official layout)",
     )
     s.add_argument("--cache", type=Path, default=None, help="default RUN_ROOT/cache-SOURCE")
     s.add_argument(
@@ -347,31 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=5")
     s.set_defaults(func=flow_command(cmd_pretrain))
-
-    s = sub.choices["predict"]
-    s.add_argument(
-        "--run-root",
-        type=Path,
-        default=Path("runs/suite"),
-        help="the suite's, for models:/ URIs when no MLflow server is configured",
-    )
-    s.set_defaults(func=cmd_predict)
-
-    s = sub.add_parser(
-        "stack", help="the local service stack: S3, MLflow, Prefect server and worker"
-    )
-    s.add_argument("action", choices=["up", "down", "status", "env", "crash-detection"])
-    s.add_argument("--run-dir", type=Path, default=Path("runs/stack"), help="PIDs, logs, data")
-    s.add_argument(
-        "--db",
-        choices=["sqlite", "postgres"],
-        default=None,
-        help="up: where Prefect and MLflow keep their data (default: the run dir's, else sqlite;"
-        " postgres: a private PostgreSQL server from Debian's package, as docker/ does)",
-    )
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_stack)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

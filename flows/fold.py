@@ -21,10 +21,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 
 from agegender.train import select_device
+from deployments.services import GPU_LIMIT
 from tasks.folds import FoldJob, train_fold_task
 from tasks.slots import on_device, set_slots
 
-GPU_LIMIT = "gpu-slots"
 LEASE = 60.0  # the server accepts no shorter lease
 
 

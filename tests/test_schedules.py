@@ -113,8 +113,8 @@ def test_crash_detection_on_an_unreachable_server_is_one_error_line() -> None:
     )
     assert res.returncode == 2
     assert res.stderr.strip() == (
-        "error: Prefect API at http://127.0.0.1:9/api is unreachable; set PREFECT_API_URL to "
-        "the server"
+        "error: Prefect API at http://127.0.0.1:9/api is unreachable ([Errno 111] Connection "
+        "refused); is it running (`agegender stack status`) and PREFECT_API_URL right?"
     )
 
 

@@ -15,8 +15,8 @@ import pytest
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult
+from deployments.services import EPHEMERAL_STARTUP_VAR
 from deployments.stack import STARTUP_VAR, Ports, Stack, StackError, alive, startup_timeout
-from tasks import EPHEMERAL_STARTUP_VAR
 from tests.conftest import REPO
 
 TINY = ["data.crop=48", "train.iterations=4", "train.tencrop=false", "model.norm=batchnorm"]

@@ -11,8 +11,6 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
@@ -24,6 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from deployments.services import health
 from tracking import TrackingError
 from tracking.schema import RunRecord, VersionRecord
 
@@ -272,16 +271,9 @@ def store_uri(run_root: Path) -> str:
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, naming the server, instead of retrying for minutes against nothing."""
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            if r.status == 200:
-                return
-            problem = f"HTTP {r.status}"
-    except urllib.error.HTTPError as exc:
-        problem = f"HTTP {exc.code} {exc.reason}"
-    except (OSError, urllib.error.URLError) as exc:
-        problem = str(getattr(exc, "reason", exc))
+    problem = health(uri, timeout)
+    if problem is None:
+        return
     raise TrackingError(
         f"MLflow at {uri} is unreachable ({problem}); is the tracking server running "
         "(`agegender stack status`) and MLFLOW_TRACKING_URI right?"

@@ -1,0 +1,123 @@
+"""The ops room's sub-command, `agegender stack`, and the reachability check every command that
+needs a server runs first. Imports the library (for its consoles) and this package only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from agegender import cli
+from deployments.automations import HEARTBEAT_S, MISSED, NAME, ensure_zombie_automation
+from deployments.services import health
+from deployments.stack import DATABASES, Stack, StackError
+
+
+def add_commands(sub: cli.Commands) -> None:
+    s = sub.add_parser(
+        "stack", help="the local service stack: S3, MLflow, Prefect server and worker"
+    )
+    s.add_argument("action", choices=["up", "down", "status", "env", "crash-detection"])
+    s.add_argument("--run-dir", type=Path, default=Path("runs/stack"), help="PIDs, logs, data")
+    s.add_argument(
+        "--db",
+        choices=DATABASES,
+        default=None,
+        help="up: where Prefect and MLflow keep their data (default: the run dir's, else sqlite;"
+        " postgres: a private PostgreSQL server from Debian's package, as docker/ does)",
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stack)
+
+
+def reachable(name: str, url: str, var: str) -> None:
+    """Fail fast, naming the server, its problem and the setting that points at it, instead of
+    retrying for minutes against nothing."""
+    problem = health(url, timeout=10)
+    if problem is not None:
+        raise StackError(
+            f"{name} at {url} is unreachable ({problem}); is it running "
+            f"(`agegender stack status`) and {var} right?"
+        )
+
+
+def cmd_stack(a: argparse.Namespace) -> None:
+    stack = Stack.at(a.run_dir, a.db if a.action == "up" else None)
+    if a.action == "up":
+        env = stack.up(lambda m: cli.err.print(m, highlight=False))
+        cli.out.print("stack up; point clients at it with:", highlight=False)
+        for k, v in env.items():
+            cli.out.print(f"  export {k}={v}", highlight=False, markup=False)
+    elif a.action == "down":
+        stopped = stack.down()
+        cli.out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    elif a.action == "env":
+        for k, v in stack.client_env().items():
+            print(f"export {k}={v}")
+    elif a.action == "crash-detection":
+        _crash_detection(os.environ.get("PREFECT_API_URL") or stack.prefect_api)
+    else:
+        status = stack.status()
+        if a.json:
+            print(json.dumps(status, indent=2))
+            return
+        cli.out.print(f"database: {status['db']}", highlight=False)
+        for name, s in status["services"].items():
+            state = "healthy" if s["healthy"] else ("running" if s["running"] else "stopped")
+            cli.out.print(
+                f"{name:8} {state:8} pid {s['pid'] or '-':<8} {s['url']}", highlight=False
+            )
+        for pool, info in status.get("pools", {}).items():
+            workers = status["workers"].get(pool, [])
+            cli.out.print(
+                f"pool {pool} ({info['type']}, {info['status']}): {len(workers)} worker(s)"
+            )
+        if "deployments" in status:
+            cli.out.print("deployments: " + ", ".join(status["deployments"]))
+        _print_schedules(status)
+        for r in status.get("last_runs", []):
+            cli.out.print(f"  {r['name']}: {r['state']} {r['start'] or ''}", highlight=False)
+
+
+def _crash_detection(api: str) -> None:
+    """The zombie-flow automation on any Prefect server (the compose stack's, say), for the
+    heartbeat period its clients use (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else Prefect's)."""
+    reachable("Prefect API", api, "PREFECT_API_URL")
+    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or HEARTBEAT_S)
+    done = ensure_zombie_automation(api, heartbeat)
+    cli.out.print(
+        f"{api}: automation '{NAME}' {done} (CRASHED after {MISSED * heartbeat} s without a "
+        f"heartbeat); flow runs send one every PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat} s",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _print_schedules(status: dict[str, object]) -> None:
+    """Each schedule: on or paused, next date, and the paths it would run with."""
+    schedules = status.get("schedules")
+    for s in schedules if isinstance(schedules, list) else []:
+        state = "active" if s["active"] else "paused"
+        cli.out.print(
+            f"schedule {s['deployment']} {s['schedule']}: {state}, next {s['next_run'] or '-'}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        for c in s["parameters"]:
+            mark = "ok" if c["ok"] else f"MISSING on this machine (needs {c['need']})"
+            cli.out.print(f"  {c['name']} = {c['value']}: {mark}", highlight=False, markup=False)
+        if not s["active"]:
+            verdict = "its parameters resolve" if s["resolves"] else "fix its parameters first"
+            cli.out.print(f"  turn it on ({verdict}): {s['resume']}", highlight=False, markup=False)
+    crash = status.get("crash_detection")
+    if isinstance(crash, dict):
+        cli.out.print(
+            f"crash detection: runs without a heartbeat for {crash['crashed_after_s']:.0f} s "
+            f"are marked CRASHED ({'enabled' if crash['enabled'] else 'DISABLED'})",
+            highlight=False,
+        )
+    elif "schedules" in status:
+        cli.out.print("crash detection: none (`agegender stack crash-detection` creates it)")
