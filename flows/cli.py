@@ -190,9 +190,18 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     pretrain, base = pretrain_config(a)
     select_device(base.train.device)
     _servers(a.run_root)
-    from flows.pretrain import run_pretrain  # Prefect starts only for this command
+    from flows.pretrain import pretrain_flow  # Prefect starts only for this command
+    from tasks.pretrain import PretrainJob
 
-    res = run_pretrain(pretrain, base, a.run_root, a.experiment, a.image_size, a.cache)
+    job = PretrainJob(
+        pretrain=pretrain,
+        config=base,
+        run_root=str(a.run_root),
+        experiment=a.experiment,
+        image_size=a.image_size,
+        cache_dir=str(a.cache) if a.cache else None,
+    )
+    res = pretrain_flow(job)
 
     def human(d: dict[str, object]) -> None:
         verb = "pretrained" if d["trained"] else "already pretrained (reused)"

@@ -24,7 +24,7 @@ from flows.settings import SuiteRun
 from tasks.cache import prepare_cache_task
 from tasks.compare import compare_task
 from tasks.folds import FoldJob, aggregate_task, train_fold_task
-from tasks.pretrain import pretrain_task, resolve_pretrained_task
+from tasks.pretrain import PretrainJob, pretrain_task, resolve_pretrained_task
 from tasks.registry import register_champion_task
 from tasks.slots import set_slots
 from tracking.schema import backbone_tags, parent_tags
@@ -36,13 +36,14 @@ def _backbone(suite: SuiteRun, base: Config, run_root: str) -> PrefectFuture[dic
     the longest single job, then takes the first free slot and trains beside the folds."""
     if suite.pretrained is not None:
         return resolve_pretrained_task.submit(suite.pretrained, run_root, suite.name)
-    return pretrain_task.with_options(retries=suite.retries).submit(  # as a fold: resumes
-        suite.pretrain,
-        suite.pretrain.train_config(base),
-        run_root,
-        suite.name,
-        suite.image_size,
+    job = PretrainJob(
+        pretrain=suite.pretrain,
+        config=base,
+        run_root=run_root,
+        experiment=suite.name,
+        image_size=suite.image_size,
     )
+    return pretrain_task.with_options(retries=suite.retries).submit(job)  # as a fold: resumes
 
 
 def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[str, Any]:

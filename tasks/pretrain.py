@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
 
 from agegender.cache import build_source_cache, open_source_cache
 from agegender.config import CacheConfig, Config, PretrainConfig, flatten
@@ -30,34 +31,39 @@ def registered_name(source: str) -> str:
     return f"agegender-pretrained-{source}"
 
 
+class PretrainJob(BaseModel):
+    """Pretraining to run and where it is kept: what the suite's task and the `pretrain` flow
+    both take. `config` is the base config; `pretrain.overrides` go on top of it."""
+
+    pretrain: PretrainConfig
+    config: Config
+    run_root: str
+    experiment: str = "agegender"  # the MLflow experiment (= suite.name)
+    image_size: int = 256  # the cached images' side
+    cache_dir: str | None = None  # default RUN_ROOT/cache-SOURCE
+
+
 @task(
-    task_run_name="pretrain-{pretrain.source}",
+    task_run_name="pretrain-{job.pretrain.source}",
     cache_policy=NO_CACHE,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_bad_input,
 )
-def pretrain_task(
-    pretrain: PretrainConfig,
-    cfg: Config,
-    run_root: str,
-    experiment: str,
-    image_size: int,
-    cache_dir: str | None = None,
-) -> dict[str, Any]:
-    """Pretrain on the source unless an identical run finished; log and register it. `cfg` is
-    the pretraining config (`pretrain.train_config(base)`)."""
+def pretrain_task(job: PretrainJob) -> dict[str, Any]:
+    """Pretrain on the source unless an identical run finished; log and register it."""
     log = get_run_logger()
-    p = pretrain
+    p, run_root, experiment = job.pretrain, job.run_root, job.experiment
+    cfg = p.train_config(job.config)
     if p.root is None:
         raise ValueError(
             f"pretrain.root is not set: give the {p.source} download (its official layout)"
         )
-    cache_path = Path(cache_dir) if cache_dir else Path(run_root) / f"cache-{p.source}"
+    cache_path = Path(job.cache_dir) if job.cache_dir else Path(run_root) / f"cache-{p.source}"
     res = build_source_cache(
         p.source,
         p.root,
         cache_path,
-        CacheConfig(image_size=image_size),
+        CacheConfig(image_size=job.image_size),
         progress=logged_progress(f"decoding {p.source}"),
     )
     log.info(

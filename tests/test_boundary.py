@@ -14,8 +14,8 @@ FORBIDDEN = ("prefect", "mlflow", "tasks", "flows", "deployments", "tracking")
 
 _EVERY_MODULE = """
 import importlib, pkgutil
-import agegender
-for info in pkgutil.walk_packages(agegender.__path__, "agegender."):
+import {package}
+for info in pkgutil.walk_packages({package}.__path__, "{package}."):
     importlib.import_module(info.name)
 """
 
@@ -35,7 +35,7 @@ def _under(name: str, packages: tuple[str, ...]) -> bool:
 
 
 def test_the_library_imports_no_orchestration_or_tracking() -> None:
-    loaded = _modules_after(_EVERY_MODULE)
+    loaded = _modules_after(_EVERY_MODULE.format(package="agegender"))
     library = [m for m in loaded if _under(m, ("agegender",))]
     # the walk reached the whole package, subpackages included
     assert {"agegender.cli", "agegender.train", "agegender.synth.faces"} <= set(library)
@@ -47,3 +47,17 @@ def test_training_caching_and_prediction_load_no_synthetic_data_code() -> None:
     loaded = _modules_after("import " + ", ".join(users))
     assert set(users) <= set(loaded)
     assert [m for m in loaded if _under(m, ("agegender.synth",))] == []
+
+
+def test_each_orchestration_room_imports_only_the_rooms_below_it() -> None:
+    """ARCHITECTURE.md's table: tracking knows no Prefect, tasks no flows, and the ops room
+    (deployments) none of tracking, tasks or flows."""
+    rooms = {  # room: (a module the walk must reach, what it must not load)
+        "tracking": ("tracking.store", ("prefect", "tasks", "flows")),
+        "tasks": ("tasks.folds", ("flows",)),
+        "deployments": ("deployments.stack", ("tracking", "tasks", "flows", "mlflow")),
+    }
+    for room, (reached, forbidden) in rooms.items():
+        loaded = _modules_after(_EVERY_MODULE.format(package=room))
+        assert reached in loaded
+        assert [m for m in loaded if _under(m, forbidden)] == [], room
