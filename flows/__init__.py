@@ -1,3 +1,5 @@
 """Prefect flows composed from `tasks`, and the `agegender` command line."""
 
-import tasks  # noqa: F401  (telemetry defaults, before Prefect is imported)
+from deployments.services import apply_defaults
+
+apply_defaults()  # telemetry off, Prefect's start-up time: before anything imports Prefect

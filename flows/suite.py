@@ -142,11 +142,14 @@ def suite_flow(
 def cross_validate(
     variant: Variant = "multitask",
     cache_dir: str = "runs/suite/cache",
-    suite: SuiteRun | None = None,
+    suite: dict[str, Any] | None = None,
     config: Config | None = None,
     run_root: str = "runs/suite",
 ) -> dict[str, Any]:
-    s = SuiteRun.model_validate((suite or SuiteRun()).model_dump() | {"variants": [variant]})
+    """One variant's folds. `suite` is a suite section without its variants (the default ones
+    would ask for a backbone this variant may not need), so it is validated here, once, with
+    `variant`."""
+    s = SuiteRun.model_validate((suite or {}) | {"variants": [variant]})
     set_slots(s.slots)
     return _run(s, config or Config(), cache_dir, run_root)
 
