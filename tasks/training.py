@@ -22,7 +22,7 @@ from agegender.cli import EXPECTED
 from agegender.config import Config, flatten
 from agegender.train import TrainSet, epoch_line, train
 from tasks.slots import fold_device, on_device, slot
-from tracking.schema import device_tags, trained_tags
+from tracking.schema import DataInput, data_inputs, device_tags, git_commit, trained_tags
 from tracking.store import Tracker
 
 
@@ -68,15 +68,20 @@ class Trained:
     trained: bool  # False: it had trained before and was only logged now
 
 
+RUN_ID_FILE = "mlflow_run_id"  # in `out`: the run a resumed training continues
+
+
 def train_tracked(
     run: TrackedRun,
     ts: TrainSet,
     cfg: Config,
     also: Callable[[str], None] | None = None,
 ) -> Trained:
-    """Train `ts` on a free slot (resuming), then log params, metrics, curves and files as a
-    new run; `also(run_id)` logs more before the run is closed. A failure while logging marks
-    the run FAILED, so a retry logs it again instead of reusing half a record."""
+    """Train `ts` on a free slot (resuming) in a RUNNING run: params and tags first, each
+    epoch's numbers as it ends, system metrics meanwhile; then test metrics, curves and files.
+    `also(run_id)` logs more before the run is closed. A resumed training reopens its own run
+    (`RUN_ID_FILE`). A failure marks the run FAILED, so a retry logs it again instead of
+    reusing half a record."""
     log = get_run_logger()
     logged_before = (run.out / "result.json").exists()  # trained, killed before it was logged
     requested = cfg.train.device
@@ -92,19 +97,30 @@ def train_tracked(
         log.info(f"{run.title}: {state} on {device} ({ts.name}) -> {run.out}")
         for line in ts.about:
             log.info(f"{run.title}: {line}")
-        result = train(
-            ts, cfg, run.out, resume=True, log=lambda r: log.info(f"{run.title}: {epoch_line(r)}")
-        )
+        tags = run.tags | device_tags(requested, fallback) | {"git_commit": git_commit()}
+        run_id = open_run(run, tags, flatten(cfg.model_dump(mode="json")))
+        log.info(f"{run.title}: MLflow run {run_id}")
+
+        def epoch_done(record: dict[str, Any]) -> None:
+            log.info(f"{run.title}: {epoch_line(record)}")
+            run.tracker.log_epoch(run_id, record)
+
+        try:
+            with run.tracker.system_metrics(run_id):
+                result = train(ts, cfg, run.out, resume=True, log=epoch_done)
+        except BaseException as exc:
+            run.tracker.finish(run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
+            raise
     s = result.summary
     test = scalar_metrics(s["test"])
     log.info(
         f"{run.title}: test "
         + ", ".join(f"{k} {v:.3f}" for k, v in test.items() if "10crop" not in k)
     )
-    tags = run.tags | device_tags(requested, fallback)
-    run_id = run.tracker.start(run.title, tags | trained_tags(s["device"]), run.parent_id)
     try:
-        log_training(run.tracker, run_id, run.out, cfg, s, run.title, run.checkpoint_folder)
+        run.tracker.log(run_id, tags=trained_tags(s["device"]))
+        log_training(run.tracker, run_id, run.out, s, run.title, run.checkpoint_folder)
+        run.tracker.log_inputs(run_id, inputs_of(ts, s))
         if also is not None:
             also(run_id)
     except BaseException:
@@ -114,21 +130,62 @@ def train_tracked(
     return Trained(run_id, s, trained=not logged_before)
 
 
+def open_run(run: TrackedRun, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """The run `out` names when it can be reopened (a resume continues its own run), else a
+    new one; with the params (those it lacks) and the epochs `out` holds that it lacks."""
+    known = run.out / RUN_ID_FILE
+    found = None
+    if known.is_file():
+        found = run.tracker.reopen(known.read_text().strip(), run.tags)
+    if found is not None:
+        run_id = found.run_id
+        run.tracker.log(run_id, tags=tags)
+        # a param cannot change (a resume on another slot's device): the first value stays
+        params = {k: v for k, v in params.items() if k not in found.params}
+    else:
+        run_id = run.tracker.start(run.title, tags, run.parent_id)
+        run.out.mkdir(parents=True, exist_ok=True)
+        known.write_text(run_id + "\n")
+    run.tracker.log(run_id, params=params)
+    catch_up(run.tracker, run_id, run.out)
+    return run_id
+
+
+def catch_up(tracker: Tracker, run_id: str, out: Path) -> None:
+    """Log the epochs of `out`'s history.json that the run lacks (trained before a resume into
+    a new run, or killed between the checkpoint and the epoch's log line)."""
+    path = out / "history.json"
+    if not path.is_file():
+        return
+    history = json.loads(path.read_text())
+    have = tracker.logged_steps(run_id, "iteration") if history else set()
+    missing = [h for h in history if int(h["epoch"]) not in have]
+    if missing:
+        tracker.log_history(run_id, missing)
+
+
+def inputs_of(ts: TrainSet, s: dict[str, Any]) -> list[DataInput]:
+    """What the run trained, selected and tested on: its parts, their sizes, the cache."""
+    cache = ts.cache
+    source = str(cache.manifest.get("data_root") or cache.path)
+    sizes = {p: int(n) for p, n in s["sizes"].items()}
+    return data_inputs(cache.dataset, ts.name, cache.fingerprint, source, sizes)
+
+
 def log_training(
     tracker: Tracker,
     run_id: str,
     out: Path,
-    cfg: Config,
     s: dict[str, Any],
     title: str,
     checkpoint_folder: str | None = None,
 ) -> None:
-    """A finished training run (fold or pretraining): params, test metrics, per-epoch series,
-    learning curves and confusion matrices, and its files as artifacts."""
+    """A finished training run (fold or pretraining): test metrics, the epochs not logged live
+    yet, learning curves and confusion matrices, and its files as artifacts (params are logged
+    when it starts)."""
     history = json.loads((out / "history.json").read_text())
     tracker.log(
         run_id,
-        params=flatten(cfg.model_dump(mode="json")),
         metrics={f"test_{k}": v for k, v in scalar_metrics(s["test"]).items()}
         | {f"selected_val_{k}": v for k, v in scalar_metrics(s["val"]).items()}
         | {
@@ -141,7 +198,7 @@ def log_training(
             "n_test": s["sizes"]["test"],
         },
     )
-    tracker.log_history(run_id, history)
+    catch_up(tracker, run_id, out)
     plots.learning_curves(history, out / "learning_curves.png", title)
     for head, labels in s["classes"].items():
         if f"{head}_confusion" in s["test"]:

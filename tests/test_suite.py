@@ -74,10 +74,13 @@ def _runs(run_root: Path, kind: str) -> list:  # type: ignore[type-arg]
 
 
 def _fold_metrics(run_root: Path) -> dict[tuple[str, str], dict[str, float]]:
-    """Every logged number of every fold but the throughput (the machine's, not the model's)."""
+    """Every logged number of every fold but the throughput and the system metrics (the
+    machine's, not the model's)."""
     return {
         (r.data.tags["variant"], r.data.tags["fold"]): {
-            k: v for k, v in r.data.metrics.items() if k != "images_per_s"
+            k: v
+            for k, v in r.data.metrics.items()
+            if k != "images_per_s" and not k.startswith("system/")
         }
         for r in _runs(run_root, "fold")
     }

@@ -53,6 +53,43 @@ class VersionRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DataInput:
+    """One part of the data a run trained or was tested on, as MLflow's dataset view shows it:
+    `digest` is the cache fingerprint (short), `context` says which part."""
+
+    name: str
+    digest: str
+    source: str
+    context: str  # train, validation, test (DATASET_CONTEXT)
+    profile: Mapping[str, object] = field(default_factory=dict)
+
+
+# MLflow's own input tag, read by its UI's dataset view (mlflow.utils.mlflow_tags)
+DATASET_CONTEXT = "mlflow.data.context"
+# MLflow's system-metrics prefix: series that are the machine's, not the model's
+SYSTEM_METRICS_PREFIX = "system/"
+CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def data_inputs(
+    dataset: str, trained_on: str, fingerprint: str, source: str, sizes: Mapping[str, int]
+) -> list[DataInput]:
+    """The parts a run used (`sizes`: part -> images), one dataset each: MLflow keeps one input
+    per dataset and run, so each part is its own dataset ("adience fold 0 (test)")."""
+    name = trained_on if trained_on.startswith(dataset) else f"{dataset} {trained_on}"
+    return [
+        DataInput(
+            name=f"{name} ({CONTEXTS.get(part, part)})",
+            digest=fingerprint[:8],
+            source=source,
+            context=CONTEXTS.get(part, part),
+            profile={"num_rows": n, "part": part, "data_fingerprint": fingerprint},
+        )
+        for part, n in sizes.items()
+    ]
+
+
 def config_tags(config: Config, synthetic: bool) -> dict[str, str]:
     """What a table needs to say about a run: the preset it started from and how it differs,
     the split protocol, and whether the data were synthetic."""

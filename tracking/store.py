@@ -7,24 +7,27 @@ SQLite store and a local artifact folder under the suite's run directory.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mlflow.artifacts import download_artifacts
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deployments.services import health
 from tracking import TrackingError
-from tracking.schema import RunRecord, VersionRecord
+from tracking.schema import DATASET_CONTEXT, DataInput, RunRecord, VersionRecord
 
 T = TypeVar("T")
 _PARAM_MAX = 6000
@@ -38,6 +41,7 @@ SERVING_REQUIREMENTS = (
     "pyyaml",
     "opencv-python-headless",
 )
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; a short test fold sets it lower
 _FINAL = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
 
 
@@ -123,6 +127,25 @@ class Tracker:
         )
         return str(run.info.run_id)
 
+    def reopen(self, run_id: str, tags: Mapping[str, str]) -> RunRecord | None:
+        """Run `run_id` RUNNING again, if it is this experiment's, unfinished (killed, failed) and
+        carries `tags`: a resumed training continues its own run. None: start a new one (it was
+        deleted, finished, is another store's or another run's)."""
+        try:
+            run = self._retry(lambda: self.client.get_run(run_id))
+        except TrackingError:
+            return None
+        found = _record(run)
+        if (
+            run.info.experiment_id != self.experiment_id
+            or run.info.lifecycle_stage != "active"
+            or found.status == "FINISHED"
+            or any(found.tags.get(k) != v for k, v in tags.items())
+        ):
+            return None
+        self._retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+        return found
+
     def children(self, parent_id: str) -> list[RunRecord]:
         """The parent's FINISHED child runs, oldest first."""
         query = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'"
@@ -152,15 +175,63 @@ class Tracker:
         self._batches(run_id, m, p, t)
 
     def log_history(self, run_id: str, history: Iterable[Mapping[str, Any]]) -> None:
-        """Per-epoch numbers as metric series (step = epoch): the MLflow UI draws the curves."""
+        """Per-epoch numbers as metric series (step = epoch): the MLflow UI draws the curves.
+        All carry the time of this call (epochs logged late, e.g. before a resume point)."""
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(v), now, int(h["epoch"]))
-            for h in history
-            for k, v in h.items()
-            if k != "epoch" and isinstance(v, int | float)
-        ]
+        metrics = [m for h in history for m in _epoch_metrics(h, now)]
         self._batches(run_id, metrics, [], [])
+
+    def log_epoch(self, run_id: str, record: Mapping[str, Any]) -> None:
+        """One epoch's numbers as it ends (step = epoch, the real time): live curves."""
+        self._batches(run_id, _epoch_metrics(record, int(time.time() * 1000)), [], [])
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps of metric `key` the run holds (which epochs a resumed run has)."""
+        history = self._retry(lambda: self.client.get_metric_history(run_id, key))
+        return {int(m.step) for m in history}
+
+    def log_inputs(self, run_id: str, inputs: Iterable[DataInput]) -> None:
+        """The data a run used, for MLflow's dataset view (`tracking.schema.data_inputs`)."""
+        datasets = [
+            DatasetInput(
+                Dataset(
+                    name=d.name,
+                    digest=d.digest,
+                    source_type="local",
+                    source=d.source,
+                    profile=json.dumps(dict(d.profile)),
+                ),
+                tags=[InputTag(DATASET_CONTEXT, d.context)],
+            )
+            for d in inputs
+        ]
+        if datasets:
+            self._retry(lambda: self.client.log_inputs(run_id, datasets))
+
+    @contextmanager
+    def system_metrics(self, run_id: str) -> Iterator[None]:
+        """MLflow's system-metrics monitor (CPU, memory, disk, network; GPUs through
+        nvidia-ml-py) on `run_id` while the block runs: a thread of its own per run, no global
+        active run. It samples every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's
+        setting; default SYSTEM_METRICS_INTERVAL_S); AGEGENDER_SYSTEM_METRICS=0 turns it off."""
+        if os.environ.get("AGEGENDER_SYSTEM_METRICS", "1").lower() in ("0", "false", "no"):
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        for name in ("mlflow.system_metrics", "mlflow.system_metrics.system_metrics_monitor"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # its start/stop lines per run
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+            resume_logging=True,  # a reopened run continues its steps
+            tracking_uri=self.uri,
+        )
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def _batches(self, run_id: str, m: list[Metric], p: list[Param], t: list[RunTag]) -> None:
         """log_batch within the REST API's limits (1000 metrics, 100 params, 100 tags)."""
@@ -278,6 +349,15 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         f"MLflow at {uri} is unreachable ({problem}); is the tracking server running "
         "(`agegender stack status`) and MLFLOW_TRACKING_URI right?"
     )
+
+
+def _epoch_metrics(record: Mapping[str, Any], timestamp: int) -> list[Metric]:
+    step = int(record["epoch"])
+    return [
+        Metric(k, float(v), timestamp, step)
+        for k, v in record.items()
+        if k != "epoch" and isinstance(v, int | float)
+    ]
 
 
 def _record(run: Run) -> RunRecord:
