@@ -1,9 +1,9 @@
 """The skeleton that a fold and pretraining share: train on a free slot, resuming from the
-checkpoint, then log the finished run to MLflow; and the retry rule for both.
+checkpoint, in a live MLflow run (open from the first epoch on); and the retry rule for both.
 
 A run is identified by its tags (`tracking.schema`): a FINISHED run with them is reused by the
-caller, a killed one resumes from `out`'s checkpoint, and one trained but killed before it was
-logged is only logged.
+caller, a killed one resumes from `out`'s checkpoint in the same MLflow run, and one trained but
+killed before it was logged is only logged.
 """
 
 from __future__ import annotations

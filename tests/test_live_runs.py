@@ -1,0 +1,299 @@
+"""A fold's MLflow run is live: RUNNING from the start, each epoch logged as it ends (read over
+the REST API while the fold trains), system metrics and the data it used; a killed fold's rerun
+continues the same run. Real MLflow (a server, or the SQLite store), real `agegender suite`."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from agegender.cache import build_cache, open_cache
+from agegender.config import CacheConfig
+from agegender.synth.adience import SynthResult
+from deployments.stack import startup_timeout
+from tasks.training import RUN_ID_FILE, TrackedRun, catch_up, open_run
+from tests.conftest import REPO
+from tracking.store import Tracker
+
+# many short epochs (85 training images, batches of 16: 6 iterations an epoch), so that the fold
+# trains long enough to be watched
+TINY = [
+    "data.crop=48",
+    "data.batch_size=16",
+    "model.norm=batchnorm",
+    "optim.name=adam",
+    "optim.weight_decay=0",
+    "train.patience=null",
+    "train.tencrop=false",
+]
+SAMPLING_S = "1"  # MLflow's system-metrics interval for these folds (its default is 10 s)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(small_synth: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("live-cache")
+    build_cache(small_synth.out, root / "cache", config=CacheConfig(image_size=56, workers=1))
+    return root / "cache"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One MLflow REST call (GET without a body, POST with one)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url + path,
+        data,
+        {"Content-Type": "application/json"},
+        method="GET" if data is None else "POST",
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A plain `mlflow server` (SQLite, local artifacts it serves), as a team would run one."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server"]
+    cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    cmd += ["--artifacts-destination", (root / "artifacts").as_uri()]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout()  # a loaded machine takes minutes
+        while True:
+            assert proc.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no /health answer:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def _suite(cache: Path, run_root: Path, *extra: str) -> list[str]:
+    script = Path(sys.executable).with_name("agegender")
+    return [
+        str(script),
+        "suite",
+        "--cache",
+        str(cache),
+        "--run-root",
+        str(run_root),
+        "suite.variants=[gender]",
+        "suite.folds=[0]",
+        "suite.register_champions=false",
+        *TINY,
+        *extra,
+    ]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return env | {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": SAMPLING_S} | extra
+
+
+@pytest.mark.integration
+def test_a_training_fold_is_read_live_over_the_rest_api(
+    tiny_cache: Path, mlflow_server: str, tmp_path: Path
+) -> None:
+    url = mlflow_server
+    env = _env(MLFLOW_TRACKING_URI=url)
+    run_root = tmp_path / "runs"
+    cmd = _suite(tiny_cache, run_root, "suite.name=live", "train.iterations=240")
+    log = tmp_path / "suite.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seen: dict[str, Any] | None = None
+    try:
+        deadline = time.monotonic() + 600
+        while seen is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                exp = _api(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=live")
+            except urllib.error.HTTPError:
+                continue  # the suite has not made its experiment yet
+            body = {"experiment_ids": [exp["experiment"]["experiment_id"]]}
+            body["filter"] = "tags.kind = 'fold'"
+            for run in _api(url, "/api/2.0/mlflow/runs/search", body).get("runs", []):
+                metrics = {m["key"]: m for m in run["data"].get("metrics", [])}
+                if run["info"]["status"] == "RUNNING" and "val_loss" in metrics:
+                    seen = {"run": run, "metrics": metrics, "alive": proc.poll() is None}
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+    output = log.read_text()
+    assert rc == 0, output[-3000:]
+    assert seen is not None, f"no RUNNING fold run with an epoch metric was seen\n{output[-3000:]}"
+    assert seen["alive"]
+    run_id = seen["run"]["info"]["run_id"]
+    epochs = int(
+        json.loads(next(run_root.glob("live/gender/fold0-*/result.json")).read_text())["epochs"]
+    )
+    assert 1 <= seen["metrics"]["val_loss"]["step"] < epochs  # read mid-training
+
+    run = _api(url, f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+    assert run["info"]["status"] == "FINISHED"
+    history = _api(url, f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=val_loss")
+    points = sorted(history["metrics"], key=lambda m: int(m.get("step", 0)))
+    assert [int(m["step"]) for m in points] == list(range(1, epochs + 1))
+    stamps = [int(m["timestamp"]) for m in points]
+    assert all(a < b for a, b in itertools.pairwise(stamps)), stamps
+    assert int(run["info"]["start_time"]) < stamps[0] <= stamps[-1] < int(run["info"]["end_time"])
+
+    # system metrics: MLflow's monitor sampled CPU and memory while the fold trained
+    cpu = _api(
+        url,
+        f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}"
+        "&metric_key=system/cpu_utilization_percentage",
+    )["metrics"]
+    print(f"system-metric samples: {len(cpu)}, epochs: {epochs}")
+    assert len(cpu) >= 3
+    keys = {m["key"] for m in run["data"]["metrics"]}
+    assert "system/system_memory_usage_megabytes" in keys
+
+    # the data it trained, selected and tested on
+    fingerprint = open_cache(tiny_cache).fingerprint
+    inputs = run["inputs"]["dataset_inputs"]
+    contexts = {}
+    for i in inputs:
+        tags = {t["key"]: t["value"] for t in i.get("tags", [])}
+        contexts[tags["mlflow.data.context"]] = i["dataset"]
+    assert set(contexts) == {"train", "validation", "test"}
+    metrics = {m["key"]: float(m["value"]) for m in run["data"]["metrics"]}
+    for context, size in (("train", "n_train"), ("validation", "n_val"), ("test", "n_test")):
+        dataset = contexts[context]
+        assert dataset["digest"] == fingerprint[:8]
+        assert dataset["name"] == f"adience fold 0 ({context})"
+        assert dataset["source_type"] == "local"
+        assert json.loads(dataset["profile"])["num_rows"] == metrics[size]
+    # its run id is kept beside the checkpoint, for a resume
+    (kept,) = run_root.glob(f"live/gender/fold0-*/{RUN_ID_FILE}")
+    assert kept.read_text().strip() == run_id
+
+
+@pytest.mark.integration
+def test_a_killed_fold_continues_its_own_run(tiny_cache: Path, tmp_path: Path) -> None:
+    run_root = tmp_path / "runs"
+    env = _env()
+    cmd = _suite(tiny_cache, run_root, "train.iterations=240")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
+    before: list[int] = []
+    run_id = ""
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and len(before) < 3:
+            assert proc.poll() is None, "the suite ended before it was killed"
+            time.sleep(0.3)
+            kept = list(run_root.glob(f"agegender/gender/fold0-*/{RUN_ID_FILE}"))
+            if kept:
+                run_id = kept[0].read_text().strip()
+                before = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Prefect server it started
+        proc.wait()
+    assert len(before) >= 3, "no epochs were logged live"
+    out = next(run_root.glob("agegender/gender/fold0-*"))
+    assert not (out / "result.json").exists(), "killed too late: the fold had finished"
+    assert client.get_run(run_id).info.status == "RUNNING"  # its process died
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=900)
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-3000:]
+    assert "gender fold 0: resuming from its checkpoint" in output
+    exp = client.get_experiment_by_name("agegender")
+    assert exp is not None
+    (fold,) = client.search_runs([exp.experiment_id], "tags.kind = 'fold'")
+    assert (fold.info.run_id, fold.info.status) == (run_id, "FINISHED")
+    epochs = int(json.loads((out / "result.json").read_text())["epochs"])
+    steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == list(range(1, epochs + 1))  # every epoch once, none lost
+    system = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert len({m.step for m in system}) == len(system)  # the monitor continued its steps
+
+
+def test_a_run_is_reopened_only_when_it_is_that_trainings_unfinished_run(tmp_path: Path) -> None:
+    tracker = Tracker("reopen", tmp_path)
+    tags = {"kind": "fold", "fold": "0", "config_hash": "abc"}
+    run = TrackedRun(tracker, "gender fold 0", tags, tmp_path / "out")
+    first = open_run(run, tags | {"device": "cpu"}, {"train.device": "cpu", "train.seed": 0})
+    assert (tmp_path / "out" / RUN_ID_FILE).read_text().strip() == first
+    # its process died: the next lookup closes it as KILLED, and the resume reopens it
+    assert tracker.finished(tags) is None
+    assert tracker.client.get_run(first).info.status == "KILLED"
+    # resumed on another device: the first value of a param stays (MLflow refuses a change)
+    again = open_run(run, tags, {"train.device": "cuda:0", "train.seed": 0})
+    assert again == first
+    got = tracker.client.get_run(first)
+    assert (got.info.status, got.data.params["train.device"]) == ("RUNNING", "cpu")
+    tracker.finish(first)
+    # a FINISHED run is never reopened (a new parent's fold, say): a new run
+    assert open_run(run, tags, {}) != first
+    # nor one with other tags, or one deleted
+    newest = (tmp_path / "out" / RUN_ID_FILE).read_text().strip()
+    tracker.finish(newest, status="KILLED")
+    assert tracker.reopen(newest, tags | {"fold": "1"}) is None
+    tracker.client.delete_run(newest)
+    assert tracker.reopen(newest, tags) is None
+    assert tracker.reopen("0" * 32, tags) is None
+
+
+def test_epochs_the_run_lacks_are_caught_up_from_history(tmp_path: Path) -> None:
+    tracker = Tracker("catch-up", tmp_path)
+    run_id = tracker.start("fold", {})
+    history = [
+        {"epoch": e, "lr": 0.1, "iteration": 6 * e, "val_loss": 1.0 / e, "best": True}
+        for e in (1, 2, 3)
+    ]
+    tracker.log_epoch(run_id, history[0])
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    catch_up(tracker, run_id, tmp_path)
+    catch_up(tracker, run_id, tmp_path)  # nothing twice
+    steps = [m.step for m in tracker.client.get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == [1, 2, 3]
