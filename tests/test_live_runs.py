@@ -148,8 +148,10 @@ def test_a_training_fold_is_read_live_over_the_rest_api(
                 exp = _api(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=live")
             except urllib.error.HTTPError:
                 continue  # the suite has not made its experiment yet
-            body = {"experiment_ids": [exp["experiment"]["experiment_id"]]}
-            body["filter"] = "tags.kind = 'fold'"
+            body = {
+                "experiment_ids": [exp["experiment"]["experiment_id"]],
+                "filter": "tags.kind = 'fold'",
+            }
             for run in _api(url, "/api/2.0/mlflow/runs/search", body).get("runs", []):
                 metrics = {m["key"]: m for m in run["data"].get("metrics", [])}
                 if run["info"]["status"] == "RUNNING" and "val_loss" in metrics:
