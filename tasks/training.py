@@ -22,6 +22,7 @@ from agegender.cli import EXPECTED
 from agegender.config import Config, flatten
 from agegender.train import TrainSet, epoch_line, train
 from tasks.slots import fold_device, on_device, slot
+from tracking import TrackingError
 from tracking.schema import DataInput, data_inputs, device_tags, git_commit, trained_tags
 from tracking.store import Tracker
 
@@ -101,9 +102,22 @@ def train_tracked(
         run_id = open_run(run, tags, flatten(cfg.model_dump(mode="json")))
         log.info(f"{run.title}: MLflow run {run_id}")
 
+        lagging = [False]  # an epoch MLflow did not take yet: caught up with a later one
+
         def epoch_done(record: dict[str, Any]) -> None:
+            """Log the epoch live; a tracking server that stays away does not stop training:
+            the epochs it missed follow with the next one it takes, or at the end."""
             log.info(f"{run.title}: {epoch_line(record)}")
-            run.tracker.log_epoch(run_id, record)
+            try:
+                if lagging[0]:  # history.json holds this epoch already
+                    catch_up(run.tracker, run_id, run.out)
+                else:
+                    run.tracker.log_epoch(run_id, record)
+                lagging[0] = False
+            except TrackingError as exc:
+                if not lagging[0]:
+                    log.warning(f"{run.title}: epoch {record['epoch']} not logged yet ({exc})")
+                lagging[0] = True
 
         try:
             with run.tracker.system_metrics(run_id):

@@ -67,8 +67,6 @@ class DataInput:
 
 # MLflow's own input tag, read by its UI's dataset view (mlflow.utils.mlflow_tags)
 DATASET_CONTEXT = "mlflow.data.context"
-# MLflow's system-metrics prefix: series that are the machine's, not the model's
-SYSTEM_METRICS_PREFIX = "system/"
 CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
 
 
