@@ -10,6 +10,7 @@ import re
 import subprocess
 import warnings
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd  # type: ignore[import-untyped]
@@ -23,7 +24,7 @@ from agegender.config import CacheConfig, load_config
 from agegender.report import variant_description
 from agegender.synth.adience import SynthResult
 from agegender.train import train_fold
-from tests.conftest import REPO
+from tests.conftest import REPO, STACK_SUITE
 from tracking.schema import (
     NOTE,
     RunRecord,
@@ -64,7 +65,7 @@ def test_the_experiment_opens_as_model_training(tmp_path: Path) -> None:
     Tracker("chosen", tmp_path)
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
     # the printed command lands on the runs table of this experiment
-    url = tracker.ui_command().split(" and open ")[1]
+    url = tracker.ui_command().split(", then open ")[1]
     assert url == (
         f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}?workflowType=machine_learning"
     )
@@ -158,3 +159,67 @@ def test_the_champion_is_a_logged_model_with_a_signature_and_descriptions(
     (row,) = model.predict(request)
     assert row["status"] == "whole image", row
     assert re.fullmatch(r"\d+", str(row["image"]))
+
+
+@pytest.mark.integration
+def test_the_suites_runs_and_champions_on_the_stack(
+    stack: Any, stack_suite: dict[str, Any], tmp_path: Path
+) -> None:
+    """The same through the tracking server (artifacts in S3), for what the suite logged."""
+    url = stack_suite["mlflow"]
+    client = MlflowClient(url)
+    experiment_id = str(stack_suite["experiment_id"])
+    experiment = client.get_experiment(experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.strip()
+    runs = client.search_runs([experiment_id], max_results=1000)
+    kinds = {r.data.tags.get("kind") for r in runs}
+    assert {"fold", "parent", "summary", "pretrain"} <= kinds, kinds
+    for run in runs:
+        tags = run.data.tags
+        assert tags[mlflow_tags.MLFLOW_SOURCE_NAME] == "agegender", run.info.run_name
+        assert tags[mlflow_tags.MLFLOW_SOURCE_TYPE] == "JOB", run.info.run_name
+        assert tags[mlflow_tags.MLFLOW_GIT_COMMIT] == head, run.info.run_name
+        if tags["kind"] == "parent":
+            assert variant_description(tags["variant"]) in tags[NOTE]
+            assert STACK_SUITE in tags[NOTE]
+        if tags["kind"] in ("summary", "pretrain"):
+            assert tags[NOTE], run.info.run_name
+
+    for variant, parent_id in stack_suite["parents"].items():
+        name = f"agegender-{variant}"
+        registered = client.get_registered_model(name)
+        assert variant_description(variant) in registered.description
+        version = client.get_model_version_by_alias(name, "champion")
+        # the version is the logged model, which the parent run made
+        source = str(version.source)
+        assert source.startswith("models:/m-"), source
+        model_id = source.removeprefix("models:/")
+        logged = client.get_logged_model(model_id)
+        assert logged.source_run_id == parent_id
+        outputs = client.get_run(parent_id).outputs
+        assert outputs is not None
+        assert model_id in [o.model_id for o in outputs.model_outputs]
+        listed = json.loads(logged.tags["mlflow.modelVersions"])
+        assert [m for m in listed if str(m["version"]) == str(version.version)], listed
+        fold = version.tags["fold"]
+        for words in (f"Suite `{STACK_SUITE}`", f"fold {fold}", "chosen by val", "best of 5"):
+            assert words in str(version.description), (variant, words, version.description)
+        # its signature: the request's columns, and the heads this variant answers with
+        folder = mlflow.artifacts.download_artifacts(
+            logged.artifact_location, dst_path=str(tmp_path / variant), tracking_uri=url
+        )
+        info = Model.load(folder)
+        assert info.signature is not None
+        assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image", "detect"]
+        out = {c["name"] for c in info.signature.outputs.to_dict()}
+        heads = {"age", "gender"} if variant.startswith("multitask") else {variant}
+        assert out & {"age", "gender"} == heads, (variant, out)
+        assert (Path(folder) / "serving_input_example.json").is_file()
+
+    pretrained = client.get_registered_model("agegender-pretrained-celeba")
+    assert "pretrained on celeba" in pretrained.description
+    (first,) = client.search_model_versions("name = 'agegender-pretrained-celeba'")
+    assert str(first.description).startswith(f"Pretraining run {first.run_id}")

@@ -103,7 +103,7 @@ class Tracker:
         if self.local:
             return (
                 f"mlflow ui --backend-store-uri '{self.uri}' --host 127.0.0.1 --port 5000"
-                f" and open {self.ui_url('http://127.0.0.1:5000')}"
+                f", then open {self.ui_url('http://127.0.0.1:5000')}"
             )
         return f"open {self.ui_url(self.uri)}"
 
