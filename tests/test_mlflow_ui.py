@@ -290,7 +290,10 @@ def test_the_model_version_page_shows_its_signature(
         page.goto(f"{base}/#/models/agegender-multitask/versions/{version.version}")
         body = page.locator("body")
         expect(body).to_contain_text(f"Version {version.version}", timeout=TIMEOUT_MS)
-        expect(body).to_contain_text(version.description.split(":")[0], timeout=TIMEOUT_MS)
+        # the description, rendered as markdown (no backticks), and the logged model it is
+        shown = version.description.split(":")[0].replace("`", "")  # "Suite S, variant V, ..."
+        expect(body).to_contain_text(shown, timeout=TIMEOUT_MS)
+        expect(body).to_contain_text("Source Model:", timeout=TIMEOUT_MS)
         inputs = page.get_by_text("Inputs (2)", exact=True)
         inputs.click()
         table = page.locator("table, [role=table]").filter(has_text="Inputs (2)").first

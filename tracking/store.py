@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -385,8 +386,9 @@ class Tracker:
         if uri.startswith("models:/"):  # its files' place, so that only this tracking URI is used
             found = self._version(uri)
             uri = str(found.source)
-            if found.model_id:  # an MLflow 3 logged model (its source is models:/<model id>)
-                model_id = str(found.model_id)
+            logged = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", uri)
+            if logged:  # an MLflow 3 logged model (a server's versions name it so)
+                model_id = logged.group(1)
                 uri = str(
                     self._retry(lambda: self.client.get_logged_model(model_id)).artifact_location
                 )
