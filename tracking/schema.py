@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agegender.config import Config, deviations
-from agegender.report import variant_description
 
 # MLflow's own tag names (`mlflow.utils.mlflow_tags`; written out: this module imports no MLflow)
 NOTE = "mlflow.note.content"  # the run's description in the UI
@@ -213,6 +212,8 @@ def source_tags() -> dict[str, str]:
 
 def parent_note(suite: str, variant: str, config: Config, seeds: Sequence[int]) -> dict[str, str]:
     """A variant's parent run, described for the UI."""
+    from agegender.report import variant_description  # (scipy: loaded only when needed)
+
     runs = "fold" if len(seeds) <= 1 else f"fold and seed ({', '.join(map(str, seeds))})"
     text = (
         f"**{variant}**: {variant_description(variant)}.\n\n"
@@ -241,6 +242,8 @@ def champion_descriptions(
     variant: str, suite: str, fold_run: RunRecord, score: float, selected_by: str, folds: int
 ) -> tuple[str, str]:
     """(the registered model's description, the version's): what was chosen and why."""
+    from agegender.report import variant_description
+
     model = (
         f"Variant **{variant}**: {variant_description(variant)}. Each version is the fold, of a "
         "suite's cross-validation, whose selected epoch scored best on its own validation part; "
