@@ -94,6 +94,7 @@ def test_parent_descriptions_say_what_the_variant_is() -> None:
     assert "one per fold and seed (1, 2)" in seeds
 
 
+@pytest.mark.integration
 def test_the_champion_is_a_logged_model_with_a_signature_and_descriptions(
     checkpoint: Path, small_synth: SynthResult, tmp_path: Path
 ) -> None:
@@ -153,7 +154,11 @@ def test_the_champion_is_a_logged_model_with_a_signature_and_descriptions(
 
     # the registered version loads and answers the input example's kind of request
     local = tracker.download(f"models:/lm-multitask/{version}", tmp_path / "dl")
-    model = mlflow.pyfunc.load_model(str(local))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = mlflow.pyfunc.load_model(str(local))
+    hints = [str(w.message) for w in caught if "type hint" in str(w.message).lower()]
+    assert not hints, hints
     image = next(small_synth.out.glob("aligned/*/*.jpg")).read_bytes()
     request = pd.DataFrame({"image": [base64.b64encode(image).decode()], "detect": [False]})
     (row,) = model.predict(request)
