@@ -162,6 +162,11 @@ def _ci(d: Difference) -> str:
 
 
 def _what(variant: str) -> str:
+    return variant_description(variant)
+
+
+def variant_description(variant: str) -> str:
+    """What a variant is, in the tables' words (and in MLflow's descriptions)."""
     return {
         "age": "single-task (age), like theirs",
         "gender": "single-task (gender), like theirs",

@@ -27,7 +27,7 @@ from tasks.folds import FoldJob, aggregate_task, train_fold_task
 from tasks.pretrain import PretrainJob, pretrain_task, resolve_pretrained_task
 from tasks.registry import register_champion_task
 from tasks.slots import set_slots
-from tracking.schema import backbone_tags, parent_tags
+from tracking.schema import backbone_tags, parent_note, parent_tags
 from tracking.store import Tracker
 
 
@@ -64,7 +64,8 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
         tags = parent_tags(
             suite.name, v, cfg, fingerprint, synthetic, suite.seeds or [cfg.train.seed]
         )
-        parents[v], new = tracker.find_or_start(v, tags, extra)
+        note = parent_note(suite.name, v, cfg, suite.seeds or [cfg.train.seed])
+        parents[v], new = tracker.find_or_start(v, tags, extra | note)
         if new:  # the UI compares the variants' params
             tracker.log(parents[v], params=flatten(cfg.model_dump(mode="json")))
         for k, seed in [(k, s) for k in suite.folds for s in seeds]:

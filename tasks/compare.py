@@ -14,7 +14,7 @@ from agegender import plots
 from agegender.config import Config, SuiteConfig
 from agegender.metrics import sample_std
 from agegender.report import LEVI_HASSNER, METRICS, summarize
-from tracking.schema import summary_tags
+from tracking.schema import summary_note, summary_tags
 from tracking.store import Tracker
 
 
@@ -44,7 +44,8 @@ def _log_summary(
     summary: dict[str, Any],
     run_root: str,
 ) -> str:
-    run_id, _ = tracker.find_or_start("summary", summary_tags(suite.name, summary["synthetic"]))
+    tags = summary_tags(suite.name, summary["synthetic"])
+    run_id, _ = tracker.find_or_start("summary", tags, summary_note(suite.name))
     tracker.text(run_id, summary["markdown"], "summary.md")
     metrics: dict[str, float] = {}
     for t in summary["tests"]:

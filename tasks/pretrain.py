@@ -21,7 +21,7 @@ from agegender.config import CacheConfig, Config, PretrainConfig, flatten
 from agegender.pretrain import source_set
 from tasks.cache import logged_progress
 from tasks.training import TrackedRun, retry_unless_bad_input, scalar_metrics, train_tracked
-from tracking.schema import pretrain_tags, registered_tag
+from tracking.schema import pretrain_note, pretrain_tags, pretrained_descriptions, registered_tag
 from tracking.store import Tracker
 
 CHECKPOINT_FOLDER = "checkpoint"
@@ -94,8 +94,10 @@ def pretrain_task(job: PretrainJob) -> dict[str, Any]:
 
     def register(run_id: str) -> None:
         params = flatten(p.model_dump(mode="json"), "pretrain.")
-        tracker.log(run_id, params=params)
-        versions.append(tracker.register(run_id, CHECKPOINT_FOLDER, name, tags))
+        tracker.log(run_id, params=params, tags=pretrain_note(p.source, ts.name))
+        test = tracker.get(run_id).test_metrics()
+        texts = pretrained_descriptions(p.source, ts.name, run_id, test)
+        versions.append(tracker.register(run_id, CHECKPOINT_FOLDER, name, tags, texts))
         tracker.log(run_id, tags=registered_tag(f"models:/{name}/{versions[0]}"))
 
     run = TrackedRun(tracker, f"pretrain {p.source}", tags, out, None, CHECKPOINT_FOLDER)

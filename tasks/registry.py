@@ -3,7 +3,8 @@
 "Best" is the fold whose selected epoch scored highest on its own validation part (the metric
 that picked the epoch, `train.select_metric`), never on a test fold: choosing by test accuracy
 would be the seed's leakage again. The model is logged to the variant's parent run as a pyfunc
-(`tracking.serving`: checkpoint, preprocessing and code together), registered as a version of
+(`tracking.serving`: checkpoint, preprocessing and code together; an MLflow 3 logged model with
+a signature and an input example), registered, with descriptions, as a version of
 `agegender-<variant>`, and given the alias `champion`, so `models:/agegender-multitask@champion`
 is what `agegender predict` and `mlflow models serve` use. A rerun whose best fold is the same
 reuses that version.
@@ -22,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from agegender.predict import Predictor
 from agegender.train import RunError, selection_score
 from tracking import TrackingError
-from tracking.schema import RunRecord, champion_tags, of_fold_run
+from tracking.schema import RunRecord, champion_descriptions, champion_tags, of_fold_run
 from tracking.store import Tracker
 
 ALIAS = "champion"
@@ -86,9 +87,12 @@ def register_champion_task(
                 "preprocessing": predictor.preprocessing(),
             }
             artifact_path = f"model-fold{fold}"
-            tracker.log_pyfunc(parent_id, checkpoint, artifact_path, metadata)
-        tags = champion_tags(variant, suite, best, scores[run_id] or 0.0, selected_by)
-        version = tracker.register(parent_id, artifact_path, name, tags)
+            heads = tuple(predictor.labels)
+            tracker.log_pyfunc(parent_id, checkpoint, artifact_path, metadata, heads)
+        score = scores[run_id] or 0.0
+        tags = champion_tags(variant, suite, best, score, selected_by)
+        texts = champion_descriptions(variant, suite, best, score, selected_by, len(scored))
+        version = tracker.register(parent_id, artifact_path, name, tags, texts)
     tracker.set_alias(name, ALIAS, version)
     uri = f"models:/{name}@{ALIAS}"
     log.info(f"{variant}: fold {fold} (best validation) is {name} version {version}, {uri}")

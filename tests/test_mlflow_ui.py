@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +24,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
 
 from deployments.stack import startup_timeout
+from tests.conftest import STACK_SUITE
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"
@@ -195,3 +196,110 @@ def test_mlflow_ui_compares_the_suites_parent_runs(
 
     assert shot.is_file(), shot
     assert shot.stat().st_size > 10_000, f"{shot}: {shot.stat().st_size} bytes, suspiciously small"
+
+
+@contextlib.contextmanager
+def browser_page(tmp_path: Path) -> Iterator[Page]:
+    """A page of a fresh headless Chromium (a new profile: the UI's first-visit defaults)."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's browser (apt-get install -y chromium)")
+    home = tmp_path / "home"
+    env: dict[str, str | float | bool] = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+    }
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            env=env,
+            downloads_path=tmp_path / "downloads",
+            timeout=startup_timeout() * 1000,
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1800, "height": 1000})
+            context.add_init_script(NO_ASSISTANT)
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+def printed_url(mlflow_url: str, experiment: str, run_root: Path) -> str:
+    """The link the suite prints for a tracking server (`open URL`), made by the same code."""
+    from tracking.store import Tracker
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_url
+    try:
+        command = Tracker(experiment, run_root).ui_command()
+    finally:
+        if saved is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    assert command.startswith("open "), command
+    return command.removeprefix("open ")
+
+
+@pytest.mark.integration
+def test_the_printed_link_opens_the_runs_table(stack_suite: dict[str, Any], tmp_path: Path) -> None:
+    """Not MLflow 3.17's GenAI overview (traces, usage, tool calls): the variants' runs."""
+    experiment_id = str(stack_suite["experiment_id"])
+    url = printed_url(stack_suite["mlflow"], STACK_SUITE, tmp_path / "runs")
+    assert f"#/experiments/{experiment_id}" in url, url
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "mlflow-runs-table.png"
+    shot.unlink(missing_ok=True)
+    with browser_page(tmp_path) as page:
+        page.goto(url)
+        body = page.locator("body")
+        # the runs table's own header, and the parent runs in it by name
+        expect(page.get_by_role("columnheader", name="Run Name").first).to_be_visible(
+            timeout=TIMEOUT_MS
+        )
+        for variant in VARIANTS:
+            expect(page.get_by_role("link", name=variant, exact=True).first).to_be_visible(
+                timeout=TIMEOUT_MS
+            )
+        expect(page.get_by_role("link", name="summary", exact=True).first).to_be_visible(
+            timeout=TIMEOUT_MS
+        )
+        for genai in ("Tool calls", "Token Usage"):  # the GenAI overview's panels
+            expect(body).not_to_contain_text(genai, timeout=TIMEOUT_MS)
+        page.screenshot(path=str(shot), animations="disabled")
+    assert shot.stat().st_size > 10_000, f"{shot}: suspiciously small"
+
+
+@pytest.mark.integration
+def test_the_model_version_page_shows_its_signature(
+    stack_suite: dict[str, Any], tmp_path: Path
+) -> None:
+    client = MlflowClient(stack_suite["mlflow"])
+    version = client.get_model_version_by_alias("agegender-multitask", "champion")
+    assert version.description, "the champion version has no description"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "mlflow-model-version.png"
+    shot.unlink(missing_ok=True)
+    base = str(stack_suite["mlflow"]).rstrip("/")
+    with browser_page(tmp_path) as page:
+        page.goto(f"{base}/#/models/agegender-multitask/versions/{version.version}")
+        body = page.locator("body")
+        expect(body).to_contain_text(f"Version {version.version}", timeout=TIMEOUT_MS)
+        # the description, rendered as markdown (no backticks), and the logged model it is
+        shown = version.description.split(":")[0].replace("`", "")  # "Suite S, variant V, ..."
+        expect(body).to_contain_text(shown, timeout=TIMEOUT_MS)
+        expect(body).to_contain_text("Source Model:", timeout=TIMEOUT_MS)
+        inputs = page.get_by_text("Inputs (2)", exact=True)
+        inputs.click()
+        table = page.locator("table, [role=table]").filter(has_text="Inputs (2)").first
+        expect(table).to_contain_text("image", timeout=TIMEOUT_MS)
+        expect(table).to_contain_text("detect", timeout=TIMEOUT_MS)
+        page.get_by_text("Outputs (", exact=False).first.click()
+        expect(table).to_contain_text("age_probs", timeout=TIMEOUT_MS)
+        full_page_screenshot(page, shot)
+    assert shot.stat().st_size > 10_000, f"{shot}: suspiciously small"

@@ -150,10 +150,11 @@ def test_a_served_champion_answers_json(
 
     # a decoded photo as an array gives the same faces as its file
     pixels = np.asarray(Image.open(photos["dir"] / "two.jpg").convert("RGB"))
-    status, body = _post(served + "/invocations", {"inputs": pixels[None].tolist()})
+    status, body = _post(served + "/invocations", {"inputs": {"image": pixels[None].tolist()}})
     assert status == 200, body
     assert [r["box"] for r in body["predictions"]] == [r["box"] for r in rows[:2]]
 
+    # the signature is checked before the model runs
     status, body = _post(served + "/invocations", {"dataframe_records": [{"picture": "x"}]})
     assert status >= 400
-    assert "expected a column 'image'" in json.dumps(body)
+    assert "missing inputs ['image']" in json.dumps(body)

@@ -15,6 +15,16 @@ from pathlib import Path
 
 from agegender.config import Config, deviations
 
+# MLflow's own tag names (`mlflow.utils.mlflow_tags`; written out: this module imports no MLflow)
+NOTE = "mlflow.note.content"  # the run's description in the UI
+SOURCE_NAME = "mlflow.source.name"
+SOURCE_TYPE = "mlflow.source.type"
+GIT_COMMIT = "mlflow.source.git.commit"
+EXPERIMENT_KIND = "mlflow.experimentKind"
+# The UI's ExperimentKind for model training ("Machine learning"), from MLflow 3.17's JS bundle
+# (mlflow/server/js/build/static/js/main.*.js); without it the UI may treat it as GenAI.
+MODEL_TRAINING = "custom_model_development"
+
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -207,10 +217,10 @@ def of_fold_run(version: VersionRecord, run_id: str) -> bool:
 
 
 @functools.cache
-def git_commit() -> str:
+def git_commit(short: bool = True) -> str:
     try:
         res = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -219,3 +229,78 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return res.stdout.strip() or "unknown"
+
+
+def experiment_tags() -> dict[str, str]:
+    """The suite's experiment is model training, not a GenAI app."""
+    return {EXPERIMENT_KIND: MODEL_TRAINING}
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags: the UI's Source column and the code's git commit."""
+    tags = {SOURCE_NAME: "agegender", SOURCE_TYPE: "JOB"}
+    commit = git_commit(short=False)
+    if commit != "unknown":
+        tags[GIT_COMMIT] = commit
+    return tags
+
+
+def parent_note(suite: str, variant: str, config: Config, seeds: Sequence[int]) -> dict[str, str]:
+    """A variant's parent run, described for the UI."""
+    from agegender.report import variant_description  # (scipy: loaded only when needed)
+
+    runs = "fold" if len(seeds) <= 1 else f"fold and seed ({', '.join(map(str, seeds))})"
+    text = (
+        f"**{variant}**: {variant_description(variant)}.\n\n"
+        f"Suite `{suite}`, {config.data.split.protocol} cross-validation, preset "
+        f"`{config.preset}`. Its child runs are one per {runs}; this run holds their test "
+        "metrics' mean and sample std (`*_mean`, `*_std`) and `results.md`."
+    )
+    return {NOTE: text}
+
+
+def summary_note(suite: str) -> dict[str, str]:
+    return {
+        NOTE: f"Suite `{suite}`: the variants compared with each other and with Levi & Hassner "
+        "(`summary.md`), from the parent runs' fold results."
+    }
+
+
+def pretrain_note(source: str, trained_on: str) -> dict[str, str]:
+    return {
+        NOTE: f"Pretraining on **{source}** ({trained_on}): the backbone that "
+        "`multitask_pretrained` starts from; its `checkpoint/best.pt` is registered as a model."
+    }
+
+
+def champion_descriptions(
+    variant: str, suite: str, fold_run: RunRecord, score: float, selected_by: str, folds: int
+) -> tuple[str, str]:
+    """(the registered model's description, the version's): what was chosen and why."""
+    from agegender.report import variant_description
+
+    model = (
+        f"Variant **{variant}**: {variant_description(variant)}. Each version is the fold, of a "
+        "suite's cross-validation, whose selected epoch scored best on its own validation part; "
+        "the alias `champion` points at the latest."
+    )
+    tests = ", ".join(f"{k} {v:.4f}" for k, v in sorted(fold_run.test_metrics().items()))
+    version = (
+        f"Suite `{suite}`, variant `{variant}`, fold {fold_run.fold} (run {fold_run.run_id}): "
+        f"chosen by {selected_by} = {score:.6f}, the best of {folds} folds. "
+        f"Its test fold: {tests or 'no metrics'}."
+    )
+    return model, version
+
+
+def pretrained_descriptions(
+    source: str, trained_on: str, run_id: str, metrics: Mapping[str, float]
+) -> tuple[str, str]:
+    """(the registered model's description, the version's) for a pretrained backbone."""
+    model = (
+        f"A backbone pretrained on {source}, for `multitask_pretrained` "
+        "(`suite.pretrained=models:/NAME/VERSION`); the files are `best.pt` checkpoints."
+    )
+    numbers = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+    version = f"Pretraining run {run_id} on {trained_on}" + (f": {numbers}." if numbers else ".")
+    return model, version

@@ -7,21 +7,29 @@ JPEG, PNG, ...) or a uint8 H x W x 3 array:
 
     {"dataframe_records": [{"image": "<base64>"}, {"image": "<base64>", "detect": false}]}
     {"inputs": {"image": ["<base64>", ...]}}
-    {"inputs": [[[[r, g, b], ...], ...]]}                     (arrays: N x H x W x 3 or H x W x 3)
+    {"inputs": {"image": [[[[r, g, b], ...], ...], ...]}}       (arrays: one H x W x 3 per photo)
 
 The answer has a row per face found (`image` is the photo's index in the request): box, age
 group and its probability, all age probabilities, gender and its probability; a photo with no
 face, or one that cannot be decoded, gets a row saying so.
+
+The logged model's signature (`signature`: an `image` column, any type, and an optional boolean
+`detect`; the answer's columns) is what MLflow checks a request against before the model sees
+it, so a request without an `image` column gets MLflow's "missing inputs ['image']" answer and a
+bare array must be sent as `{"inputs": {"image": ...}}`. `input_example` is the request the UI
+shows.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator
+import io
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd  # type: ignore[import-untyped]
 from mlflow.pyfunc.model import PythonModel
 
 from agegender.detect import FaceDetector
@@ -40,7 +48,11 @@ class AgeGenderModel(PythonModel):
         self.detect = bool(config.get("detect", True))
         self.oversample = bool(config.get("oversample", False))
 
-    def predict(self, context: Any, model_input: Any, params: Any = None) -> list[dict[str, Any]]:
+    # A DataFrame: MLflow casts every request to the signature's columns first. (MLflow reads
+    # the hint; `Any` made it warn, and a DataFrame hint adds no checks of its own.)
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: Any = None
+    ) -> list[dict[str, Any]]:
         photos = list(self._photos(model_input))
         rows = []
         for row in predict_photos(self.predictor, photos, self.oversample):
@@ -73,9 +85,8 @@ class AgeGenderModel(PythonModel):
 
 
 def _inputs(model_input: Any, detect: bool) -> Iterator[tuple[Any, bool]]:
-    """(image, detect) pairs from whatever the scoring server parsed the request into."""
-    import pandas as pd  # type: ignore[import-untyped]
-
+    """(image, detect) pairs from whatever the scoring server parsed the request into (a
+    DataFrame under the signature; models logged before it got the parsed JSON as it was)."""
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
             raise ValueError(f"expected a column 'image', got {list(model_input.columns)}")
@@ -113,3 +124,38 @@ def _uint8(image: Any) -> np.ndarray[Any, np.dtype[np.uint8]]:
     if array.min() < 0 or array.max() > 255:
         raise ValueError(f"pixel values must be 0..255, got {array.min()}..{array.max()}")
     return array.astype(np.uint8)
+
+
+def signature(heads: Sequence[str]) -> Any:
+    """The request's columns (`image` base64, optional `detect`) and the answer's, for the
+    model's heads (`age`, `gender` or both)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Map, Schema
+
+    # `image` is a base64 string or an H x W x 3 array: MLflow has no union type, hence Any
+    inputs = Schema(
+        [ColSpec(AnyType(), "image"), ColSpec(DataType.boolean, "detect", required=False)]
+    )
+    columns = [
+        ColSpec(DataType.long, "image"),
+        ColSpec(DataType.long, "face", required=False),
+        ColSpec(Array(DataType.long), "box", required=False),
+        ColSpec(DataType.string, "status"),
+        ColSpec(DataType.string, "error", required=False),
+    ]
+    for head in heads:
+        columns += [
+            ColSpec(DataType.string, head, required=False),
+            ColSpec(DataType.double, f"{head}_prob", required=False),
+            ColSpec(Map(DataType.double), f"{head}_probs", required=False),
+        ]
+    return ModelSignature(inputs=inputs, outputs=Schema(columns))
+
+
+def input_example() -> Any:
+    """A one-photo request (a small grey JPEG, no face detection): what the UI shows."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, format="JPEG", quality=80)
+    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()], "detect": [False]})

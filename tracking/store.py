@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,7 +28,15 @@ from mlflow.tracking import MlflowClient
 
 from deployments.services import health
 from tracking import TrackingError
-from tracking.schema import DATASET_CONTEXT, DataInput, RunRecord, VersionRecord
+from tracking.schema import (
+    DATASET_CONTEXT,
+    EXPERIMENT_KIND,
+    DataInput,
+    RunRecord,
+    VersionRecord,
+    experiment_tags,
+    source_tags,
+)
 
 T = TypeVar("T")
 _PARAM_MAX = 6000
@@ -53,6 +62,7 @@ class Tracker:
         run_root = Path(run_root).resolve()
         self.uri = store_uri(run_root)
         self.local = "MLFLOW_TRACKING_URI" not in os.environ
+        self.local_store = not self.uri.startswith(("http://", "https://"))
         run_root.mkdir(parents=True, exist_ok=True)
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
@@ -74,16 +84,34 @@ class Tracker:
         raise AssertionError("unreachable")
 
     def _experiment(self, name: str, run_root: Path) -> str:
+        """The experiment, created as model training (`experiment_tags`); one made before the
+        tag existed (or by hand) gets it, unless someone chose another kind in the UI."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND not in found.tags:
+                for key, value in experiment_tags().items():
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             return str(found.experiment_id)
         location = (run_root / "mlartifacts" / name).as_uri() if self.local else None
-        return str(self.client.create_experiment(name, artifact_location=location))
+        return str(
+            self.client.create_experiment(name, artifact_location=location, tags=experiment_tags())
+        )
+
+    def ui_url(self, base: str) -> str:
+        """The experiment's runs table. MLflow 3.17's UI picks its GenAI or model-training
+        views by the user's workflow switch (GenAI on a fresh browser), not by the experiment's
+        kind, so the link says `workflowType=machine_learning`."""
+        return (
+            f"{base.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+        )
 
     def ui_command(self) -> str:
         if self.local:
-            return f"mlflow ui --backend-store-uri '{self.uri}' --host 127.0.0.1 --port 5000"
-        return f"open {self.uri}"
+            return (
+                f"mlflow ui --backend-store-uri '{self.uri}' --host 127.0.0.1 --port 5000"
+                f", then open {self.ui_url('http://127.0.0.1:5000')}"
+            )
+        return f"open {self.ui_url(self.uri)}"
 
     def find(self, tags: Mapping[str, str], finished_only: bool = True) -> RunRecord | None:
         """The newest run carrying all `tags` (and FINISHED unless asked otherwise)."""
@@ -119,7 +147,7 @@ class Tracker:
         return self.find(tags)
 
     def start(self, name: str, tags: Mapping[str, str], parent_id: str | None = None) -> str:
-        all_tags = dict(tags)
+        all_tags = source_tags() | dict(tags)
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self._retry(
@@ -145,6 +173,9 @@ class Tracker:
             return None
         self._retry(lambda: self.client.update_run(run_id, status="RUNNING"))
         return found
+
+    def get(self, run_id: str) -> RunRecord:
+        return _record(self._retry(lambda: self.client.get_run(run_id)))
 
     def children(self, parent_id: str) -> list[RunRecord]:
         """The parent's FINISHED child runs, oldest first."""
@@ -257,46 +288,145 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self._retry(lambda: self.client.set_terminated(run_id, status))
 
-    def register(self, run_id: str, artifact_path: str, name: str, tags: Mapping[str, str]) -> str:
-        """A version of registered model `name` for a run's artifact folder (once per run)."""
+    def register(
+        self,
+        run_id: str,
+        artifact_path: str,
+        name: str,
+        tags: Mapping[str, str],
+        descriptions: tuple[str, str] | None = None,
+    ) -> str:
+        """A version of registered model `name` (once per run and path): the run's logged model
+        `artifact_path` (`log_pyfunc`) if it has one, else its artifact folder of that name.
+        `descriptions`: the registered model's and the version's."""
+        model_text, version_text = descriptions or (None, None)
         models = self._retry(lambda: self.client.search_registered_models(f"name = '{name}'"))
         if not models:
-            self._retry(lambda: self.client.create_registered_model(name))
-        found = [v for v in self.versions(name, run_id) if v.source.endswith(f"/{artifact_path}")]
+            self._retry(lambda: self.client.create_registered_model(name, description=model_text))
+        elif model_text and models[0].description != model_text:
+            self._retry(lambda: self.client.update_registered_model(name, model_text))
+        # A logged model is the source: `models:/<id>` on a server; in a local store its files'
+        # place (MLflow 3.17's stores resolve `models:/<id>` through the process-wide tracking
+        # URI, not this client's).
+        model_id = self._logged_model(run_id, artifact_path)
+        source = f"runs:/{run_id}/{artifact_path}"
+        if model_id and not self.local_store:
+            source = f"models:/{model_id}"
+        elif model_id:
+            model = self._retry(lambda: self.client.get_logged_model(model_id))
+            source = str(model.artifact_location)
+        found = [
+            v
+            for v in self.versions(name, run_id)
+            if v.source == source or v.source.endswith(f"/{artifact_path}")
+        ]
         if found:
             return str(found[0].version)
         version = self._retry(
             lambda: self.client.create_model_version(
-                name, f"runs:/{run_id}/{artifact_path}", run_id, tags=dict(tags)
+                name,
+                source,
+                run_id,
+                tags=dict(tags),
+                description=version_text,
+                model_id=model_id,
             )
         )
+        if model_id:
+            self._link_version(model_id, name, str(version.version))
         return str(version.version)
 
-    def log_pyfunc(
-        self, run_id: str, checkpoint: Path, artifact_path: str, metadata: Mapping[str, Any]
-    ) -> None:
-        """The checkpoint as an MLflow pyfunc model (`tracking.serving`) in a run's artifacts:
-        the code travels with it, and the requirements are pinned to this environment's."""
-        import mlflow.pyfunc
+    def _link_version(self, model_id: str, name: str, version: str) -> None:
+        """The logged model lists its registered versions (`mlflow.modelVersions`, what the UI
+        links by), as MLflow's `register_model` and its server do; once per version."""
+        key = "mlflow.modelVersions"
+        model = self._retry(lambda: self.client.get_logged_model(model_id))
+        listed = json.loads(model.tags.get(key) or "[]")
+        if not any(m.get("name") == name and str(m.get("version")) == version for m in listed):
+            value = json.dumps([*listed, {"name": name, "version": version}])
+            self._retry(lambda: self.client.set_logged_model_tags(model_id, {key: value}))
 
-        from tracking.serving import AgeGenderModel
+    def _logged_model(self, run_id: str, name: str) -> str | None:
+        """The newest READY logged model `name` of the run, if any (`status` cannot be
+        filtered on in MLflow 3.17's search: it is checked here)."""
+        experiment = self._retry(lambda: self.client.get_run(run_id)).info.experiment_id
+        query = f"source_run_id = '{run_id}' AND name = '{name}'"
+        found = self._retry(
+            lambda: self.client.search_logged_models(
+                [experiment],
+                query,
+                order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+            )
+        )
+        ready = [m for m in found if str(getattr(m.status, "value", m.status)) == "READY"]
+        return str(ready[0].model_id) if ready else None
+
+    def log_pyfunc(
+        self,
+        run_id: str,
+        checkpoint: Path,
+        artifact_path: str,
+        metadata: Mapping[str, Any],
+        heads: tuple[str, ...] = ("age", "gender"),
+    ) -> str:
+        """The checkpoint as an MLflow pyfunc model (`tracking.serving`): an MLflow 3 logged
+        model named `artifact_path`, linked to run `run_id` (the run's Models), with a
+        signature and an input example; the code travels with it, and the requirements are
+        pinned to this environment's. Returns the logged model's id.
+
+        MLflow's `log_model` needs the process-wide tracking URI (and a thread's active run), so
+        its steps are taken here through this tracker's client."""
+        import mlflow.pyfunc
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        from tracking.serving import AgeGenderModel, input_example, signature
 
         root = Path(__file__).resolve().parent.parent
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.pyfunc.save_model(
-                Path(tmp) / "model",
-                python_model=AgeGenderModel(),
-                artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(root / "agegender"), str(root / "tracking")],
-                pip_requirements=[f"{d}=={version(d)}" for d in SERVING_REQUIREMENTS],
-                metadata=dict(metadata),
-                model_config={"detect": True, "oversample": False, "device": "auto"},
+        run = self._retry(lambda: self.client.get_run(run_id))
+        model = self._retry(
+            lambda: self.client.create_logged_model(
+                run.info.experiment_id,
+                name=artifact_path,
+                source_run_id=run_id,
+                tags={k: str(v) for k, v in metadata.items() if not isinstance(v, dict)},
+                model_type="agegender",
             )
-            for junk in (Path(tmp) / "model" / "code").rglob("__pycache__"):
-                shutil.rmtree(junk)
+        )
+        model_id = str(model.model_id)
+        output = LoggedModelOutput(model_id, step=0)
+        self._retry(lambda: self.client.log_outputs(run_id, [output]))
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model"
+                meta = Model(
+                    artifact_path=model.artifact_location,
+                    model_uuid=model_id,
+                    run_id=run_id,
+                    metadata=dict(metadata),
+                    model_id=model_id,
+                )
+                mlflow.pyfunc.save_model(
+                    path,
+                    mlflow_model=meta,
+                    python_model=AgeGenderModel(),
+                    artifacts={"checkpoint": str(checkpoint)},
+                    code_paths=[str(root / "agegender"), str(root / "tracking")],
+                    pip_requirements=[f"{d}=={version(d)}" for d in SERVING_REQUIREMENTS],
+                    model_config={"detect": True, "oversample": False, "device": "auto"},
+                    signature=signature(heads),
+                    input_example=input_example(),
+                )
+                for junk in path.rglob("__pycache__"):
+                    shutil.rmtree(junk)
+                self._retry(lambda: self.client.log_model_artifacts(model_id, str(path)))
+        except BaseException:
             self._retry(
-                lambda: self.client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path)
+                lambda: self.client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
             )
+            raise
+        self._retry(lambda: self.client.finalize_logged_model(model_id, LoggedModelStatus.READY))
+        return model_id
 
     def versions(self, name: str, run_id: str) -> list[VersionRecord]:
         """The versions of `name` registered from run `run_id`."""
@@ -325,8 +455,15 @@ class Tracker:
 
     def download(self, uri: str, dst: Path) -> Path:
         """A run's or model version's artifacts (file or folder) under `dst`."""
-        if uri.startswith("models:/"):  # its source, so that only this tracking URI is used
-            uri = str(self._version(uri).source)
+        if uri.startswith("models:/"):  # its files' place, so that only this tracking URI is used
+            found = self._version(uri)
+            uri = str(found.source)
+            logged = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", uri)
+            if logged:  # an MLflow 3 logged model (a server's versions name it so)
+                model_id = logged.group(1)
+                uri = str(
+                    self._retry(lambda: self.client.get_logged_model(model_id)).artifact_location
+                )
         dst.mkdir(parents=True, exist_ok=True)
         local = self._retry(
             lambda: download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri)
