@@ -23,7 +23,7 @@ from agegender.cache import open_cache
 from agegender.config import Config, Variant, flatten
 from flows.fold import remote_fold_task
 from flows.settings import SuiteRun, run_tags
-from tasks.artifacts import publish_task
+from tasks.artifacts import publish
 from tasks.cache import prepare_cache_task
 from tasks.compare import compare_task
 from tasks.folds import FoldJob, aggregate_task, train_fold_task
@@ -120,7 +120,7 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
     }
     summary = compare_task(aggregates, suite, configs, cache.image_size, synthetic, run_root)
     champions: dict[str, dict[str, Any]] = {v: c for v, c in registered.items() if c}
-    publish_task(suite.name, run_root, summary["markdown"], aggregates, parents, champions)
+    publish(suite.name, run_root, summary["markdown"], aggregates, parents, champions)
     return {
         "summary": summary,
         "parents": parents,

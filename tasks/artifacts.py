@@ -1,5 +1,8 @@
 """The suite's results where a Prefect user looks: artifacts on the suite's flow run.
 
+`publish` is called from the flow's body, not as a task: an artifact made inside a task run
+belongs to that task run, and the UI lists it under "Task runs" instead of the flow run's own.
+
 The comparison tables (markdown), each variant's folds (a table: one row per fold, then mean
 and sample std) and links to each variant's MLflow parent run and its registered champion.
 A local (SQLite) store has no web address: its links point where the printed `mlflow ui`
@@ -15,13 +18,11 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from prefect import task
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
     create_table_artifact,
 )
-from prefect.cache_policies import NO_CACHE
 
 from agegender.metrics import sample_std
 from tracking.store import Tracker
@@ -74,8 +75,7 @@ def _round(value: float) -> float | str:
     return round(value, DIGITS) if np.isfinite(value) else "-"
 
 
-@task(task_run_name="artifacts-{suite}", cache_policy=NO_CACHE)
-def publish_task(
+def publish(
     suite: str,
     run_root: str,
     summary_markdown: str,
@@ -83,8 +83,7 @@ def publish_task(
     parents: Mapping[str, str],
     champions: Mapping[str, Mapping[str, Any]],
 ) -> list[str]:
-    """The suite's artifacts (they belong to the flow run that calls this task, and to this
-    task's run); the keys made, in order."""
+    """The suite's artifacts, on the calling flow run; the keys made, in order."""
     tracker = Tracker(suite, Path(run_root))
     local = ""
     if tracker.local:
@@ -93,7 +92,7 @@ def publish_task(
     create_markdown_artifact(
         summary_markdown,
         key=keys[-1],
-        description=f"Suite `{suite}`: the comparison tables (MLflow's `summary` run{local})",
+        description=f"Suite `{suite}`: the comparison tables, as in MLflow's `summary` run{local}",
     )
     for variant, aggregate in aggregates.items():
         keys.append(artifact_key(suite, variant, "folds"))
