@@ -22,7 +22,13 @@ from playwright.sync_api import expect, sync_playwright
 from deployments.stack import startup_timeout
 from tasks.artifacts import artifact_key
 from tests.conftest import STACK_SUITE, prefect_api
-from tests.test_mlflow_ui import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
+from tests.test_mlflow_ui import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    TIMEOUT_MS,
+    full_page_screenshot,
+)
 
 VARIANTS = ("multitask", "multitask_pretrained", "age", "gender")
 LINK = re.compile(r"^\[(?P<text>[^\]]*)\]\((?P<url>[^)]*)\)$")
@@ -36,6 +42,12 @@ def _artifacts(stack: Any, flow_run_id: str) -> tuple[Any, dict[str, Any]]:
     with prefect_api(stack), get_client(sync_client=True) as client:
         run = client.read_flow_run(UUID(flow_run_id))
         artifacts = client.read_artifacts(flow_run_filter=only)
+        assert run.deployment_id is not None
+        schema = client.read_deployment(run.deployment_id).parameter_openapi_schema or {}
+    # the run form of the deployment: every field described
+    assert schema["properties"]
+    for name, prop in schema["properties"].items():
+        assert prop.get("description"), (name, prop)
     return run, {str(a.key): a for a in artifacts}
 
 
@@ -116,7 +128,7 @@ def test_prefect_ui_shows_the_suites_artifacts(
             expect(section).to_be_visible(timeout=TIMEOUT_MS)
             for key in sorted(want):
                 expect(body).to_contain_text(key, timeout=TIMEOUT_MS)
-            page.screenshot(path=str(shots[0]), full_page=True, animations="disabled")
+            full_page_screenshot(page, shots[0])  # the page scrolls inside: grow the viewport
 
             page.get_by_text(table_key, exact=True).first.click()
             expect(body).to_contain_text("test_age_acc", timeout=TIMEOUT_MS)
@@ -125,7 +137,7 @@ def test_prefect_ui_shows_the_suites_artifacts(
             for i, row in enumerate(rows):  # fold 0..4, mean, std: the values as JSON has them
                 expect(lines.nth(i)).to_contain_text(row["fold"], timeout=TIMEOUT_MS)
                 expect(lines.nth(i)).to_contain_text(_js(row["test_age_acc"]), timeout=TIMEOUT_MS)
-            page.screenshot(path=str(shots[1]), full_page=True, animations="disabled")
+            full_page_screenshot(page, shots[1])
         finally:
             browser.close()
     for shot in shots:
