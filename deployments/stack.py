@@ -216,6 +216,9 @@ class Stack:
             prefect_env = {
                 "PREFECT_HOME": str(self.run_dir / "prefect"),
                 "PREFECT_SERVER_DATABASE_CONNECTION_URL": self._database_url("prefect"),
+                # the UI's own API address: Prefect derives it from its default port (4200),
+                # not from --port, so on any other port the UI could reach no API
+                "PREFECT_SERVER_UI_API_URL": self.prefect_api,
             }
             return argv, env | prefect_env
         if name == "worker":

@@ -22,6 +22,7 @@ from prefect.deployments import run_deployment
 
 from agegender.train import select_device
 from deployments.services import GPU_LIMIT
+from flows.settings import run_tags
 from tasks.folds import FoldJob, train_fold_task
 from tasks.slots import on_device, set_slots
 
@@ -30,8 +31,16 @@ LEASE = 60.0  # the server accepts no shorter lease
 
 @flow(name="train_fold", log_prints=True)
 def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any]:
-    """`device`: what the deployment requires (`cuda` on the GPU pool: a container without a
-    GPU fails at once instead of training on its CPU); None keeps the job's train.device."""
+    """One fold of a suite, trained (or skipped when an identical run finished) and logged as
+    a child of its variant's MLflow parent run.
+
+    Args:
+        job: the fold, its variant's config, the cache and run root, the suite (the MLflow
+            experiment) and the parent run; the suite sends it in scale-out mode.
+        device: what the deployment requires (`cuda` on the GPU pool: a container without a
+            GPU fails at once instead of training on its CPU); null keeps the job's
+            train.device.
+    """
     if device is not None and not job.config.train.device.startswith(device):
         # (cuda:1 already is a cuda device)
         job = job.model_copy(update={"config": on_device(job.config, device)})
@@ -51,7 +60,13 @@ def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, A
     name, params = job.name, {"job": job.model_dump(mode="json")}
     state = None
     for attempt in range(retries + 1):
-        run = run_deployment(deployment, parameters=params, flow_run_name=name, timeout=0)
+        run = run_deployment(
+            deployment,
+            parameters=params,
+            flow_run_name=name,
+            timeout=0,
+            tags=run_tags(job.suite, job.variant),
+        )
         assert isinstance(run, FlowRun)  # the sync call returns the run, not a coroutine
         with get_client(sync_client=True) as client:
             while True:

@@ -17,7 +17,12 @@ from tasks.slots import set_slots
 
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(job: PretrainJob, retries: int = RETRIES) -> dict[str, Any]:
-    """Pretraining, retried like a fold (`retries`, suite.retries' default): a retry resumes
-    from the checkpoint."""
+    """Pretraining the backbone, retried like a fold: a retry resumes from the checkpoint.
+
+    Args:
+        job: the pretraining section (source, root, overrides), the base config, the run root,
+            the MLflow experiment and the cache image size.
+        retries: how often a failed pretraining starts again (suite.retries' default).
+    """
     set_slots(1)
     return pretrain_task.with_options(retries=retries)(job)

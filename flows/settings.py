@@ -34,3 +34,9 @@ class SuiteRun(SuiteConfig):
 
 
 RETRIES: int = SuiteRun.model_fields["retries"].default
+
+
+def run_tags(suite: str, variant: str | None = None) -> list[str]:
+    """Prefect tags of a suite's runs (`suite:<name>`, `variant:<variant>`), so the UI's tag
+    filter finds one suite's or one variant's flow and task runs."""
+    return [f"suite:{suite}"] + ([f"variant:{variant}"] if variant else [])

@@ -10,17 +10,20 @@ the comparison tables as a summary run. `cross_validate` is the same for one var
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agegender.cache import open_cache
 from agegender.config import Config, Variant, flatten
 from flows.fold import remote_fold_task
-from flows.settings import SuiteRun
+from flows.settings import SuiteRun, run_tags
+from tasks.artifacts import publish
 from tasks.cache import prepare_cache_task
 from tasks.compare import compare_task
 from tasks.folds import FoldJob, aggregate_task, train_fold_task
@@ -43,7 +46,10 @@ def _backbone(suite: SuiteRun, base: Config, run_root: str) -> PrefectFuture[dic
         experiment=suite.name,
         image_size=suite.image_size,
     )
-    return pretrain_task.with_options(retries=suite.retries).submit(job)  # as a fold: resumes
+    task = pretrain_task.with_options(
+        retries=suite.retries, tags=[*run_tags(suite.name), "pretrain"]
+    )
+    return task.submit(job)  # as a fold: resumes
 
 
 def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[str, Any]:
@@ -82,10 +88,13 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
                 parent_id=parents[v],
                 seed=seed,
             )
+            labels = run_tags(suite.name, v)
             if suite.mode == "deployments":
-                futures.append(remote_fold_task.submit(suite.deployment, suite.retries, job))
+                remote = remote_fold_task.with_options(tags=labels)
+                futures.append(remote.submit(suite.deployment, suite.retries, job))
             else:
-                futures.append(train_fold_task.with_options(retries=suite.retries).submit(job))
+                local = train_fold_task.with_options(retries=suite.retries, tags=labels)
+                futures.append(local.submit(job))
 
     # Pretraining (it holds a slot like a fold) trains beside the folds that need no backbone,
     # not before them all; the folds that start from its weights follow it.
@@ -103,7 +112,7 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
     results = [f.result() for f in futures]
     trained = sum(bool(r["trained"]) for r in results)
     log.info(f"{trained} fold(s) trained, {len(results) - trained} already finished and skipped")
-    champions = {
+    registered = {
         v: register_champion_task(v, suite.name, run_root, parents[v])
         for v in (suite.variants if suite.register_champions else [])
     }
@@ -111,10 +120,12 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
         v: aggregate_task(v, suite.name, run_root, parents[v]) for v in suite.variants
     }
     summary = compare_task(aggregates, suite, configs, cache.image_size, synthetic, run_root)
+    champions: dict[str, dict[str, Any]] = {v: c for v, c in registered.items() if c}
+    publish(suite.name, run_root, summary["markdown"], aggregates, parents, champions)
     return {
         "summary": summary,
         "parents": parents,
-        "champions": {v: c for v, c in champions.items() if c},
+        "champions": champions,
         "trained": trained,
         "skipped": len(results) - trained,
         "experiment_id": tracker.experiment_id,
@@ -122,7 +133,48 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
     }
 
 
-@flow(name="suite", log_prints=True)
+def _suite_name(suite: Any) -> str:
+    """The suite's name from its parameter: a `SuiteRun`, or the JSON a deployment sent."""
+    if isinstance(suite, SuiteRun):
+        return suite.name
+    if isinstance(suite, dict) and isinstance(suite.get("name"), str):
+        return str(suite["name"])
+    return str(SuiteRun.model_fields["name"].default)
+
+
+def suite_run_name() -> str:
+    """`<suite>-<UTC date and time>` (`agegender-2026-11-30-0712`): runs of one suite sort by
+    date in the UI's list instead of being random adjective-animal pairs."""
+    from prefect.runtime import flow_run
+
+    name = _suite_name(flow_run.parameters.get("suite"))
+    return f"{name}-{datetime.now(UTC):%Y-%m-%d-%H%M}"
+
+
+def cross_validate_run_name() -> str:
+    """`<suite>-<variant>-<UTC date and time>`."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    return f"{_suite_name(params.get('suite'))}-{params.get('variant', 'multitask')}-" + (
+        f"{datetime.now(UTC):%Y-%m-%d-%H%M}"
+    )
+
+
+def _tag_this_run(*tags: str) -> None:
+    """Add tags to the running flow run: a deployment's run was created by whoever triggered
+    it, before the suite's name was known."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(ctx.flow_run.id)
+        want = list(dict.fromkeys([*run.tags, *tags]))
+        if want != list(run.tags):
+            client.update_flow_run(run.id, tags=want)
+
+
+@flow(name="suite", flow_run_name=suite_run_name, log_prints=True)
 def suite_flow(
     cache_dir: str = "runs/suite/cache",
     suite: SuiteRun | None = None,
@@ -130,16 +182,28 @@ def suite_flow(
     run_root: str = "runs/suite",
     data_root: str | None = None,
 ) -> dict[str, Any]:
-    """Every fold of every variant; `suite` and `config` are the sections of a config file
-    (`config` may name its `preset`, under its other keys; default `paper`)."""
+    """Every fold of every variant, tracked in MLflow; results as this run's artifacts.
+
+    Args:
+        cache_dir: the decoded Adience cache (built there first when `data_root` is given).
+        suite: the config file's `suite` section: what to train (variants, folds, seeds,
+            pretraining) and how (mode, retries, slots); its `name` is the MLflow experiment.
+            Null means the defaults, whose multitask_pretrained needs suite.pretrain.root or
+            suite.pretrained.
+        config: the config file's library sections (data, model, optim, train), on top of
+            its `preset` (default `paper`); null = the paper preset.
+        run_root: checkpoints, results and (without MLFLOW_TRACKING_URI) the local MLflow store.
+        data_root: an Adience download to build the cache from; null = the cache is ready.
+    """
     s, base = suite or SuiteRun(), config or Config()
+    _tag_this_run(*run_tags(s.name))
     set_slots(s.slots)
     if data_root is not None:
         prepare_cache_task(data_root, cache_dir, s.image_size)
     return _run(s, base, cache_dir, run_root)
 
 
-@flow(name="cross_validate", log_prints=True)
+@flow(name="cross_validate", flow_run_name=cross_validate_run_name, log_prints=True)
 def cross_validate(
     variant: Variant = "multitask",
     cache_dir: str = "runs/suite/cache",
@@ -147,10 +211,20 @@ def cross_validate(
     config: Config | None = None,
     run_root: str = "runs/suite",
 ) -> dict[str, Any]:
-    """One variant's folds. `suite` is a suite section without its variants (the default ones
-    would ask for a backbone this variant may not need), so it is validated here, once, with
-    `variant`."""
+    """One variant's folds, tracked as the suite's are.
+
+    Args:
+        variant: the variant to cross-validate.
+        cache_dir: the decoded Adience cache.
+        suite: a suite section without its variants, as JSON (folds, seeds, name, mode,
+            retries...; see the suite flow's `suite`). A dict on purpose: the default
+            variants would ask for a backbone this variant may not need, so it is validated
+            here, once, with `variant`.
+        config: the config file's library sections on top of its `preset` (default `paper`).
+        run_root: checkpoints, results and (without MLFLOW_TRACKING_URI) the local MLflow store.
+    """
     s = SuiteRun.model_validate((suite or {}) | {"variants": [variant]})
+    _tag_this_run(*run_tags(s.name, variant))
     set_slots(s.slots)
     return _run(s, config or Config(), cache_dir, run_root)
 

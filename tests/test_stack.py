@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -387,6 +388,10 @@ def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
     body = {"flow_runs": {"name": {"any_": ["gender-fold0", "gender-fold1"]}}}
     fold_runs = _flow_runs(stack, body)
     assert {r["state_type"] for r in fold_runs} == {"COMPLETED"}
+    # the Prefect UI's filters find them by suite and variant (tags), the run by its name
+    assert all({"suite:stack-scale-out", "variant:gender"} <= set(r["tags"]) for r in fold_runs)
+    assert re.fullmatch(r"stack-scale-out-gender-\d{4}-\d\d-\d\d-\d{4}", run.name), run.name
+    assert {"suite:stack-scale-out", "variant:gender"} <= set(run.tags), run.tags
     # process workers run the folds from the checkout that deployed them (a shared checkout)
     with urllib.request.urlopen(f"{stack.prefect_api}/deployments/name/train_fold/train-fold") as r:
         pull = json.loads(r.read())["pull_steps"]
