@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -271,8 +272,13 @@ def test_suite_pretrains_once_and_links_the_pretraining_run(
     assert (champion.run_id, champion.tags["fold_run_id"]) == (parent.info.run_id, best.info.run_id)
     assert champion.tags["fold"] == best.data.tags["fold"]
     assert champion.tags["selected_by"] == "val loss of the final checkpoint"
-    mlmodel = client.download_artifacts(
-        parent.info.run_id, f"model-fold{best.data.tags['fold']}/MLmodel", str(tmp_path)
+    model_name = f"model-fold{best.data.tags['fold']}"
+    # (an MLflow 3 logged model of the parent run: its files are the version's source)
+    models = client.search_logged_models([parent.info.experiment_id], f"name = '{model_name}'")
+    assert [m.source_run_id for m in models] == [parent.info.run_id]
+    assert champion.source == models[0].artifact_location
+    mlmodel = mlflow.artifacts.download_artifacts(
+        f"{champion.source}/MLmodel", dst_path=str(tmp_path), tracking_uri=client.tracking_uri
     )
     meta = yaml.safe_load(Path(mlmodel).read_text())["metadata"]
     assert meta["preprocessing"]["image_size"] == 56
