@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
+from playwright.sync_api import expect
 
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig
@@ -209,6 +210,22 @@ def test_a_training_fold_is_read_live_over_the_rest_api(
     # its run id is kept beside the checkpoint, for a resume
     (kept,) = run_root.glob(f"live/gender/fold0-*/{RUN_ID_FILE}")
     assert kept.read_text().strip() == run_id
+
+    # as a user sees it: the run page's epoch curves and its system metrics, in Chromium
+    from tests.test_mlflow_ui import ARTIFACTS, TIMEOUT_MS, browser_page, full_page_screenshot
+
+    page_url = f"{url}/#/experiments/{run['info']['experiment_id']}/runs/{run_id}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with browser_page(tmp_path) as page:
+        for tab, wanted, shot in (
+            ("model-metrics", "val_loss", "mlflow-fold-run-curves.png"),
+            ("system-metrics", "cpu_utilization_percentage", "mlflow-fold-run-system.png"),
+        ):
+            (ARTIFACTS / shot).unlink(missing_ok=True)
+            page.goto(f"{page_url}/{tab}")
+            expect(page.locator("body")).to_contain_text(wanted, timeout=TIMEOUT_MS)
+            full_page_screenshot(page, ARTIFACTS / shot)
+            assert (ARTIFACTS / shot).stat().st_size > 10_000, f"{shot}: suspiciously small"
 
 
 @pytest.mark.integration

@@ -130,13 +130,16 @@ def signature(heads: Sequence[str]) -> Any:
     """The request's columns (`image` base64, optional `detect`) and the answer's, for the
     model's heads (`age`, `gender` or both)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Map, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Map, Schema, TensorSpec
 
     # `image` is a base64 string or an H x W x 3 array: MLflow has no union type, hence Any
     inputs = Schema(
-        [ColSpec(AnyType(), "image"), ColSpec(DataType.boolean, "detect", required=False)]
+        [
+            ColSpec(AnyType(), "image"),  # type: ignore[no-untyped-call]
+            ColSpec(DataType.boolean, "detect", required=False),
+        ]
     )
-    columns = [
+    columns: list[ColSpec | TensorSpec] = [
         ColSpec(DataType.long, "image"),
         ColSpec(DataType.long, "face", required=False),
         ColSpec(Array(DataType.long), "box", required=False),

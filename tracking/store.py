@@ -252,17 +252,17 @@ class Tracker:
 
         for name in ("mlflow.system_metrics", "mlflow.system_metrics.system_metrics_monitor"):
             logging.getLogger(name).setLevel(logging.WARNING)  # its start/stop lines per run
-        monitor = SystemMetricsMonitor(
+        monitor = SystemMetricsMonitor(  # type: ignore[no-untyped-call]
             run_id,
             sampling_interval=SYSTEM_METRICS_INTERVAL_S,
             resume_logging=True,  # a reopened run continues its steps
             tracking_uri=self.uri,
         )
-        monitor.start()
+        monitor.start()  # type: ignore[no-untyped-call]
         try:
             yield
         finally:
-            monitor.finish()
+            monitor.finish()  # type: ignore[no-untyped-call]
 
     def _batches(self, run_id: str, m: list[Metric], p: list[Param], t: list[RunTag]) -> None:
         """log_batch within the REST API's limits (1000 metrics, 100 params, 100 tags)."""
