@@ -218,12 +218,21 @@ def test_a_training_fold_is_read_live_over_the_rest_api(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with browser_page(tmp_path) as page:
         for tab, wanted, shot in (
-            ("model-metrics", "val_loss", "mlflow-fold-run-curves.png"),
+            ("model-metrics", "gender fold 0 (val_loss)", "mlflow-fold-run-curves.png"),
             ("system-metrics", "cpu_utilization_percentage", "mlflow-fold-run-system.png"),
         ):
             (ARTIFACTS / shot).unlink(missing_ok=True)
             page.goto(f"{page_url}/{tab}")
-            expect(page.locator("body")).to_contain_text(wanted, timeout=TIMEOUT_MS)
+            page_body = page.locator("body")
+            expect(page_body).to_contain_text("gender fold 0", timeout=TIMEOUT_MS)
+            # charts are drawn as they scroll into view (val_loss is below best..n_val)
+            for _ in range(40):
+                if wanted in page_body.inner_text():
+                    break
+                page.mouse.move(900, 600)
+                page.mouse.wheel(0, 600)
+                page.wait_for_timeout(500)
+            expect(page_body).to_contain_text(wanted, timeout=TIMEOUT_MS)
             full_page_screenshot(page, ARTIFACTS / shot)
             assert (ARTIFACTS / shot).stat().st_size > 10_000, f"{shot}: suspiciously small"
 

@@ -198,6 +198,23 @@ def test_the_suites_runs_and_champions_on_the_stack(
             assert STACK_SUITE in tags[NOTE]
         if tags["kind"] in ("summary", "pretrain"):
             assert tags[NOTE], run.info.run_name
+        if tags["kind"] in ("fold", "pretrain"):  # what its numbers were measured on
+            read = client.get_run(run.info.run_id)
+            assert read.inputs is not None, run.info.run_name
+            by_context = {
+                {t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset
+                for i in read.inputs.dataset_inputs
+            }
+            assert set(by_context) == {"train", "validation", "test"}, run.info.run_name
+            metrics = read.data.metrics
+            for context, size in (
+                ("train", "n_train"),
+                ("validation", "n_val"),
+                ("test", "n_test"),
+            ):
+                dataset = by_context[context]
+                assert dataset.digest == tags["data_fingerprint"][:8], run.info.run_name
+                assert json.loads(str(dataset.profile))["num_rows"] == metrics[size]
 
     for variant, parent_id in stack_suite["parents"].items():
         name = f"agegender-{variant}"
