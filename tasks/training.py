@@ -183,7 +183,8 @@ def inputs_of(ts: TrainSet, s: dict[str, Any]) -> list[DataInput]:
     cache = ts.cache
     source = str(cache.manifest.get("data_root") or cache.path)
     sizes = {p: int(n) for p, n in s["sizes"].items()}
-    return data_inputs(cache.dataset, ts.name, cache.fingerprint, source, sizes)
+    task = str(s.get("task", "multitask"))
+    return data_inputs(cache.dataset, ts.name, cache.fingerprint, source, sizes, task)
 
 
 def log_training(

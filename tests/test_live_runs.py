@@ -204,7 +204,7 @@ def test_a_training_fold_is_read_live_over_the_rest_api(
     for context, size in (("train", "n_train"), ("validation", "n_val"), ("test", "n_test")):
         dataset = contexts[context]
         assert dataset["digest"] == fingerprint[:8]
-        assert dataset["name"] == f"adience fold 0 ({context})"
+        assert dataset["name"] == f"adience fold 0 ({context}, gender)"
         assert dataset["source_type"] == "local"
         assert json.loads(dataset["profile"])["num_rows"] == metrics[size]
     # its run id is kept beside the checkpoint, for a resume

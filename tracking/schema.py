@@ -81,14 +81,21 @@ CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
 
 
 def data_inputs(
-    dataset: str, trained_on: str, fingerprint: str, source: str, sizes: Mapping[str, int]
+    dataset: str,
+    trained_on: str,
+    fingerprint: str,
+    source: str,
+    sizes: Mapping[str, int],
+    task: str,
 ) -> list[DataInput]:
     """The parts a run used (`sizes`: part -> images), one dataset each: MLflow keeps one input
-    per dataset and run, so each part is its own dataset ("adience fold 0 (test)")."""
+    per dataset and run, so each part is its own dataset ("adience fold 0 (test, age)"). The
+    task is in the name: a part holds the images labelled for it, and MLflow keeps one profile
+    per name and digest in an experiment, so age and gender runs must not share one."""
     name = trained_on if trained_on.startswith(dataset) else f"{dataset} {trained_on}"
     return [
         DataInput(
-            name=f"{name} ({CONTEXTS.get(part, part)})",
+            name=f"{name} ({CONTEXTS.get(part, part)}, {task})",
             digest=fingerprint[:8],
             source=source,
             context=CONTEXTS.get(part, part),
