@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult, write_synthetic
 from agegender.synth.sources import write_synthetic_source
-from deployments.stack import Ports, Stack
+from deployments.stack import Ports, Stack, startup_timeout
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared")) / "adience"
@@ -105,6 +108,17 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 STACK_SUITE = "stack-e2e"
 _STACK_CREDS: dict[str, str] = {}
+# a few Adam steps of a small net: for tests that need trained runs, not good ones
+TINY_TRAIN = [
+    "data.crop=48",
+    "optim.name=adam",
+    "optim.weight_decay=0",
+    "model.norm=batchnorm",
+    "train.patience=null",
+    "train.iterations=4",
+    "train.tencrop=false",
+]
+
 STACK_TINY = {
     "data": {"crop": 48},
     "model": {"norm": "batchnorm"},
@@ -215,3 +229,33 @@ def stack_suite(
         "run_root": run_root,
         "flow_run_id": str(run.id),
     }
+
+
+@contextlib.contextmanager
+def serving(
+    cmd: list[str], env: dict[str, str], cwd: Path, log: Path, probe: str
+) -> Iterator[None]:
+    """A server process started and waited for until `probe` answers 200 (a loaded machine takes
+    minutes: `startup_timeout`), then stopped."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=cwd)
+    try:
+        deadline = time.monotonic() + startup_timeout()
+        while True:
+            assert proc.poll() is None, f"{cmd[0]} exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {probe} answer:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(probe, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)

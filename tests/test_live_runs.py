@@ -26,9 +26,8 @@ from playwright.sync_api import expect
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult
-from deployments.stack import startup_timeout
 from tasks.training import RUN_ID_FILE, TrackedRun, catch_up, open_run
-from tests.conftest import REPO
+from tests.conftest import REPO, serving
 from tracking.store import Tracker
 
 # many short epochs (85 training images, batches of 16: 6 iterations an epoch), so that the fold
@@ -81,30 +80,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cmd += ["--artifacts-destination", (root / "artifacts").as_uri()]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = root / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=root)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_timeout()  # a loaded machine takes minutes
-        while True:
-            assert proc.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /health answer:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
+    with serving(cmd, env, root, root / "server.log", url + "/health"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
 
 
 def _suite(cache: Path, run_root: Path, *extra: str) -> list[str]:

@@ -15,17 +15,9 @@ from mlflow.tracking import MlflowClient
 from agegender.cache import build_cache
 from agegender.config import CacheConfig, load_config
 from agegender.synth.adience import SynthResult
+from tests.conftest import TINY_TRAIN
 from tracking.store import Tracker
 
-TINY = [
-    "data.crop=48",
-    "optim.name=adam",
-    "optim.weight_decay=0",
-    "model.norm=batchnorm",
-    "train.patience=null",
-    "train.iterations=4",
-    "train.tencrop=false",
-]
 SUITE = "Artifacts_Check"  # not a valid artifact key as it is: the keys must be made valid
 LINK = re.compile(r"^\[(?P<text>[^\]]*)\]\((?P<url>[^)]*)\)$")
 
@@ -42,7 +34,7 @@ def test_a_suite_leaves_its_results_on_its_flow_run(
 
     build_cache(small_synth.out, tmp_path / "cache", config=CacheConfig(image_size=56))
     suite = {"name": SUITE, "variants": ["age"], "folds": [0, 1]}
-    config = load_config(None, TINY).model_dump(mode="json")
+    config = load_config(None, TINY_TRAIN).model_dump(mode="json")
     run_root = tmp_path / "runs"
     with prefect_test_harness(server_startup_timeout=600):
         state = suite_flow(str(tmp_path / "cache"), suite, config, str(run_root), return_state=True)

@@ -9,7 +9,6 @@ prefect-fold-table.png. Chromium setup as tests/test_mlflow_ui.py's.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,11 @@ from uuid import UUID
 
 import pytest
 from mlflow import MlflowClient
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from deployments.stack import startup_timeout
 from tasks.artifacts import artifact_key
 from tests.conftest import STACK_SUITE, prefect_api
-from tests.test_mlflow_ui import (
-    ARTIFACTS,
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    TIMEOUT_MS,
-    full_page_screenshot,
-)
+from tests.test_mlflow_ui import ARTIFACTS, TIMEOUT_MS, browser_page, full_page_screenshot
 
 VARIANTS = ("multitask", "multitask_pretrained", "age", "gender")
 LINK = re.compile(r"^\[(?P<text>[^\]]*)\]\((?P<url>[^)]*)\)$")
@@ -94,51 +86,29 @@ def test_prefect_ui_shows_the_suites_artifacts(
     shown = {r["fold"]: r["test_age_acc"] for r in rows if r["fold"] in logged}
     assert shown == {f: round(v, 4) for f, v in logged.items()}
 
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's browser (apt-get install -y chromium)")
     ui = stack.prefect_api.removesuffix("/api")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shots = [ARTIFACTS / "prefect-flow-run.png", ARTIFACTS / "prefect-fold-table.png"]
     for shot in shots:
         shot.unlink(missing_ok=True)
-    home = tmp_path / "home"
-    env: dict[str, str | float | bool] = {
-        **os.environ,
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-    }
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            env=env,
-            downloads_path=tmp_path / "downloads",
-            timeout=startup_timeout() * 1000,
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1200})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(f"{ui}/runs/flow-run/{stack_suite['flow_run_id']}")
-            body = page.locator("body")
-            expect(body).to_contain_text(run.name, timeout=TIMEOUT_MS)
-            page.locator("li.p-tab#artifacts").click()
-            section = page.get_by_text("Flow run", exact=True)  # the run's own, not a task's
-            expect(section).to_be_visible(timeout=TIMEOUT_MS)
-            for key in sorted(want):
-                expect(body).to_contain_text(key, timeout=TIMEOUT_MS)
-            full_page_screenshot(page, shots[0])  # the page scrolls inside: grow the viewport
+    with browser_page(tmp_path) as page:
+        page.goto(f"{ui}/runs/flow-run/{stack_suite['flow_run_id']}")
+        body = page.locator("body")
+        expect(body).to_contain_text(run.name, timeout=TIMEOUT_MS)
+        page.locator("li.p-tab#artifacts").click()
+        section = page.get_by_text("Flow run", exact=True)  # the run's own, not a task's
+        expect(section).to_be_visible(timeout=TIMEOUT_MS)
+        for key in sorted(want):
+            expect(body).to_contain_text(key, timeout=TIMEOUT_MS)
+        full_page_screenshot(page, shots[0])  # the page scrolls inside: grow the viewport
 
-            page.get_by_text(table_key, exact=True).first.click()
-            expect(body).to_contain_text("test_age_acc", timeout=TIMEOUT_MS)
-            lines = page.locator("tbody tr")
-            expect(lines).to_have_count(len(rows), timeout=TIMEOUT_MS)
-            for i, row in enumerate(rows):  # fold 0..4, mean, std: the values as JSON has them
-                expect(lines.nth(i)).to_contain_text(row["fold"], timeout=TIMEOUT_MS)
-                expect(lines.nth(i)).to_contain_text(_js(row["test_age_acc"]), timeout=TIMEOUT_MS)
-            full_page_screenshot(page, shots[1])
-        finally:
-            browser.close()
+        page.get_by_text(table_key, exact=True).first.click()
+        expect(body).to_contain_text("test_age_acc", timeout=TIMEOUT_MS)
+        lines = page.locator("tbody tr")
+        expect(lines).to_have_count(len(rows), timeout=TIMEOUT_MS)
+        for i, row in enumerate(rows):  # fold 0..4, mean, std: the values as JSON has them
+            expect(lines.nth(i)).to_contain_text(row["fold"], timeout=TIMEOUT_MS)
+            expect(lines.nth(i)).to_contain_text(_js(row["test_age_acc"]), timeout=TIMEOUT_MS)
+        full_page_screenshot(page, shots[1])
     for shot in shots:
         assert shot.stat().st_size > 10_000, f"{shot}: {shot.stat().st_size} bytes"

@@ -27,19 +27,10 @@ from agegender.sources import CELEBA_AGE_CLASSES, CELEBA_IMAGE_DIR, read_source
 from agegender.synth.adience import SynthResult
 from agegender.train import RunError, prepare_run, train_epoch
 from tasks.pretrain import resolve_pretrained_task
-from tests.conftest import run_cli
+from tests.conftest import TINY_TRAIN, run_cli
 from tracking import TrackingError
 
 SMALL = CacheConfig(image_size=32, workers=2)
-TRAIN = [
-    "data.crop=48",
-    "optim.name=adam",
-    "optim.weight_decay=0",
-    "model.norm=batchnorm",
-    "train.patience=null",
-    "train.iterations=4",
-    "train.tencrop=false",
-]
 
 
 @pytest.fixture
@@ -157,7 +148,7 @@ def test_pretraining_has_the_sources_heads_and_transfers(
     synth_celeba: Path, learn_cache: Path, tmp_path: Path
 ) -> None:
     build_source_cache("celeba", synth_celeba, tmp_path / "cache", CacheConfig(image_size=56))
-    config = load_config(None, TRAIN)
+    config = load_config(None, TINY_TRAIN)
     res = pretrain(tmp_path / "cache", config, PretrainConfig(), tmp_path / "run")
     s = res.summary
     assert s["classes"] == {"age": list(CELEBA_AGE_CLASSES), "gender": ["m", "f"]}
@@ -174,7 +165,7 @@ def test_pretraining_has_the_sources_heads_and_transfers(
 
     # Transfer: the Adience net's backbone is the checkpoint's, its 8-group age head is fresh.
     tune = load_config(
-        None, [*TRAIN, f"model.init_from={res.out_dir / 'best.pt'}", "model.freeze=conv"]
+        None, [*TINY_TRAIN, f"model.init_from={res.out_dir / 'best.pt'}", "model.freeze=conv"]
     )
     run = prepare_run(open_cache(learn_cache), 2, tune)
     assert run.model.heads["age"].weight.shape == (8, 512)
@@ -193,7 +184,7 @@ def test_pretraining_has_the_sources_heads_and_transfers(
 def test_a_checkpoint_belongs_to_its_source(
     synth_celeba: Path, synth_utkface: Path, tmp_path: Path
 ) -> None:
-    config = load_config(None, [*TRAIN, "train.iterations=2"])
+    config = load_config(None, [*TINY_TRAIN, "train.iterations=2"])
     for fmt, root in (("celeba", synth_celeba), ("utkface", synth_utkface)):
         build_source_cache(fmt, root, tmp_path / fmt, CacheConfig(image_size=56))
     pretrain(tmp_path / "celeba", config, PretrainConfig(), tmp_path / "run")
@@ -238,7 +229,7 @@ def test_the_suite_retries_pretraining_like_a_fold_but_not_bad_input(
         "retries": 2,
         "pretrain": {"root": str(tmp_path / "celeba-not-here")},  # bad input: fails at once
     }
-    config = load_config(None, TRAIN).model_dump(mode="json")
+    config = load_config(None, TINY_TRAIN).model_dump(mode="json")
 
     @task(retry_delay_seconds=0, retry_condition_fn=retry_unless_bad_input)
     def crashes() -> None:

@@ -12,7 +12,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,8 +24,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from agegender.labels import AGE_GROUPS
-from deployments.stack import startup_timeout
-from tests.conftest import REPO, client_env
+from tests.conftest import REPO, client_env, serving
 
 pytestmark = pytest.mark.integration
 MODEL = "models:/agegender-multitask@champion"
@@ -58,28 +56,9 @@ def served(stack: Any, stack_suite: dict[str, Any], tmp_path_factory: Any) -> It
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     env = client_env(stack)  # the venv activated: mlflow runs `uvicorn` from PATH
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_timeout()  # a loaded machine takes minutes
-        while True:
-            assert proc.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /ping answer:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
+    with serving(cmd, env, REPO, log, url + "/ping"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_each_variant_has_a_champion_chosen_on_validation(
