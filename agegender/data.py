@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +36,9 @@ class ImageStore:
     """The fold's uint8 images: in device memory when they fit, else read per batch.
 
     All of Adience at 256 px is 3.8 GB, so on a GPU (or in RAM) it is normally preloaded and a
-    batch is one on-device gather; otherwise batches come from the page-cached memmap.
+    batch is one on-device gather; otherwise batches come from the page-cached memmap. The
+    preloaded copy is the whole cache's and is shared by every fold of the process on that
+    device (`shared_images`): eight folds on one GPU hold one copy, not eight.
     """
 
     def __init__(
@@ -47,29 +51,50 @@ class ImageStore:
         self.device = device
         self.slots = cache.slots[rows]
         self.source = cache.images
-        nbytes = len(rows) * int(np.prod(cache.images.shape[1:]))
-        preloaded = preload == "always" or (preload == "auto" and nbytes < _free_bytes(device) / 2)
         self.data: Tensor | None = None
-        if preloaded:
-            order = np.argsort(self.slots)  # sequential reads from the memmap
-            host = np.empty((len(rows), *cache.images.shape[1:]), dtype=np.uint8)
-            for i in range(0, len(order), 256):
-                part = order[i : i + 256]
-                host[part] = cache.images[self.slots[part]]
-            self.data = torch.from_numpy(host).to(device)
+        self._slots_on: Tensor | None = None
+        if preload == "always" or (
+            preload == "auto" and cache.images.nbytes < _free_bytes(device) / 2
+        ):
+            self.data = shared_images(cache, device)
+            self._slots_on = torch.from_numpy(self.slots).to(device)
 
     @property
     def preloaded(self) -> bool:
         return self.data is not None
 
+    @property
+    def side(self) -> tuple[int, int]:
+        return int(self.source.shape[1]), int(self.source.shape[2])
+
     def batch(self, positions: Tensor) -> Tensor:
         """uint8 (B, H, W, 3) on the device."""
-        if self.data is not None:
-            return self.data[positions.to(self.device)]
+        if self.data is not None and self._slots_on is not None:
+            return self.data[self._slots_on[positions.to(self.device)]]
         host = torch.from_numpy(self.source[self.slots[positions.numpy()]])
         if self.device.type == "cuda":
             return host.pin_memory().to(self.device, non_blocking=True)
         return host
+
+
+_shared: weakref.WeakValueDictionary[tuple[str, str, str], Tensor] = weakref.WeakValueDictionary()
+_loading = threading.Lock()
+
+
+def shared_images(cache: ImageCache, device: torch.device) -> Tensor:
+    """All of a cache's images on `device`, loaded once per process while any fold holds them
+    (folds training in threads at once share it; it is freed when the last one is done)."""
+    key = (str(cache.path.resolve()), cache.fingerprint, str(device))
+    with _loading:
+        images = _shared.get(key)
+        if images is None:
+            images = torch.empty(cache.images.shape, dtype=torch.uint8, device=device)
+            for i in range(0, len(images), 1024):  # sequential reads from the memmap
+                images[i : i + 1024] = torch.from_numpy(np.array(cache.images[i : i + 1024]))
+            if device.type == "cuda":  # other folds read it from their own streams
+                torch.cuda.current_stream(device).synchronize()
+            _shared[key] = images
+    return images
 
 
 def _free_bytes(device: torch.device) -> float:

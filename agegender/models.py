@@ -41,22 +41,32 @@ class SeededDropout(nn.Module):
     """Dropout that draws its mask from a given generator, not torch's global one.
 
     Several folds may train concurrently in one process; a shared global RNG would make their
-    results depend on scheduling.
+    results depend on scheduling. Training sets `mask` before each step (`agegender.steps` draws
+    a chunk of steps' masks ahead, from the same generator in the same order, already on the
+    device): drawing here would copy a CPU mask to the GPU, a host wait, twice a step.
     """
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, features: int) -> None:
         super().__init__()
         self.p = p
+        self.features = features  # a mask's row: what steps.plan draws
         self.generator: torch.Generator | None = None
+        self.mask: Tensor | None = None  # the next step's keep-mask (bool), used once
+
+    def draw(self, rows: int) -> Tensor:
+        """The keep-mask of `rows` inputs, from the generator (on its device)."""
+        assert self.generator is not None
+        keep = torch.empty((rows, self.features), device=self.generator.device)
+        return keep.bernoulli_(1 - self.p, generator=self.generator)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.generator is None:
-            return nn.functional.dropout(x, self.p, training=True)
-        keep = torch.empty(x.shape, device=self.generator.device).bernoulli_(
-            1 - self.p, generator=self.generator
-        )
+        keep, self.mask = self.mask, None
+        if keep is None:
+            if self.generator is None:
+                return nn.functional.dropout(x, self.p, training=True)
+            keep = self.draw(x.shape[0])
         return x * keep.to(x.device, x.dtype) / (1 - self.p)
 
 
@@ -120,10 +130,10 @@ class LeviHassner(nn.Module):
             nn.Flatten(),
             nn.Linear(384 * side * side, 512),
             nn.ReLU(inplace=True),
-            SeededDropout(config.dropout),
+            SeededDropout(config.dropout, 512),
             nn.Linear(512, 512),
             nn.ReLU(inplace=True),
-            SeededDropout(config.dropout),
+            SeededDropout(config.dropout, 512),
         )
         sizes = classes if classes is not None else HEADS[task]
         self.heads = nn.ModuleDict({n: nn.Linear(512, k) for n, k in sizes.items()})
@@ -150,9 +160,12 @@ class LeviHassner(nn.Module):
         return [*self.features.parameters(), *self.fc.parameters()]
 
     def set_generator(self, generator: torch.Generator | None) -> None:
-        for m in self.modules():
-            if isinstance(m, SeededDropout):
-                m.generator = generator
+        for m in self.dropouts():
+            m.generator = generator
+
+    def dropouts(self) -> list[SeededDropout]:
+        """The dropout layers that draw masks, in the order a forward pass uses them."""
+        return [m for m in self.modules() if isinstance(m, SeededDropout) and m.p > 0]
 
     @torch.no_grad()
     def reset_parameters(
@@ -232,4 +245,21 @@ def masked_losses(
             out[head] = F.cross_entropy(logits[mask].float(), y[mask], reduction=reduction)
         else:
             out[head] = logits.sum() * 0.0
+    return out
+
+
+def labelled_losses(
+    outputs: dict[str, Tensor], targets: dict[str, tuple[Tensor | None, Tensor, int]]
+) -> dict[str, Tensor]:
+    """`masked_losses` with the labelled rows found ahead on the CPU (`agegender.steps`): per
+    head (their positions in the batch or None for all, their labels, how many). The same
+    numbers, but no boolean mask to resolve on the device, which would make the host wait."""
+    out = {}
+    for head, logits in outputs.items():
+        positions, y, count = targets[head]
+        if count == 0:
+            out[head] = logits.sum() * 0.0
+            continue
+        picked = logits if positions is None else logits.index_select(0, positions)
+        out[head] = F.cross_entropy(picked.float(), y)
     return out

@@ -34,9 +34,17 @@ from agegender.data import FoldData, fold_data
 from agegender.evaluate import part_metrics, predict
 from agegender.labels import AGE_GROUPS, GENDERS
 from agegender.metrics import mean_accuracy
-from agegender.models import HEADS, LeviHassner, autocast, build_model, masked_losses, to_input
+from agegender.models import (
+    HEADS,
+    LeviHassner,
+    SeededDropout,
+    autocast,
+    build_model,
+    labelled_losses,
+    to_input,
+)
 from agegender.splits import distribution_line, make_split
-from agegender.transforms import random_window
+from agegender.steps import Step, planned
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
@@ -119,11 +127,15 @@ def make_optimizer(model: LeviHassner, config: Config) -> torch.optim.Optimizer:
                     "weight_decay": o.weight_decay * o.bias_decay_mult,
                 }
             )
+    # on a GPU, one fused kernel updates every parameter (the same rule as the CPU's loop)
+    fused = True if next(model.parameters()).is_cuda else None
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused
+        )
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
 
 
 @dataclass
@@ -150,6 +162,10 @@ class Run:
     @property
     def channels_last(self) -> bool:
         return self.config.train.channels_last and self.device.type == "cuda"
+
+    @property
+    def dropouts(self) -> list[SeededDropout]:
+        return self.model.dropouts()
 
     def state(self) -> dict[str, Any]:
         return {
@@ -277,12 +293,15 @@ def load_backbone(model: LeviHassner, checkpoint: Path) -> None:
     model.load_state_dict(backbone, strict=False)
 
 
-def fit_batch(run: Run, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """One SGD step on a ready input batch (the part a model-only benchmark also times)."""
+def fit_batch(run: Run, x: torch.Tensor, step: Step) -> dict[str, Any]:
+    """One SGD step on a ready input batch (the part a model-only benchmark also times). Nothing
+    here reads a value back from the device: the statistics stay there until the epoch ends."""
     t = run.config.train
+    for layer, keep in zip(run.dropouts, step.masks, strict=True):
+        layer.mask = keep
     with autocast(run.device, t.bf16):
         out = run.model(x)
-    losses = masked_losses(out, targets)
+    losses = labelled_losses(out, step.labelled)
     weights = {"age": t.age_weight, "gender": t.gender_weight}
     loss = sum((weights[h] * v for h, v in losses.items()), torch.zeros((), device=run.device))
     run.optimizer.zero_grad(set_to_none=True)
@@ -292,39 +311,55 @@ def fit_batch(run: Run, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> di
     run.iteration += 1
     stats: dict[str, Any] = {"loss": loss.detach(), "n": x.shape[0]}
     for head, logits in out.items():
-        y = targets[head]
+        y = step.targets[head]
         stats[f"{head}_correct"] = ((logits.argmax(1) == y) & (y >= 0)).sum().detach()
-        stats[f"{head}_n"] = (y >= 0).sum().detach()
+        stats[f"{head}_n"] = step.labelled[head][2]
     return stats
+
+
+def epoch_steps(run: Run, steps: int) -> Iterator[Step]:
+    """The next `steps` batches of a fresh shuffle of the training part (`agegender.steps`)."""
+    part, store = run.data.train, run.data.store
+    order = torch.randperm(len(part), generator=run.gen_data)
+    return planned(
+        part,
+        order,
+        steps,
+        run.config.data.batch_size,
+        store.side,
+        run.config.data.crop,
+        list(run.model.heads),
+        run.gen_data,
+        run.dropouts,
+        run.device,
+        store.preloaded,
+    )
 
 
 def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:
     """One pass over the shuffled training part (or what is left of the iteration budget)."""
     run.model.train()
-    part, store, crop = run.data.train, run.data.store, run.config.data.crop
-    bs = run.config.data.batch_size
-    order = torch.randperm(len(part), generator=run.gen_data)
-    steps = min(math.ceil(len(part) / bs), run.total - run.iteration)
+    store, crop, bs = run.data.store, run.config.data.crop, run.config.data.batch_size
+    steps = min(math.ceil(len(run.data.train) / bs), run.total - run.iteration)
     sums: dict[str, Any] = {}
     start = time.perf_counter()
-    for step in range(steps):
-        sel = order[step * bs : (step + 1) * bs]
-        images = store.batch(part.index[sel])
-        crops = run.data.normalize.crops(images, crop, random_window(images, crop, run.gen_data))
+    for i, step in enumerate(epoch_steps(run, steps)):
+        images = store.batch(step.positions)
+        crops = run.data.normalize.crops(images, crop, step.window)
         x = to_input(crops, run.channels_last)
-        targets = {"age": part.age[sel].to(run.device), "gender": part.gender[sel].to(run.device)}
-        stats = fit_batch(run, x, targets)
+        stats = fit_batch(run, x, step)
         stats["loss"] = stats["loss"] * stats["n"]
         for k, v in stats.items():
             sums[k] = sums.get(k, 0) + v
         if progress:
-            progress(step + 1, steps)
+            progress(i + 1, steps)
+    out = {k: float(v) for k, v in sums.items()}  # the epoch's one wait for the device
     seconds = time.perf_counter() - start
-    n = int(sums.get("n", 0))
-    out = {"train_loss": float(sums["loss"]) / max(n, 1), "images_per_s": n / max(seconds, 1e-9)}
+    n = int(out.get("n", 0))
+    result = {"train_loss": out["loss"] / max(n, 1), "images_per_s": n / max(seconds, 1e-9)}
     for head in run.model.heads:
-        out[f"train_{head}_acc"] = float(sums[f"{head}_correct"]) / max(int(sums[f"{head}_n"]), 1)
-    return out
+        result[f"train_{head}_acc"] = out[f"{head}_correct"] / max(int(out[f"{head}_n"]), 1)
+    return result
 
 
 def epoch_line(r: dict[str, Any]) -> str:
@@ -454,10 +489,13 @@ def train_fold(
 
 
 @contextmanager
-def determinism(on: bool) -> Iterator[None]:
+def determinism(on: bool, device: torch.device | None = None) -> Iterator[None]:
     """`train.deterministic`: deterministic algorithms while a run trains (process-wide, so
-    folds training concurrently in one process share it), restored afterwards."""
+    folds training concurrently in one process share it), restored afterwards. Otherwise cuDNN
+    may time its algorithms once per shape and keep the fastest (it stays on: harmless)."""
     if not on:
+        if device is not None and device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         yield
         return
     # cuBLAS needs a fixed workspace to be deterministic; set before its first use.
@@ -481,8 +519,24 @@ def train(
     progress: Progress | None = None,
 ) -> FoldResult:
     """Train, monitor validation, test once; files in `out_dir` (see README)."""
-    with determinism(config.train.deterministic):
+    device = select_device(config.train.device)
+    with determinism(config.train.deterministic, device), own_stream(device):
         return _train(ts, config, Path(out_dir), resume, log, progress)
+
+
+@contextmanager
+def own_stream(device: torch.device) -> Iterator[None]:
+    """On a GPU, the run queues its work on a CUDA stream of its own: folds that share a GPU (the
+    suite's slots are threads of one process) then run their kernels side by side, where on the
+    shared default stream each would wait for the others'."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 def _save_tested(run: Run, out: Path) -> None:

@@ -3,6 +3,7 @@
     python benchmarks/convergence.py --metadata ../shared/adience/metadata      # synthetic, 256 px
     python benchmarks/convergence.py --data-root /data/adience                   # a real download
     python benchmarks/convergence.py ... --iterations 10000 --compare std --determinism 200
+    python benchmarks/convergence.py --cache runs/cache                          # one already built
 
 Trains fold 0 (subject-disjoint split) with the `paper` preset (227 px crops of 256 px images,
 LRN, Caffe init, SGD with the released solver's settings, the training images' mean image
@@ -132,6 +133,7 @@ def determinism(a: argparse.Namespace, cache: Path, root: Path) -> dict[str, Any
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data-root", type=Path, default=None, help="a real (or synthetic) download")
+    ap.add_argument("--cache", type=Path, default=None, help="an image cache already built")
     ap.add_argument("--metadata", type=Path, default=None, help="synthetic copy of these folds")
     ap.add_argument(
         "--per-fold", type=int, default=200, help="synthetic rows a fold (no --metadata)"
@@ -151,7 +153,7 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cache = _data(a, root)
+        cache = a.cache if a.cache is not None else _data(a, root)
         runs = [train(a, cache, root / v, VARIANTS[v], v) for v in ["paper", *a.compare]]
         results["runs"] = runs
         if a.determinism:

@@ -5,7 +5,8 @@
 Pipeline: `train_epoch` on a prepared fold (uint8 images from the image store, batched random
 crop + flip + normalisation on the device, forward, masked losses, backward, SGD step). Bound:
 `fit_batch` alone on one ready float batch already on the device (same model, batch size and
-optimiser). The ratio pipeline / bound says how much the data path costs; target >= 0.9.
+optimiser; one step's batch and dropout masks, again and again). The ratio pipeline / bound says
+how much the data path costs; target >= 0.95 at batch 50.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, load_config
 from agegender.models import to_input
 from agegender.synth.adience import write_synthetic
-from agegender.train import Run, fit_batch, prepare_run, train_epoch
-from agegender.transforms import random_window
+from agegender.train import Run, epoch_steps, fit_batch, prepare_run, train_epoch
 
 
 def _sync(run: Run) -> None:
@@ -44,20 +44,17 @@ def pipeline(run: Run, iterations: int) -> float:
 
 def bound(run: Run, iterations: int) -> float:
     """Images/s of the model step alone on one batch that is already on the device."""
-    part, bs = run.data.train, run.config.data.batch_size
-    sel = torch.arange(min(bs, len(part)))
-    images, crop = run.data.store.batch(part.index[sel]), run.config.data.crop
-    crops = run.data.normalize.crops(images, crop, random_window(images, crop, run.gen_data))
-    x = to_input(crops, run.channels_last)
-    targets = {"age": part.age[sel].to(run.device), "gender": part.gender[sel].to(run.device)}
+    (step,) = epoch_steps(run, 1)
+    images, crop = run.data.store.batch(step.positions), run.config.data.crop
+    x = to_input(run.data.normalize.crops(images, crop, step.window), run.channels_last)
     run.model.train()
     _sync(run)
     start = time.perf_counter()
     for _ in range(iterations):
-        stats = fit_batch(run, x, targets)
+        stats = fit_batch(run, x, step)
     float(stats["loss"])  # wait for the last step
     _sync(run)
-    return iterations * len(sel) / (time.perf_counter() - start)
+    return iterations * step.size / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -99,7 +96,7 @@ def main() -> None:
     )
     print(f"model-only bound : {b:9.1f} img/s  (runs {b1:.1f} and {b2:.1f})")
     print(f"cache + loader   : {p:9.1f} img/s")
-    print(f"ratio            : {p / b:9.3f}  (target >= 0.9)")
+    print(f"ratio            : {p / b:9.3f}  (target >= 0.95)")
 
 
 if __name__ == "__main__":

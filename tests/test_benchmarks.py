@@ -39,6 +39,12 @@ BENCHMARKS = [
         ["two folds at once", "ratio"],
     ),
     (
+        "gpu_suite.py",
+        "--crop 48 --image-size 56 --per-fold 40 --iterations 3 --warmup 1 --folds-at-once 1 2 "
+        "--check-sync",
+        ["folds at once |  img/s total", "syncs inside a step: not checked (no CUDA device)"],
+    ),
+    (
         "predict.py",
         "--photos 4 --width 320 --height 240 --crop 48 --image-size 56",
         ["baseline: one photo, one face at a time", "ratio"],
