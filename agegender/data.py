@@ -94,6 +94,8 @@ def shared_images(cache: ImageCache, device: torch.device) -> Tensor:
             if device.type == "cuda":  # other folds read it from their own streams
                 torch.cuda.current_stream(device).synchronize()
             _shared[key] = images
+    if device.type == "cuda":  # freed only once this fold's stream is done with it too
+        images.record_stream(torch.cuda.current_stream(device))
     return images
 
 

@@ -65,10 +65,10 @@ step cache 180 "$PY" -m agegender.cli prepare --data-root "$WORK/adience" --cach
 step gpu_suite_fp32 120 "$PY" benchmarks/gpu_suite.py --cache "$WORK/cache" --crop "$CROP" \
     --image-size "$SIZE" --check-sync --json "$OUT/gpu_suite_fp32.json" "${BENCH[@]}"
 step gpu_suite_bf16 120 "$PY" benchmarks/gpu_suite.py --cache "$WORK/cache" --crop "$CROP" \
-    --image-size "$SIZE" --bf16 --json "$OUT/gpu_suite_bf16.json" "${BENCH[@]}"
+    --image-size "$SIZE" --bf16 --json "$OUT/gpu_suite_bf16.json" --folds-at-once 1 8 "${BENCH[@]}"
 step loader_ratio 60 "$PY" benchmarks/train_throughput.py --crop "$CROP" --image-size "$SIZE" \
     --batch-size 50 --iterations "$([ "$SMOKE" = 1 ] && echo 2 || echo 50)"
-step paper_fold0 200 "$PY" benchmarks/convergence.py --cache "$WORK/cache" --crop "$CROP" \
+step paper_fold0 240 "$PY" benchmarks/convergence.py --cache "$WORK/cache" --crop "$CROP" \
     --image-size "$SIZE" --iterations "$ITERATIONS" --json "$OUT/paper_fold0.json"
 
 if "$PY" -c "import prefect, mlflow" 2>/dev/null; then
