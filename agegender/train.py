@@ -105,22 +105,27 @@ def lr_factor(config: Config, total: int) -> Callable[[int], float]:
     return lambda it: 1.0
 
 
-def make_optimizer(model: LeviHassner, config: Config) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: LeviHassner, config: Config, params: dict[str, torch.Tensor] | None = None
+) -> torch.optim.Optimizer:
     """Caffe's per-layer multipliers as parameter groups: heads at `lr * head_lr_mult`, the
     backbone at `lr * backbone_lr`, biases (and norm scales) at `bias_lr_mult` times their
-    layer's rate with `bias_decay_mult` times the weight decay. Frozen layers are left out."""
+    layer's rate with `bias_decay_mult` times the weight decay. Frozen layers are left out.
+    `params` stands in for the model's own tensors by name (`agegender.foldbatch` passes K
+    folds' parameters stacked: the same groups, each element updated by the same rule)."""
     o = config.optim
-    params: list[dict[str, Any]] = []
-    for part, rate in (
-        (list(model.heads.parameters()), o.lr * o.head_lr_mult),
-        ([p for p in model.backbone_parameters() if p.requires_grad], o.lr * o.backbone_lr),
-    ):
-        weights = [p for p in part if p.ndim > 1]
-        biases = [p for p in part if p.ndim <= 1]
+    own = dict(model.named_parameters())
+    tensors = params if params is not None else own
+    heads = {f"heads.{n}" for n, _ in model.heads.named_parameters()}
+    groups: list[dict[str, Any]] = []
+    for in_heads, rate in ((True, o.lr * o.head_lr_mult), (False, o.lr * o.backbone_lr)):
+        part = [n for n, p in own.items() if (n in heads) == in_heads and p.requires_grad]
+        weights = [tensors[n] for n in part if own[n].ndim > 1]
+        biases = [tensors[n] for n in part if own[n].ndim <= 1]
         if weights:
-            params.append({"params": weights, "lr": rate, "weight_decay": o.weight_decay})
+            groups.append({"params": weights, "lr": rate, "weight_decay": o.weight_decay})
         if biases:
-            params.append(
+            groups.append(
                 {
                     "params": biases,
                     "lr": rate * o.bias_lr_mult,
@@ -128,14 +133,14 @@ def make_optimizer(model: LeviHassner, config: Config) -> torch.optim.Optimizer:
                 }
             )
     # on a GPU, one fused kernel updates every parameter (the same rule as the CPU's loop)
-    fused = True if next(model.parameters()).is_cuda else None
+    fused = True if next(iter(tensors.values())).is_cuda else None
     if o.name == "sgd":
         return torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused
+            groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused
         )
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 # Issue 15's device check, one prepared run on a lent GPU machine (<= 8 minutes there):
 #   1. a --like-metadata synthetic Adience at 256 px (the real users, folds and labels; never
 #      real images) and its cache;
-#   2. benchmarks/gpu_suite.py on it: K = 1, 2, 4, 8 folds at once at batch 50 and 227, fp32 and
-#      bf16, the FLOP bound, the projected paper suite, and whether a step waits for the device;
+#   2. benchmarks/gpu_suite.py on it: K = 1, 2, 4, 8 folds at once at batch 50 and 227 (threads,
+#      and fold-batched), fp32 and bf16, the FLOP bound, the projected paper suite, and whether a
+#      step waits for the device;
 #   3. benchmarks/train_throughput.py at batch 50: the loader ratio (target >= 0.95);
 #   4. fold 0 with the paper preset for ITERATIONS steps (10k), its validation curve;
 #   5. a tiny suite through Prefect with folds on cuda: in-process slots (4 folds at once), and
@@ -62,8 +63,8 @@ step synth 180 "$PY" -m agegender.cli synth --out "$WORK/adience" --size "$SIZE"
 step cache 180 "$PY" -m agegender.cli prepare --data-root "$WORK/adience" --cache "$WORK/cache" \
     --image-size "$SIZE"
 
-step gpu_suite_fp32 120 "$PY" benchmarks/gpu_suite.py --cache "$WORK/cache" --crop "$CROP" \
-    --image-size "$SIZE" --check-sync --json "$OUT/gpu_suite_fp32.json" "${BENCH[@]}"
+step gpu_suite_fp32 180 "$PY" benchmarks/gpu_suite.py --cache "$WORK/cache" --crop "$CROP" \
+    --image-size "$SIZE" --check-sync --fold-batch --json "$OUT/gpu_suite_fp32.json" "${BENCH[@]}"
 step gpu_suite_bf16 120 "$PY" benchmarks/gpu_suite.py --cache "$WORK/cache" --crop "$CROP" \
     --image-size "$SIZE" --bf16 --json "$OUT/gpu_suite_bf16.json" --folds-at-once 1 8 "${BENCH[@]}"
 step loader_ratio 60 "$PY" benchmarks/train_throughput.py --crop "$CROP" --image-size "$SIZE" \

@@ -11,6 +11,8 @@ dropout masks from its own generators, its own model and optimiser) in a thread 
 with its own CUDA stream (`train.own_stream`) and all reading one copy of the images on the device
 (`data.shared_images`): K folds at once is what `suite.slots=K` does on one GPU. Aggregate =
 K x iterations x batch / the wall time of all K, after a warm-up (cuDNN's autotuning).
+`--fold-batch` also times K folds trained as one grouped network (`agegender.foldbatch`: one
+vmap over their stacked weights, one thread), which the suite does not use yet.
 
 The bound: the net's training FLOPs per image (torch's FlopCounterMode over a forward and a
 backward pass) at the device's dense matmul rate, measured here (bf16 on a GPU, fp32 on a CPU),
@@ -36,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agegender.cache import build_cache, open_cache
 from agegender.config import VARIANTS, CacheConfig, Config, load_config
+from agegender.foldbatch import FoldBatch
 from agegender.models import build_model
 from agegender.synth.adience import write_synthetic
 from agegender.train import Run, own_stream, prepare_run, train_epoch
@@ -66,6 +69,11 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     return 2 * n**3 * reps / (time.perf_counter() - start), f"{dtype} {n}x{n} matmul".replace(
         "torch.", ""
     )
+
+
+def seeded_config(config: Config, k: int) -> Config:
+    """The k-th run's config: folds 0-4, then again with another seed."""
+    return config.model_copy(update={"train": config.train.model_copy(update={"seed": k // 5})})
 
 
 def _sync(device: torch.device) -> None:
@@ -128,6 +136,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None, help="instead of measuring")
     ap.add_argument("--check-sync", action="store_true")
+    ap.add_argument(
+        "--fold-batch", action="store_true", help="also K folds as one grouped net (foldbatch)"
+    )
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
@@ -147,11 +158,8 @@ def main() -> None:
         cache = open_cache(a.cache or root / "cache")
         most = max(a.folds_at_once)
         runs = []
-        for k in range(most):  # folds 0-4, then again with another seed
-            seeded = config.model_copy(
-                update={"train": config.train.model_copy(update={"seed": k // 5})}
-            )
-            runs.append(prepare_run(cache, k % 5, seeded))
+        for k in range(most):
+            runs.append(prepare_run(cache, k % 5, seeded_config(config, k)))
         device = runs[0].device
         if a.peak_tflops is not None:
             peak, peak_by = a.peak_tflops * 1e12, "given"
@@ -163,7 +171,18 @@ def main() -> None:
         for k in a.folds_at_once:
             seconds = at_once(runs[:k], a.iterations)
             rate = k * a.iterations * a.batch_size / seconds
-            rows.append({"folds": k, "img_per_s": rate, "seconds": seconds})
+            rows.append({"mode": "threads", "folds": k, "img_per_s": rate, "seconds": seconds})
+        for k in a.folds_at_once if a.fold_batch else ():
+            fb = FoldBatch([prepare_run(cache, i % 5, seeded_config(config, i)) for i in range(k)])
+            fb.train_steps(a.warmup)
+            _sync(device)
+            start = time.perf_counter()
+            fb.train_steps(a.iterations)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            rate = k * a.iterations * a.batch_size / seconds
+            rows.append({"mode": "batched", "folds": k, "img_per_s": rate, "seconds": seconds})
+            del fb
 
     paper = load_config(None, [], "paper")
     suite_images = (len(VARIANTS) * 5 + 1) * paper.train.iterations * paper.data.batch_size
@@ -178,16 +197,21 @@ def main() -> None:
         f"training FLOPs per image {flops / 1e9:.2f} G; peak {peak / 1e12:.1f} TFLOP/s ({peak_by})"
     )
     print(f"bound {peak / flops:,.0f} img/s; paper suite {suite_images / 1e6:.1f} M images")
+    if device.type != "cuda":
+        print("(a CPU smoke run: the bound is one small matmul's rate, the times mean nothing)")
     print(f"syncs inside a step: {sync}")
-    print(" folds at once |  img/s total | per fold | vs 1 fold | of bound | suite (min)")
+    print(
+        " how      | folds at once |  img/s total | per fold | vs 1 fold | of bound | suite (min)"
+    )
     for r in rows:
         r["per_fold"] = r["img_per_s"] / r["folds"]
         r["speedup"] = r["img_per_s"] / base
         r["bound_fraction"] = r["img_per_s"] * flops / peak
         r["suite_minutes"] = suite_images / r["img_per_s"] / 60
         print(
-            f" {r['folds']:>13} | {r['img_per_s']:>12,.0f} | {r['per_fold']:>8,.0f} | "
-            f"{r['speedup']:>8.2f}x | {r['bound_fraction']:>7.1%} | {r['suite_minutes']:>10.1f}"
+            f" {r['mode']:<8} | {r['folds']:>13} | {r['img_per_s']:>12,.0f} | "
+            f"{r['per_fold']:>8,.0f} | {r['speedup']:>8.2f}x | {r['bound_fraction']:>7.1%} | "
+            f"{r['suite_minutes']:>10.1f}"
         )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,8 @@ BENCHMARKS = [
     (
         "gpu_suite.py",
         "--crop 48 --image-size 56 --per-fold 40 --iterations 3 --warmup 1 --folds-at-once 1 2 "
-        "--check-sync",
-        ["folds at once |  img/s total", "syncs inside a step: not checked (no CUDA device)"],
+        "--check-sync --fold-batch",
+        [" threads  |             2 |", " batched  |             2 |", "syncs inside a step: not"],
     ),
     (
         "predict.py",
