@@ -13,7 +13,7 @@
 #
 # Here first:  benchmarks/device_wheels.sh        (Prefect, MLflow, pydantic: cp312 wheels, .whl)
 #              mkdir -p .devdata && cp -r ../shared/adience/metadata .devdata/   (never committed)
-# There:       run(command="OUT=$OUT bash benchmarks/device_check.sh", carry=[".whl", ".devdata"])
+# There:       run(command="OUT=$OUT bash benchmarks/device_check.sh", carry=[".whl", ".devdata/metadata"])
 # A CPU smoke run here: SMOKE=1 PY=.venv/bin/python bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
