@@ -34,8 +34,15 @@ from deployments.stack import (
     startup_timeout,
     tail,
 )
-from tests.conftest import REPO, STACK_TINY, prefect_api
-from tests.test_stack import TINY_ARGS, _flow_runs, _processes_of, _suite_cli
+from tests.conftest import (
+    REPO,
+    STACK_TINY,
+    TINY_ARGS,
+    flow_runs,
+    prefect_api,
+    processes_of,
+    suite_cli,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -354,7 +361,7 @@ def test_a_worker_in_the_namespace_takes_a_cross_validate_runs_folds(
         assert isinstance(run, FlowRun)
         assert run.state is not None
         assert run.state.is_completed(), (run.state, tail(st.log(_worker_name(worker)), 40))
-        folds = _flow_runs(st, {"flow_runs": {"name": {"any_": ["gender-fold0", "gender-fold1"]}}})
+        folds = flow_runs(st, {"flow_runs": {"name": {"any_": ["gender-fold0", "gender-fold1"]}}})
         assert sorted(r["state_type"] for r in folds) == ["COMPLETED", "COMPLETED"]
         # the namespace's worker took the cross-validate run and both folds
         log = st.log(_worker_name(worker)).read_text(errors="replace")
@@ -392,7 +399,7 @@ def test_a_worker_killed_mid_fold_in_the_namespace_is_crashed_and_the_fold_resum
 
     st = host_stack
     body = {"flow_runs": {"name": {"any_": ["multitask-fold0"]}}}
-    proc = _suite_cli(
+    proc = suite_cli(
         st,
         learn_cache,
         tmp_path,
@@ -412,8 +419,8 @@ def test_a_worker_killed_mid_fold_in_the_namespace_is_crashed_and_the_fold_resum
             checkpoints = list(tmp_path.glob("netns-kill/multitask/fold0-*/last.pt"))
             time.sleep(0.2)
         assert checkpoints, "no checkpoint was written"
-        (first,) = _flow_runs(st, body)
-        fold = _processes_of(first["id"])
+        (first,) = flow_runs(st, body)
+        fold = processes_of(first["id"])
         assert fold, "the fold's process was not found"
         assert set(fold) <= set(netns.pids())  # it runs on the second host
         netns.kill_all()  # the worker and its fold die at once: the machine is lost
@@ -429,7 +436,7 @@ def test_a_worker_killed_mid_fold_in_the_namespace_is_crashed_and_the_fold_resum
     assert proc.returncode == 0, out[-3000:]
     log = st.log(_worker_name(second)).read_text(errors="replace")
     assert "multitask fold 0: resuming from its checkpoint" in log
-    runs = sorted(_flow_runs(st, body), key=lambda r: r["expected_start_time"])
+    runs = sorted(flow_runs(st, body), key=lambda r: r["expected_start_time"])
     assert [r["state_type"] for r in runs] == ["CRASHED", "COMPLETED"]
     assert "no heartbeat for 90 s" in runs[0]["state"]["message"]  # the server's automation
     assert runs[1]["id"] in log  # started again on the namespace's new worker
