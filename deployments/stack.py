@@ -238,7 +238,9 @@ class Stack:
         check_listen(host)
         auth = bool(state.get("auth", False)) if auth is None else auth
         ports = Ports(**state.get("ports", {}))
-        return cls(Path(run_dir), ports=ports, db=db, host=host, auth=auth)
+        # the heartbeat its automation expects: what `stack env` must tell clients to send
+        heartbeat_s = int(state.get("heartbeat_s", HEARTBEAT_S))
+        return cls(Path(run_dir), ports=ports, db=db, host=host, auth=auth, heartbeat_s=heartbeat_s)
 
     def client_env(self) -> dict[str, str]:
         """What a client (the CLI, a test, a worker) needs: no S3 credentials, no secrets. Its
@@ -288,6 +290,7 @@ class Stack:
             "db": self.db,
             "host": self.host,
             "auth": self.auth,
+            "heartbeat_s": self.heartbeat_s,
             "ports": self.ports.__dict__,
             "urls": self.client_env() | {"S3": self.s3_public_url},
         }
@@ -690,7 +693,9 @@ class Stack:
         if self.auth:
             auth_settings()  # all of them, valid: else an error naming the ones to set
 
-    def up(self, progress: Callable[[str], None] = print) -> dict[str, str]:
+    def up(self, progress: Callable[[str], None] = print, worker: bool = True) -> dict[str, str]:
+        """Every service, the pools and deployments; `worker=False`: no worker here, the pools'
+        workers run on other machines."""
         self.check_auth()
         creds = credentials()
         for name in self.services[:-1]:  # the worker comes after the pools and deployments
@@ -704,8 +709,9 @@ class Stack:
         started = time.monotonic()
         self.setup(progress=progress)
         progress(f"work pools, limits and deployments in {time.monotonic() - started:.1f} s")
-        self.start("worker", creds)
-        progress("worker online on pool 'local'")
+        if worker:
+            self.start("worker", creds)
+            progress("worker online on pool 'local'")
         return self.client_env()
 
     def setup(self, gpu_slots: int | None = None, progress: Callable[[str], None] = print) -> None:

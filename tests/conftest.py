@@ -23,6 +23,7 @@ from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult, write_synthetic
 from agegender.synth.sources import write_synthetic_source
+from deployments.services import basic_auth
 from deployments.stack import Ports, Stack, startup_timeout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,17 +186,21 @@ def prefect_api(st: Stack) -> Any:
 
 
 def client_env(st: Stack) -> dict[str, str]:
-    """A client process's environment: the stack's URLs and no S3 credentials."""
+    """A client process's environment: the stack's URLs, a worker's credentials if it asks for
+    them (from this process's environment), and no S3 credentials."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    return env | st.client_env()
+    return env | st.client_env() | st.auth_env()
 
 
 def flow_runs(stack: Any, body: dict[str, Any]) -> Any:
     """Flow runs matching a filter, straight from the Prefect REST API."""
+    headers = {"Content-Type": "application/json"}
+    if stack.auth:
+        headers |= basic_auth(stack.auth_env()["PREFECT_API_AUTH_STRING"])
     req = urllib.request.Request(
         f"{stack.prefect_api}/flow_runs/filter",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method="POST",
     )
     with urllib.request.urlopen(req, timeout=30) as r:

@@ -6,11 +6,13 @@ the namespace, as on another machine, with nothing but the settings a worker mac
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,12 +26,11 @@ from typing import Any
 
 import pytest
 
-from deployments.services import apply_defaults
+from deployments.services import apply_defaults, basic_auth
 from deployments.stack import (
     BIN,
     Ports,
     Stack,
-    ensure_bucket,
     list_objects,
     startup_timeout,
     tail,
@@ -48,6 +49,7 @@ pytestmark = pytest.mark.integration
 
 # RFC 2544's benchmarking block: reserved for tests, never routed on real networks
 PRIVATE = ipaddress.ip_network("198.18.0.0/15")
+AGEGENDER = Path(sys.executable).with_name("agegender")
 
 
 @dataclass(frozen=True)
@@ -152,78 +154,112 @@ def netns() -> Iterator[Netns]:
 
 # --- the stack on the host end, a worker in the namespace ------------------------------------
 
-# Run inside the namespace: what a process there reaches (JSON: one entry per probe).
+# Run inside the namespace: what a process there reaches. Each probe is ["tcp", host, port] (a
+# connection: "open" or "refused") or [method, url, headers] (an HTTP status).
 PROBE = """
 import json, socket, sys, urllib.error, urllib.request
-out = {}
-for what in sys.argv[1:]:
-    kind, _, target = what.partition("=")
+out = []
+for kind, target, extra in json.loads(sys.argv[1]):
     if kind == "tcp":
-        host, port = target.rsplit(":", 1)
         with socket.socket() as s:
             s.settimeout(5)
-            code = s.connect_ex((host, int(port)))
-        out[what] = "open" if code == 0 else "refused"
-    else:
-        method, url = kind.upper(), target
-        body = b"{}" if method == "POST" else None
-        req = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                out[what] = r.status
-        except urllib.error.HTTPError as exc:
-            out[what] = exc.code
+            out.append("open" if s.connect_ex((target, extra)) == 0 else "refused")
+        continue
+    body = b"{}" if kind == "POST" else None
+    headers = {"Content-Type": "application/json", **extra}
+    req = urllib.request.Request(target, data=body, method=kind, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out.append(r.status)
+    except urllib.error.HTTPError as exc:
+        out.append(exc.code)
 print(json.dumps(out))
 """
 
 
-def _in_ns(ns: Netns, *probes: str) -> dict[str, Any]:
+def _in_ns(ns: Netns, probes: list[tuple[str, str, Any]]) -> list[Any]:
+    """Each probe's outcome, seen from inside the namespace."""
     res = subprocess.run(
-        ns.exec(sys.executable, "-c", PROBE, *probes),
+        ns.exec(sys.executable, "-c", PROBE, json.dumps(probes)),
         capture_output=True,
         text=True,
         timeout=180,
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    out: dict[str, Any] = json.loads(res.stdout)
+    out: list[Any] = json.loads(res.stdout)
     return out
 
 
 _S3_CREDS: dict[str, str] = {}  # the host stack's: its servers', and this test's bucket checks
 
 
+@functools.cache
+def _printed_for_worker(run_dir: Path) -> tuple[tuple[str, str], ...]:
+    res = subprocess.run(
+        [str(AGEGENDER), "stack", "env", "--for-worker", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line.removeprefix("export ") for line in res.stdout.splitlines()]
+    assert all("=" in line for line in lines), res.stdout
+    return tuple((k, shlex.split(v)[0]) for k, _, v in (line.partition("=") for line in lines))
+
+
 def _for_worker(st: Stack) -> dict[str, str]:
     """What a worker machine is given: the lines `agegender stack env --for-worker` prints."""
-    return st.client_env()
+    return dict(_printed_for_worker(st.run_dir))
+
+
+AUTH_SECRETS = (
+    "PREFECT_API_AUTH_STRING",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "AGEGENDER_MLFLOW_WORKER_PASSWORD",
+    "AGEGENDER_MLFLOW_READER_PASSWORD",
+)
 
 
 @pytest.fixture(scope="module")
 def host_stack(netns: Netns) -> Iterator[Stack]:
-    """The stack's servers on the host end of the veth pair (not on 127.0.0.1), with fresh S3
-    credentials only they get, and no worker of their own: the pool's only workers are the
-    namespace's. Heartbeats every 30 s: a killed fold is CRASHED after 90 s."""
+    """The stack (`up`, auth on) on the host end of the veth pair, not on 127.0.0.1, with
+    fresh credentials; no worker of its own: the pool's only workers are the namespace's.
+    The servers' passwords stay in this process's environment (its admin calls); the S3
+    keys only while the servers start. Heartbeats every 30 s: a killed fold is CRASHED after
+    90 s."""
     creds = _S3_CREDS
     creds.update(
         AWS_ACCESS_KEY_ID="agegender-" + secrets.token_hex(4),
         AWS_SECRET_ACCESS_KEY=secrets.token_hex(16),
     )
+    passwords = {k: "netns-" + secrets.token_hex(12) for k in AUTH_SECRETS}
+    passwords["PREFECT_API_AUTH_STRING"] = "agegender:" + secrets.token_hex(12)
     # beside the test stack's ports (+1: test_postgres's), moved by AGEGENDER_TEST_PORT_SHIFT
     shift = 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0")) + 2
     run_dir = Path(tempfile.mkdtemp(prefix="agegender-test-netns-"))
     run_dir.chmod(0o711)
-    st = Stack(run_dir / "stack", ports=Ports.shifted(shift), host=netns.host_addr, heartbeat_s=30)
-    try:
-        for name in st.services[:-1]:
-            st.start(name, creds)
-        ensure_bucket(st.s3_url, creds, st.bucket)
-        st.setup(progress=lambda m: print(f"netns stack: {m}"))
-        yield st
-    finally:
-        netns.kill_all()  # its workers first: they would only retry against stopped servers
-        st.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    st = Stack(
+        run_dir / "stack",
+        ports=Ports.shifted(shift),
+        host=netns.host_addr,
+        auth=True,
+        heartbeat_s=30,
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in (passwords | creds).items():
+            mp.setenv(k, v)
+        try:
+            st.up(progress=lambda m: print(f"netns stack: {m}"), worker=False)
+            for k in creds:
+                mp.delenv(k)
+            yield st
+        finally:
+            netns.kill_all()  # its workers first: they would only retry against stopped servers
+            st.down()
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _worker_env(st: Stack) -> dict[str, str]:
@@ -300,8 +336,14 @@ def _worker_name(proc: subprocess.Popen[bytes]) -> str:
 @contextlib.contextmanager
 def _admin(st: Stack) -> Iterator[None]:
     """This process as the stack's admin: Prefect and MLflow calls in-process."""
-    with prefect_api(st), pytest.MonkeyPatch.context() as mp:
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    admin = st.auth_env("admin")
+    auth = {PREFECT_API_AUTH_STRING: admin["PREFECT_API_AUTH_STRING"]}
+    with prefect_api(st), temporary_settings(updates=auth), pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", st.mlflow_url)
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            mp.setenv(k, admin[k])
         yield
 
 
@@ -310,19 +352,27 @@ def test_the_namespace_reaches_the_stack_only_through_the_veth_pair(
 ) -> None:
     st = host_stack
     given = _for_worker(st)
-    urls = [v for v in given.values() if "://" in v]
-    assert urls, given
-    for url in urls:
-        assert url.startswith(f"http://{netns.host_addr}:"), url
+    assert sorted(given) == [
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "PREFECT_API_AUTH_STRING",
+        "PREFECT_API_URL",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
+    ]  # no S3 credential: workers go through MLflow's artifact proxy
+    assert given["PREFECT_API_URL"] == f"http://{netns.host_addr}:{st.ports.prefect}/api"
+    assert given["MLFLOW_TRACKING_URI"] == f"http://{netns.host_addr}:{st.ports.mlflow}"
+    # the heartbeat the stack's crash automation expects (30 s here), not Prefect's default
+    assert given["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    assert given["MLFLOW_TRACKING_USERNAME"] == st.auth_env("worker")["MLFLOW_TRACKING_USERNAME"]
     for value in _worker_env(st).values():
         assert "127.0.0.1" not in value, value
         assert "localhost" not in value, value
     ports = {"prefect": st.ports.prefect, "mlflow": st.ports.mlflow, "s3": st.ports.s3}
-    probes = [f"tcp={host}:{p}" for p in ports.values() for host in ("127.0.0.1", netns.host_addr)]
-    seen = _in_ns(netns, *probes)
-    for p in ports.values():
-        assert seen[f"tcp=127.0.0.1:{p}"] == "refused"  # loopback in there is empty
-        assert seen[f"tcp={netns.host_addr}:{p}"] == "open"
+    hosts = ("127.0.0.1", netns.host_addr)
+    seen = _in_ns(netns, [("tcp", h, p) for p in ports.values() for h in hosts])
+    # loopback in there is empty; the host end of the pair has the servers
+    assert seen == ["refused", "open"] * len(ports)
     # the namespace has its loopback and its end of the pair; its only route is the pair's /30
     links = json.loads(_run(_ip(), "-n", netns.name, "-j", "addr").stdout)
     addrs = {
@@ -332,6 +382,34 @@ def test_the_namespace_reaches_the_stack_only_through_the_veth_pair(
     routes = json.loads(_run(_ip(), "-n", netns.name, "-j", "route").stdout)
     pair = ipaddress.ip_network(f"{netns.ns_addr}/30", strict=False)
     assert [r["dst"] for r in routes] == [str(pair)]
+
+
+def test_unauthenticated_requests_from_the_namespace_are_refused(
+    netns: Netns, host_stack: Stack
+) -> None:
+    st = host_stack
+    given = _for_worker(st)
+    prefect = basic_auth(given["PREFECT_API_AUTH_STRING"])
+    mlflow = basic_auth(f"{given['MLFLOW_TRACKING_USERNAME']}:{given['MLFLOW_TRACKING_PASSWORD']}")
+    wrong = basic_auth(given["PREFECT_API_AUTH_STRING"].split(":")[0] + ":not-the-password")
+    runs = ("POST", f"{st.prefect_api}/flow_runs/filter")
+    experiments = ("GET", f"{st.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1")
+    proxy = ("GET", f"{st.mlflow_url}/api/2.0/mlflow-artifacts/artifacts")
+    bucket = ("GET", f"{st.s3_public_url}/{st.bucket}")
+    probes = [
+        (*runs, {}),
+        (*runs, wrong),
+        (*runs, prefect),  # the control: the worker's settings are let in
+        (*experiments, {}),
+        (*experiments, wrong),
+        (*proxy, {}),
+        (*experiments, mlflow),
+        (*bucket, {}),  # unsigned
+        (*bucket, mlflow),  # a password is no S3 signature
+    ]
+    seen = _in_ns(netns, probes)
+    asked = [f"{method} {url}" for method, url, _ in probes]  # not the headers: secrets
+    assert seen == [401, 401, 200, 401, 401, 401, 200, 403, 403], (asked, seen)
 
 
 def test_a_worker_in_the_namespace_takes_a_cross_validate_runs_folds(
@@ -380,11 +458,11 @@ def test_a_worker_in_the_namespace_takes_a_cross_validate_runs_folds(
             assert history, r.info.run_id
             logged = {a.path for a in client.list_artifacts(r.info.run_id)}
             assert {"best.pt", "result.json"} <= logged, logged
-    keys = set(list_objects(st.s3_url, _S3_CREDS, st.bucket, f"artifacts/{exp.experiment_id}/"))
+    keys = list_objects(st.s3_url, _S3_CREDS, st.bucket)  # on the host, with the S3 keys
     for r in runs:
         for name in ("best.pt", "result.json", "learning_curves.png"):
-            key = f"artifacts/{exp.experiment_id}/{r.info.run_id}/artifacts/{name}"
-            assert key in keys, key
+            tail_ = f"/{exp.experiment_id}/{r.info.run_id}/artifacts/{name}"
+            assert any(k.endswith(tail_) for k in keys), tail_
 
 
 def test_a_worker_killed_mid_fold_in_the_namespace_is_crashed_and_the_fold_resumed(
