@@ -347,6 +347,23 @@ def _admin(st: Stack) -> Iterator[None]:
         yield
 
 
+def test_stack_env_for_worker_sends_the_heartbeat_the_crash_automation_expects(
+    tmp_path: Path,
+) -> None:
+    """A worker machine's flow runs must beat as often as the stack's automation expects: at
+    a slower beat their healthy runs would be marked CRASHED. No server needed."""
+    st = Stack(tmp_path / "stack", host="198.18.0.1", auth=True, heartbeat_s=30)
+    st._save_pids({})  # the state `stack up` leaves
+    passwords = {k: "netns-" + secrets.token_hex(12) for k in AUTH_SECRETS}
+    passwords["PREFECT_API_AUTH_STRING"] = "agegender:" + secrets.token_hex(12)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in passwords.items():
+            mp.setenv(k, v)
+        given = dict(_printed_for_worker(st.run_dir))
+    assert given["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    assert Stack.at(st.run_dir).heartbeat_s == 30
+
+
 def test_the_namespace_reaches_the_stack_only_through_the_veth_pair(
     netns: Netns, host_stack: Stack, worker: subprocess.Popen[bytes]
 ) -> None:
