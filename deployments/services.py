@@ -29,17 +29,7 @@ TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
-# MLflow 3.17 clients download (and upload large files) straight from S3 through presigned URLs
-# when the server offers them; those name S3 as the server reaches it (127.0.0.1, a compose
-# service name), which a worker on another machine cannot reach, and it has no S3 credentials
-# anyway: every artifact goes through the server's proxy.
-MLFLOW_PROXY_ONLY = {
-    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
-    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
-}
-DEFAULTS = {
-    **TELEMETRY_OFF,
-    **MLFLOW_PROXY_ONLY,
+DEFAULTS = TELEMETRY_OFF | {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     EPHEMERAL_STARTUP_VAR: str(EPHEMERAL_STARTUP_S),
 }
