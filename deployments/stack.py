@@ -11,8 +11,8 @@ service is its own process group; PIDs go to `RUN_DIR/stack.json`, logs to `RUN_
 a fixed sleep. S3 credentials come only from the environment or a `.env` file (never written
 anywhere by us); the S3 server refuses anonymous requests.
 
-`--listen ADDR` puts the Prefect server, the MLflow server and an S3 gateway on ADDR, for workers
-on other machines; SeaweedFS's own servers and PostgreSQL stay on 127.0.0.1. Beyond loopback
+`--listen ADDR` puts the Prefect server, the MLflow server and S3 (a relay, `s3proxy`) on ADDR,
+for workers on other machines; SeaweedFS itself and PostgreSQL stay on 127.0.0.1. Beyond loopback
 the servers must ask who calls (`Auth`, from the environment or `.env` only): Prefect's basic
 auth string, MLflow's `basic-auth` app (an admin, a `worker` user that writes runs, a `reader`
 that only looks), S3's signed requests.
@@ -67,7 +67,7 @@ POOL_VARIABLES = {"docker": ("container_create_kwargs", "volumes", "networks", "
 PG_ROLE = "agegender"  # the role Prefect and MLflow log in as; owns both databases
 PG_DATABASES = ("prefect", "mlflow", "mlflow_auth")  # mlflow_auth: its basic-auth users
 LOCAL = "127.0.0.1"  # where what only the stack itself talks to listens (PostgreSQL, SeaweedFS)
-S3_GATEWAY = "s3-gateway"  # S3 on the --listen address (SeaweedFS's own servers stay local)
+S3_GATEWAY = "s3-gateway"  # S3 relayed to the --listen address (SeaweedFS itself stays local)
 
 # Authentication (`Auth`): the environment or `.env` only, never a default. Prefect's client
 # setting (the server gets the same string as PREFECT_SERVER_API_AUTH_STRING) and MLflow's own
@@ -317,17 +317,10 @@ class Stack:
                 "-admin.ui=false",
             ]
             return argv, env | dict(creds)  # the credentials become its admin identity
-        if name == S3_GATEWAY:  # S3 alone on the listen address, over the local filer
-            argv = [
-                str(BIN / "weed"),
-                "s3",
-                f"-filer={LOCAL}:{self.ports.weed_filer}",
-                f"-ip.bind={self.host}",
-                f"-port={self.ports.s3}",
-                "-port.iceberg=0",
-                "-port.lance=0",
-            ]
-            return argv, env | dict(creds)  # the same identity: signed requests only
+        if name == S3_GATEWAY:  # S3 alone on the listen address (see deployments/s3proxy.py)
+            port = str(self.ports.s3)
+            argv = [sys.executable, "-m", "deployments.s3proxy", self.host, port, LOCAL, port]
+            return argv, env
         if name == "mlflow":
             hosts = ",".join(f"{h},{h}:*" for h in dict.fromkeys(["localhost", LOCAL, self.host]))
             argv = [
