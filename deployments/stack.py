@@ -43,6 +43,7 @@ from deployments.automations import (
     ensure_zombie_automation,
     heartbeat_env,
 )
+from deployments.mlflow_users import UsersError, ensure_users
 from deployments.schedules import check_parameters, describe, next_date
 from deployments.services import (
     GPU_LIMIT,
@@ -86,8 +87,6 @@ AUTH_SECRET_VARS = (
 )
 AUTH_VARS = (*AUTH_SECRET_VARS, MLFLOW_ADMIN_USER_VAR, WORKER_USER_VAR, READER_USER_VAR)
 MLFLOW_MIN_PASSWORD = 12  # MLflow's own rule for its users' passwords
-WRITER_ROLE = "agegender-writer"  # the worker user's MLflow role: create and edit everything
-WRITER_GRANTS = (("workspace", "USE"), ("experiment", "EDIT"), ("registered_model", "EDIT"))
 
 
 # never passed on to a service that does not need it (`Stack._command`)
@@ -429,44 +428,12 @@ class Stack:
         }
 
     def _mlflow_users(self) -> str:
-        """The worker and reader users with the passwords of `Auth` (made, or their passwords
-        set again: `.env` may have changed), the worker in a role that may create and edit
-        every experiment and model. The admin must log in: MLflow takes the admin password
-        only when it creates the admin, so a changed one is an error that says what to do."""
+        """The worker and reader users (`deployments/mlflow_users.py`)."""
         auth = auth_settings()
-        api = _MlflowAdmin(self.mlflow_url, auth.admin)
-        api.check_admin()
-        for name, password in (auth.worker, auth.reader):
-            if api.call("GET", f"/api/2.0/mlflow/users/get?username={name}", missing_ok=True):
-                body = {"username": name, "password": password}
-                api.call("PATCH", "/api/2.0/mlflow/users/update-password", body)
-            else:
-                body = {"username": name, "password": password}
-                api.call("POST", "/api/2.0/mlflow/users/create", body)
-        roles = api.call("GET", "/api/3.0/mlflow/roles/list?workspace=default")["roles"]
-        role = next((r for r in roles if r["name"] == WRITER_ROLE), None)
-        if role is None:
-            body = {"name": WRITER_ROLE, "workspace": "default", "description": "agegender workers"}
-            role = api.call("POST", "/api/3.0/mlflow/roles/create", body)["role"]
-        have = {(p["resource_type"], p["permission"]) for p in role.get("permissions", [])}
-        for kind, level in WRITER_GRANTS:
-            if (kind, level) not in have:
-                body = {
-                    "role_id": role["id"],
-                    "resource_type": kind,
-                    "resource_pattern": "*",
-                    "permission": level,
-                }
-                api.call("POST", "/api/3.0/mlflow/roles/permissions/add", body)
-        worker = auth.worker[0]
-        assigned = api.call("GET", f"/api/3.0/mlflow/users/roles/list?username={worker}")
-        if not any(r["id"] == role["id"] for r in assigned.get("roles", [])):
-            body = {"username": worker, "role_id": role["id"]}
-            api.call("POST", "/api/3.0/mlflow/roles/assign", body)
-        return (
-            f"MLflow users: {auth.admin[0]} (admin), {worker} (writes runs), "
-            f"{auth.reader[0]} (reads only)"
-        )
+        try:
+            return ensure_users(self.mlflow_url, auth.admin, auth.worker, auth.reader)
+        except UsersError as exc:
+            raise StackError(str(exc)) from None
 
     def _database_url(self, database: str) -> str:
         """Where Prefect (asyncpg) or MLflow (psycopg2: SQLAlchemy 2.1 maps a bare
@@ -709,6 +676,8 @@ class Stack:
         home = {"PREFECT_HOME": str(self.run_dir / "worker")}
         env = os.environ | self.client_env() | self.auth_env("worker") | home
         env.setdefault("AGEGENDER_WORKER_IMAGE", "agegender-worker:latest")
+        for var in (MLFLOW_USER_VAR, MLFLOW_PASSWORD_VAR):  # the GPU containers' login, if any
+            env.setdefault(var, "")
         env["AGEGENDER_HOME"] = str(REPO)  # where the local pool's flows run
         for pool, kind in POOLS.items():
             progress(ensure_pool(self.prefect_api, pool, kind))
@@ -880,44 +849,6 @@ def _own_secret(path: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(24) + "\n")
     return path.read_text().strip()
-
-
-class _MlflowAdmin:
-    """MLflow's auth REST API, as its admin (making the worker and reader users)."""
-
-    def __init__(self, url: str, admin: tuple[str, str]) -> None:
-        self.url, self.admin = url, admin
-
-    def call(self, method: str, path: str, body: Any = None, missing_ok: bool = False) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} | basic_auth(":".join(self.admin))
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            if missing_ok and exc.code == 404:
-                return None
-            said = exc.read().decode(errors="replace")[:300]
-            raise StackError(
-                f"MLflow at {self.url}: {method} {path} failed ({exc}): {said}"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise StackError(f"MLflow at {self.url}: {method} {path} failed ({exc})") from None
-
-    def check_admin(self) -> None:
-        try:
-            self.call("GET", f"/api/2.0/mlflow/users/get?username={self.admin[0]}")
-        except StackError as exc:
-            if "401" not in str(exc):
-                raise
-            raise StackError(
-                f"MLflow at {self.url} refused the admin {self.admin[0]!r} with "
-                f"{MLFLOW_ADMIN_PASSWORD_VAR}: MLflow sets the admin's password only when it "
-                "creates the admin (the first start of this run dir); set the password it was "
-                "created with, or change it through MLflow's API (PATCH "
-                "/api/2.0/mlflow/users/update-password, as the admin, with the old one)"
-            ) from None
 
 
 def credentials(env_file: Path = REPO / ".env") -> dict[str, str]:
