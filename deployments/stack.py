@@ -89,6 +89,13 @@ AUTH_VARS = (*AUTH_SECRET_VARS, MLFLOW_ADMIN_USER_VAR, WORKER_USER_VAR, READER_U
 MLFLOW_MIN_PASSWORD = 12  # MLflow's own rule for its users' passwords
 
 
+# MLflow 3 clients move artifacts over its multipart size straight to S3 (presigned URLs) when
+# the server offers it; a worker elsewhere sends everything through the MLflow server instead
+PROXIED_ARTIFACTS = {
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+}
+
 # never passed on to a service that does not need it (`Stack._command`)
 SECRETS = (
     *AUTH_VARS,
@@ -260,13 +267,14 @@ class Stack:
 
     def worker_env(self) -> dict[str, str]:
         """Everything a worker on another machine needs (`stack env --for-worker`): the URLs on
-        the listen address, the heartbeat, the worker's credentials; nothing of S3."""
+        the listen address, the heartbeat, the worker's credentials; nothing of S3 (its large
+        artifacts too go through MLflow's proxy, not presigned S3 URLs)."""
         if not self.public:
             raise StackError(
                 f"the stack listens on {self.host} only: no other machine reaches it; start it "
                 "with `agegender stack up --listen ADDR` (this machine's address), auth configured"
             )
-        return self.client_env() | self.auth_env("worker")
+        return self.client_env() | self.auth_env("worker") | PROXIED_ARTIFACTS
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -337,7 +345,9 @@ class Stack:
                 hosts,
             ]
             extra = {
-                "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+                # also the address of the presigned URLs it hands clients for large artifacts
+                # (MLflow 3's multipart transfers): the one other machines reach
+                "MLFLOW_S3_ENDPOINT_URL": self.s3_public_url,
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                 # in the environment, not on the command line: the URL may hold a password
                 "MLFLOW_BACKEND_STORE_URI": self._database_url("mlflow"),
