@@ -109,7 +109,7 @@ def cmd_stack(a: argparse.Namespace) -> None:
         for name, s in status["services"].items():
             state = "healthy" if s["healthy"] else ("running" if s["running"] else "stopped")
             cli.out.print(
-                f"{name:8} {state:8} pid {s['pid'] or '-':<8} {s['url']}", highlight=False
+                f"{name:10} {state:8} pid {s['pid'] or '-':<8} {s['url']}", highlight=False
             )
         for pool, info in status.get("pools", {}).items():
             workers = status["workers"].get(pool, [])

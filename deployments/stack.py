@@ -11,8 +11,8 @@ service is its own process group; PIDs go to `RUN_DIR/stack.json`, logs to `RUN_
 a fixed sleep. S3 credentials come only from the environment or a `.env` file (never written
 anywhere by us); the S3 server refuses anonymous requests.
 
-`--listen ADDR` puts the Prefect server, the MLflow server and an S3 gateway on ADDR, for workers
-on other machines; SeaweedFS's own servers and PostgreSQL stay on 127.0.0.1. Beyond loopback
+`--listen ADDR` puts the Prefect server, the MLflow server and S3 (a relay, `s3proxy`) on ADDR,
+for workers on other machines; SeaweedFS itself and PostgreSQL stay on 127.0.0.1. Beyond loopback
 the servers must ask who calls (`Auth`, from the environment or `.env` only): Prefect's basic
 auth string, MLflow's `basic-auth` app (an admin, a `worker` user that writes runs, a `reader`
 that only looks), S3's signed requests.
@@ -43,6 +43,7 @@ from deployments.automations import (
     ensure_zombie_automation,
     heartbeat_env,
 )
+from deployments.mlflow_users import UsersError, ensure_users
 from deployments.schedules import check_parameters, describe, next_date
 from deployments.services import (
     GPU_LIMIT,
@@ -67,7 +68,7 @@ POOL_VARIABLES = {"docker": ("container_create_kwargs", "volumes", "networks", "
 PG_ROLE = "agegender"  # the role Prefect and MLflow log in as; owns both databases
 PG_DATABASES = ("prefect", "mlflow", "mlflow_auth")  # mlflow_auth: its basic-auth users
 LOCAL = "127.0.0.1"  # where what only the stack itself talks to listens (PostgreSQL, SeaweedFS)
-S3_GATEWAY = "s3-gateway"  # S3 on the --listen address (SeaweedFS's own servers stay local)
+S3_GATEWAY = "s3-gateway"  # S3 relayed to the --listen address (SeaweedFS itself stays local)
 
 # Authentication (`Auth`): the environment or `.env` only, never a default. Prefect's client
 # setting (the server gets the same string as PREFECT_SERVER_API_AUTH_STRING) and MLflow's own
@@ -86,9 +87,14 @@ AUTH_SECRET_VARS = (
 )
 AUTH_VARS = (*AUTH_SECRET_VARS, MLFLOW_ADMIN_USER_VAR, WORKER_USER_VAR, READER_USER_VAR)
 MLFLOW_MIN_PASSWORD = 12  # MLflow's own rule for its users' passwords
-WRITER_ROLE = "agegender-writer"  # the worker user's MLflow role: create and edit everything
-WRITER_GRANTS = (("workspace", "USE"), ("experiment", "EDIT"), ("registered_model", "EDIT"))
 
+
+# MLflow 3 clients move artifacts over its multipart size straight to S3 (presigned URLs) when
+# the server offers it; a worker elsewhere sends everything through the MLflow server instead
+PROXIED_ARTIFACTS = {
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+}
 
 # never passed on to a service that does not need it (`Stack._command`)
 SECRETS = (
@@ -263,13 +269,14 @@ class Stack:
 
     def worker_env(self) -> dict[str, str]:
         """Everything a worker on another machine needs (`stack env --for-worker`): the URLs on
-        the listen address, the heartbeat, the worker's credentials; nothing of S3."""
+        the listen address, the heartbeat, the worker's credentials; nothing of S3 (its large
+        artifacts too go through MLflow's proxy, not presigned S3 URLs)."""
         if not self.public:
             raise StackError(
                 f"the stack listens on {self.host} only: no other machine reaches it; start it "
                 "with `agegender stack up --listen ADDR` (this machine's address), auth configured"
             )
-        return self.client_env() | self.auth_env("worker")
+        return self.client_env() | self.auth_env("worker") | PROXIED_ARTIFACTS
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -320,17 +327,10 @@ class Stack:
                 "-admin.ui=false",
             ]
             return argv, env | dict(creds)  # the credentials become its admin identity
-        if name == S3_GATEWAY:  # S3 alone on the listen address, over the local filer
-            argv = [
-                str(BIN / "weed"),
-                "s3",
-                f"-filer={LOCAL}:{self.ports.weed_filer}",
-                f"-ip.bind={self.host}",
-                f"-port={self.ports.s3}",
-                "-port.iceberg=0",
-                "-port.lance=0",
-            ]
-            return argv, env | dict(creds)  # the same identity: signed requests only
+        if name == S3_GATEWAY:  # S3 alone on the listen address (see deployments/s3proxy.py)
+            port = str(self.ports.s3)
+            argv = [sys.executable, "-m", "deployments.s3proxy", self.host, port, LOCAL, port]
+            return argv, env
         if name == "mlflow":
             hosts = ",".join(f"{h},{h}:*" for h in dict.fromkeys(["localhost", LOCAL, self.host]))
             argv = [
@@ -348,7 +348,9 @@ class Stack:
                 hosts,
             ]
             extra = {
-                "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+                # also the address of the presigned URLs it hands clients for large artifacts
+                # (MLflow 3's multipart transfers): the one other machines reach
+                "MLFLOW_S3_ENDPOINT_URL": self.s3_public_url,
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                 # in the environment, not on the command line: the URL may hold a password
                 "MLFLOW_BACKEND_STORE_URI": self._database_url("mlflow"),
@@ -439,44 +441,12 @@ class Stack:
         }
 
     def _mlflow_users(self) -> str:
-        """The worker and reader users with the passwords of `Auth` (made, or their passwords
-        set again: `.env` may have changed), the worker in a role that may create and edit
-        every experiment and model. The admin must log in: MLflow takes the admin password
-        only when it creates the admin, so a changed one is an error that says what to do."""
+        """The worker and reader users (`deployments/mlflow_users.py`)."""
         auth = auth_settings()
-        api = _MlflowAdmin(self.mlflow_url, auth.admin)
-        api.check_admin()
-        for name, password in (auth.worker, auth.reader):
-            if api.call("GET", f"/api/2.0/mlflow/users/get?username={name}", missing_ok=True):
-                body = {"username": name, "password": password}
-                api.call("PATCH", "/api/2.0/mlflow/users/update-password", body)
-            else:
-                body = {"username": name, "password": password}
-                api.call("POST", "/api/2.0/mlflow/users/create", body)
-        roles = api.call("GET", "/api/3.0/mlflow/roles/list?workspace=default")["roles"]
-        role = next((r for r in roles if r["name"] == WRITER_ROLE), None)
-        if role is None:
-            body = {"name": WRITER_ROLE, "workspace": "default", "description": "agegender workers"}
-            role = api.call("POST", "/api/3.0/mlflow/roles/create", body)["role"]
-        have = {(p["resource_type"], p["permission"]) for p in role.get("permissions", [])}
-        for kind, level in WRITER_GRANTS:
-            if (kind, level) not in have:
-                body = {
-                    "role_id": role["id"],
-                    "resource_type": kind,
-                    "resource_pattern": "*",
-                    "permission": level,
-                }
-                api.call("POST", "/api/3.0/mlflow/roles/permissions/add", body)
-        worker = auth.worker[0]
-        assigned = api.call("GET", f"/api/3.0/mlflow/users/roles/list?username={worker}")
-        if not any(r["id"] == role["id"] for r in assigned.get("roles", [])):
-            body = {"username": worker, "role_id": role["id"]}
-            api.call("POST", "/api/3.0/mlflow/roles/assign", body)
-        return (
-            f"MLflow users: {auth.admin[0]} (admin), {worker} (writes runs), "
-            f"{auth.reader[0]} (reads only)"
-        )
+        try:
+            return ensure_users(self.mlflow_url, auth.admin, auth.worker, auth.reader)
+        except UsersError as exc:
+            raise StackError(str(exc)) from None
 
     def _database_url(self, database: str) -> str:
         """Where Prefect (asyncpg) or MLflow (psycopg2: SQLAlchemy 2.1 maps a bare
@@ -722,6 +692,8 @@ class Stack:
         home = {"PREFECT_HOME": str(self.run_dir / "worker")}
         env = os.environ | self.client_env() | self.auth_env("worker") | home
         env.setdefault("AGEGENDER_WORKER_IMAGE", "agegender-worker:latest")
+        for var in (MLFLOW_USER_VAR, MLFLOW_PASSWORD_VAR):  # the GPU containers' login, if any
+            env.setdefault(var, "")
         env["AGEGENDER_HOME"] = str(REPO)  # where the local pool's flows run
         for pool, kind in POOLS.items():
             progress(ensure_pool(self.prefect_api, pool, kind))
@@ -893,44 +865,6 @@ def _own_secret(path: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(24) + "\n")
     return path.read_text().strip()
-
-
-class _MlflowAdmin:
-    """MLflow's auth REST API, as its admin (making the worker and reader users)."""
-
-    def __init__(self, url: str, admin: tuple[str, str]) -> None:
-        self.url, self.admin = url, admin
-
-    def call(self, method: str, path: str, body: Any = None, missing_ok: bool = False) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} | basic_auth(":".join(self.admin))
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            if missing_ok and exc.code == 404:
-                return None
-            said = exc.read().decode(errors="replace")[:300]
-            raise StackError(
-                f"MLflow at {self.url}: {method} {path} failed ({exc}): {said}"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise StackError(f"MLflow at {self.url}: {method} {path} failed ({exc})") from None
-
-    def check_admin(self) -> None:
-        try:
-            self.call("GET", f"/api/2.0/mlflow/users/get?username={self.admin[0]}")
-        except StackError as exc:
-            if "401" not in str(exc):
-                raise
-            raise StackError(
-                f"MLflow at {self.url} refused the admin {self.admin[0]!r} with "
-                f"{MLFLOW_ADMIN_PASSWORD_VAR}: MLflow sets the admin's password only when it "
-                "creates the admin (the first start of this run dir); set the password it was "
-                "created with, or change it through MLflow's API (PATCH "
-                "/api/2.0/mlflow/users/update-password, as the admin, with the old one)"
-            ) from None
 
 
 def credentials(env_file: Path = REPO / ".env") -> dict[str, str]:

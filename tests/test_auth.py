@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from deployments.mlflow_users import MlflowAdmin, UsersError
 from deployments.services import basic_auth
 from deployments.stack import (
     AUTH_VARS,
@@ -27,7 +28,6 @@ from deployments.stack import (
     Ports,
     Stack,
     StackError,
-    _MlflowAdmin,
     auth_settings,
     list_objects,
 )
@@ -239,8 +239,8 @@ def test_wrong_credentials_are_one_clear_error(
         assert len(errors) == 1, said
         assert named in said, said
         assert not (tmp_path / "runs").exists()  # failed before anything ran
-    with pytest.raises(StackError, match="MLFLOW_AUTH_ADMIN_PASSWORD"):
-        _MlflowAdmin(st.mlflow_url, ("admin", "not-the-admin-password")).check_admin()
+    with pytest.raises(UsersError, match="MLFLOW_AUTH_ADMIN_PASSWORD"):
+        MlflowAdmin(st.mlflow_url, ("admin", "not-the-admin-password")).check_admin()
 
 
 def test_no_secret_is_written(auth_stack: tuple[Stack, dict[str, str]]) -> None:
