@@ -370,13 +370,17 @@ def test_the_namespace_reaches_the_stack_only_through_the_veth_pair(
     st = host_stack
     given = _for_worker(st)
     assert sorted(given) == [
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
         "MLFLOW_TRACKING_PASSWORD",
         "MLFLOW_TRACKING_URI",
         "MLFLOW_TRACKING_USERNAME",
         "PREFECT_API_AUTH_STRING",
         "PREFECT_API_URL",
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
-    ]  # no S3 credential: workers go through MLflow's artifact proxy
+    ]  # no S3 credential: workers go through MLflow's artifact proxy, for every file
+    assert given["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false"
+    assert given["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] == "false"
     assert given["PREFECT_API_URL"] == f"http://{netns.host_addr}:{st.ports.prefect}/api"
     assert given["MLFLOW_TRACKING_URI"] == f"http://{netns.host_addr}:{st.ports.mlflow}"
     # the heartbeat the stack's crash automation expects (30 s here), not Prefect's default
