@@ -315,6 +315,8 @@ def test_env_for_worker(tmp_path: Path) -> None:
     assert lines["MLFLOW_TRACKING_USERNAME"] == "worker"
     assert lines["MLFLOW_TRACKING_PASSWORD"] == values["AGEGENDER_MLFLOW_WORKER_PASSWORD"]
     assert lines["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"].isdigit()
+    assert lines["DO_NOT_TRACK"] == "true"  # a worker machine is as offline as this one
+    assert lines["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false"  # artifacts via MLflow
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
         assert values[key] not in res.stdout
         assert key not in res.stdout
