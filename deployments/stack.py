@@ -159,7 +159,10 @@ class Auth:
 
 
 def is_loopback(host: str) -> bool:
-    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: another machine may resolve it to us
+        return False
 
 
 def check_listen(host: str) -> None:
