@@ -82,6 +82,13 @@ def cmd_stack(a: argparse.Namespace) -> None:
         cli.out.print("stack up; point clients at it with:", highlight=False)
         for k, v in env.items():
             cli.out.print(f"  export {k}={v}", highlight=False, markup=False)
+        if stack.auth:
+            cli.out.print(
+                "the servers ask for credentials: `agegender stack env --for-worker` prints a "
+                "worker's (secrets: keep the output off shared places)",
+                highlight=False,
+                markup=False,
+            )
     elif a.action == "down":
         stopped = stack.down()
         cli.out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

@@ -54,6 +54,7 @@ class Relay(BaseHTTPRequestHandler):
             resp = conn.getresponse()
             body = None if resp.getheader("Content-Length") else resp.read()
             self.send_response_only(resp.status, resp.reason)
+            self.log_request(resp.status)
             for key, value in resp.getheaders():
                 if key.lower() not in HOP and not (
                     body is not None and key.lower() == "content-length"

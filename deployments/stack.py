@@ -46,6 +46,7 @@ from deployments.automations import (
 from deployments.mlflow_users import UsersError, ensure_users
 from deployments.schedules import check_parameters, describe, next_date
 from deployments.services import (
+    DEFAULTS,
     GPU_LIMIT,
     MLFLOW_PASSWORD_VAR,
     MLFLOW_USER_VAR,
@@ -158,7 +159,10 @@ class Auth:
 
 
 def is_loopback(host: str) -> bool:
-    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: another machine may resolve it to us
+        return False
 
 
 def check_listen(host: str) -> None:
@@ -276,7 +280,8 @@ class Stack:
                 f"the stack listens on {self.host} only: no other machine reaches it; start it "
                 "with `agegender stack up --listen ADDR` (this machine's address), auth configured"
             )
-        return self.client_env() | self.auth_env("worker") | PROXIED_ARTIFACTS
+        env = DEFAULTS | self.client_env() | self.auth_env("worker") | PROXIED_ARTIFACTS
+        return env  # DEFAULTS: telemetry off, as for every process the project starts
 
     # --- processes ---------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ worker's settings need no server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -313,6 +315,8 @@ def test_env_for_worker(tmp_path: Path) -> None:
     assert lines["MLFLOW_TRACKING_USERNAME"] == "worker"
     assert lines["MLFLOW_TRACKING_PASSWORD"] == values["AGEGENDER_MLFLOW_WORKER_PASSWORD"]
     assert lines["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"].isdigit()
+    assert lines["DO_NOT_TRACK"] == "true"  # a worker machine is as offline as this one
+    assert lines["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false"  # artifacts via MLflow
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
         assert values[key] not in res.stdout
         assert key not in res.stdout
@@ -355,3 +359,60 @@ def test_auth_settings_name_what_is_missing(tmp_path: Path) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_s3_relay_passes_signed_requests_only(
+    auth_stack: tuple[Stack, dict[str, str]], tmp_path: Path
+) -> None:
+    """The relay `stack up --listen` puts S3 behind (here on 127.0.0.2): anonymous and wrongly
+    signed requests get SeaweedFS's 403 through it; signed ones, a multipart upload included,
+    work, and its log holds no signature."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    st, values = auth_stack
+    port = st.ports.s3
+    log = tmp_path / "relay.log"
+    cmd = [sys.executable, "-m", "deployments.s3proxy", "127.0.0.2", str(port), "127.0.0.1"]
+    with log.open("w") as out:
+        relay = subprocess.Popen([*cmd, str(port)], cwd=REPO, stdout=out, stderr=out)
+    url = f"http://127.0.0.2:{port}"
+    try:
+        for _ in range(300):  # up when it relays SeaweedFS's 403
+            with contextlib.suppress(OSError):
+                if _status(f"{url}/") == 403:
+                    break
+            assert relay.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert _status(f"{url}/{st.bucket}/") == 403
+
+        def client(secret: str) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=url,
+                region_name="us-east-1",
+                aws_access_key_id=values["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=secret,
+                config=Config(retries={"max_attempts": 1}),
+            )
+
+        with pytest.raises(ClientError, match=r"SignatureDoesNotMatch|AccessDenied"):
+            client("not-the-secret-key").list_buckets()
+        s3 = client(values["AWS_SECRET_ACCESS_KEY"])
+        assert st.bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+        big = tmp_path / "big.bin"
+        big.write_bytes(os.urandom(12 << 20))
+        small_parts = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+        s3.upload_file(str(big), st.bucket, "relay/big.bin", Config=small_parts)
+        got = s3.get_object(Bucket=st.bucket, Key="relay/big.bin")["Body"].read()
+        assert got == big.read_bytes()
+        s3.delete_object(Bucket=st.bucket, Key="relay/big.bin")
+    finally:
+        relay.terminate()
+        relay.wait(30)
+    text = log.read_text()
+    assert "PUT /mlflow/relay/big.bin" in text, text[-2000:]
+    assert "Signature" not in text
+    assert "Credential" not in text
