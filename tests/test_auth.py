@@ -69,13 +69,13 @@ def auth_stack() -> Iterator[tuple[Stack, dict[str, str]]]:
     credentials in the environment only while it starts (its worker keeps the worker's)."""
     values = _secrets()
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
     # ports beside the `stack` fixture's (+101), which may run in the same session
     shift = 111 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0"))
     run_dir = Path(tempfile.mkdtemp(prefix="agegender-test-auth-"))
     run_dir.chmod(0o711)  # PostgreSQL's own user reaches its data folder when run as root
     db = os.environ.get("AGEGENDER_TEST_DB", "postgres")
     st = Stack(run_dir / "stack", ports=Ports.shifted(shift), db=db, heartbeat_s=30, auth=True)
+    os.environ.update(values)
     try:
         st.up(progress=lambda m: print(f"auth stack: {m}"))
         for k, v in saved.items():
