@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 
 from agegender import cli
 from deployments.automations import HEARTBEAT_S, MISSED, NAME, ensure_zombie_automation
-from deployments.services import health
-from deployments.stack import DATABASES, Stack, StackError
+from deployments.services import health, mlflow_refused, prefect_refused
+from deployments.stack import DATABASES, Stack, StackError, auth_configured
 
 
 def add_commands(sub: cli.Commands) -> None:
@@ -27,34 +28,81 @@ def add_commands(sub: cli.Commands) -> None:
         help="up: where Prefect and MLflow keep their data (default: the run dir's, else sqlite;"
         " postgres: a private PostgreSQL server from Debian's package, as docker/ does)",
     )
+    s.add_argument(
+        "--listen",
+        metavar="ADDR",
+        default=None,
+        help="up: the address Prefect, MLflow and S3 listen on (default: the run dir's, else "
+        "127.0.0.1); any other than loopback needs authentication set in the environment or "
+        ".env (see .env.example)",
+    )
+    s.add_argument(
+        "--for-worker",
+        action="store_true",
+        help="env: what a worker on another machine exports (URLs on the listen address, the "
+        "worker's credentials)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stack)
 
 
 def reachable(name: str, url: str, var: str) -> None:
     """Fail fast, naming the server, its problem and the setting that points at it, instead of
-    retrying for minutes against nothing."""
+    retrying for minutes against nothing; a server that refuses this client's credentials
+    names the variables that carry them."""
     problem = health(url, timeout=10)
     if problem is not None:
         raise StackError(
             f"{name} at {url} is unreachable ({problem}); is it running "
             f"(`agegender stack status`) and {var} right?"
         )
+    if name == "MLflow":
+        refused = mlflow_refused(url)
+    else:  # Prefect's effective setting: it also reads .env and its profiles
+        from prefect.settings import get_current_settings
+
+        secret = get_current_settings().api.auth_string
+        refused = prefect_refused(url, secret.get_secret_value() if secret else None)
+    if refused is not None:
+        raise StackError(refused)
 
 
 def cmd_stack(a: argparse.Namespace) -> None:
-    stack = Stack.at(a.run_dir, a.db if a.action == "up" else None)
+    up = a.action == "up"
+    if a.listen and not up:
+        raise StackError("--listen belongs to `stack up` (the others read it from the run dir)")
+    stack = Stack.at(
+        a.run_dir,
+        a.db if up else None,
+        listen=a.listen if up else None,
+        auth=auth_configured() if up else None,
+    )
     if a.action == "up":
         env = stack.up(lambda m: cli.err.print(m, highlight=False))
         cli.out.print("stack up; point clients at it with:", highlight=False)
         for k, v in env.items():
             cli.out.print(f"  export {k}={v}", highlight=False, markup=False)
+        if stack.auth:
+            cli.out.print(
+                "the servers ask for credentials: `agegender stack env --for-worker` prints a "
+                "worker's (secrets: keep the output off shared places)",
+                highlight=False,
+                markup=False,
+            )
     elif a.action == "down":
         stopped = stack.down()
         cli.out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    elif a.action == "env" and a.for_worker:
+        for k, v in stack.worker_env().items():
+            print(f"export {k}={shlex.quote(v)}")
     elif a.action == "env":
         for k, v in stack.client_env().items():
             print(f"export {k}={v}")
+        if stack.auth:
+            print(
+                "# the servers ask for credentials: `agegender stack env --for-worker` prints "
+                "them (a worker's)"
+            )
     elif a.action == "crash-detection":
         _crash_detection(os.environ.get("PREFECT_API_URL") or stack.prefect_api)
     else:
@@ -63,10 +111,12 @@ def cmd_stack(a: argparse.Namespace) -> None:
             print(json.dumps(status, indent=2))
             return
         cli.out.print(f"database: {status['db']}", highlight=False)
+        auth = "credentials required" if status["auth"] else "no authentication"
+        cli.out.print(f"listening on {status['listen']} ({auth})", highlight=False)
         for name, s in status["services"].items():
             state = "healthy" if s["healthy"] else ("running" if s["running"] else "stopped")
             cli.out.print(
-                f"{name:8} {state:8} pid {s['pid'] or '-':<8} {s['url']}", highlight=False
+                f"{name:10} {state:8} pid {s['pid'] or '-':<8} {s['url']}", highlight=False
             )
         for pool, info in status.get("pools", {}).items():
             workers = status["workers"].get(pool, [])

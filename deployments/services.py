@@ -9,6 +9,7 @@ command (`mlflow models serve`, `prefect ...`) with the same defaults.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import sys
@@ -55,6 +56,69 @@ def health(url: str, timeout: float = 10.0) -> str | None:
         return str(exc.reason)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         return str(exc) or type(exc).__name__
+
+
+# the client side of the servers' authentication (`agegender stack up --listen`): Prefect's own
+# client setting and MLflow's own client variables, so that every tool reads the same ones
+PREFECT_AUTH_VAR = "PREFECT_API_AUTH_STRING"  # "user:password"
+MLFLOW_USER_VAR = "MLFLOW_TRACKING_USERNAME"
+MLFLOW_PASSWORD_VAR = "MLFLOW_TRACKING_PASSWORD"
+
+
+def basic_auth(user_pass: str) -> dict[str, str]:
+    """The HTTP header of a "user:password" pair (Prefect's auth string, MLflow's users)."""
+    return {"Authorization": "Basic " + base64.b64encode(user_pass.encode()).decode()}
+
+
+def _status(url: str, headers: dict[str, str], timeout: float) -> int | str:
+    """The HTTP status of one GET (or why there was none)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except urllib.error.URLError as exc:
+        return str(exc.reason)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+
+
+def refused(
+    name: str, url: str, user_pass: str | None, variables: str, timeout: float
+) -> str | None:
+    """None unless the server (healthy: its health check needs no credentials) refuses a data
+    request made with this client's credentials; then one line naming what to set."""
+    if name == "MLflow":
+        probe = url.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    else:
+        probe = url.rstrip("/") + "/version"
+    status = _status(probe, basic_auth(user_pass) if user_pass else {}, timeout)
+    if status not in (401, 403):
+        return None
+    if user_pass:
+        said = f"refused the credentials in {variables} (HTTP {status})"
+        fix = f"set {variables} to the ones the server was started with"
+    else:
+        said = f"asks for credentials (HTTP {status}) and {variables} is not set"
+        fix = f"set {variables}"
+    return (
+        f"{name} at {url} {said}; {fix} (on the stack's machine `agegender stack env "
+        "--for-worker` prints them)"
+    )
+
+
+def mlflow_refused(uri: str, timeout: float = 10.0) -> str | None:
+    """`refused` for an MLflow client: MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD."""
+    user, password = os.environ.get(MLFLOW_USER_VAR), os.environ.get(MLFLOW_PASSWORD_VAR)
+    creds = f"{user}:{password}" if user and password else None
+    names = f"{MLFLOW_USER_VAR} / {MLFLOW_PASSWORD_VAR}"
+    return refused("MLflow", uri, creds, names, timeout)
+
+
+def prefect_refused(api: str, auth_string: str | None, timeout: float = 10.0) -> str | None:
+    """`refused` for a Prefect client with its `api.auth_string` (PREFECT_API_AUTH_STRING,
+    which Prefect also reads from `.env` and profiles: the caller passes the effective one)."""
+    return refused("Prefect API", api, auth_string, PREFECT_AUTH_VAR, timeout)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -10,10 +10,17 @@ service is its own process group; PIDs go to `RUN_DIR/stack.json`, logs to `RUN_
 `stack down` stops exactly those groups. Every start waits for the service's health check, never
 a fixed sleep. S3 credentials come only from the environment or a `.env` file (never written
 anywhere by us); the S3 server refuses anonymous requests.
+
+`--listen ADDR` puts the Prefect server, the MLflow server and S3 (a relay, `s3proxy`) on ADDR,
+for workers on other machines; SeaweedFS itself and PostgreSQL stay on 127.0.0.1. Beyond loopback
+the servers must ask who calls (`Auth`, from the environment or `.env` only): Prefect's basic
+auth string, MLflow's `basic-auth` app (an admin, a `worker` user that writes runs, a `reader`
+that only looks), S3's signed requests.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pwd
@@ -36,8 +43,18 @@ from deployments.automations import (
     ensure_zombie_automation,
     heartbeat_env,
 )
+from deployments.mlflow_users import UsersError, ensure_users
 from deployments.schedules import check_parameters, describe, next_date
-from deployments.services import GPU_LIMIT, apply_defaults, health
+from deployments.services import (
+    DEFAULTS,
+    GPU_LIMIT,
+    MLFLOW_PASSWORD_VAR,
+    MLFLOW_USER_VAR,
+    PREFECT_AUTH_VAR,
+    apply_defaults,
+    basic_auth,
+    health,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -50,7 +67,43 @@ POOLS = {"local": "process", "gpu": "docker"}
 # template (used when prefect-docker is not installed) silently lacks.
 POOL_VARIABLES = {"docker": ("container_create_kwargs", "volumes", "networks", "env", "image")}
 PG_ROLE = "agegender"  # the role Prefect and MLflow log in as; owns both databases
-PG_DATABASES = ("prefect", "mlflow")
+PG_DATABASES = ("prefect", "mlflow", "mlflow_auth")  # mlflow_auth: its basic-auth users
+LOCAL = "127.0.0.1"  # where what only the stack itself talks to listens (PostgreSQL, SeaweedFS)
+S3_GATEWAY = "s3-gateway"  # S3 relayed to the --listen address (SeaweedFS itself stays local)
+
+# Authentication (`Auth`): the environment or `.env` only, never a default. Prefect's client
+# setting (the server gets the same string as PREFECT_SERVER_API_AUTH_STRING) and MLflow's own
+# basic-auth bootstrap variables; two more MLflow users that the stack makes through its REST API.
+MLFLOW_ADMIN_USER_VAR = "MLFLOW_AUTH_ADMIN_USERNAME"  # default "admin"
+MLFLOW_ADMIN_PASSWORD_VAR = "MLFLOW_AUTH_ADMIN_PASSWORD"
+WORKER_USER_VAR = "AGEGENDER_MLFLOW_WORKER_USER"  # default "worker": writes runs and models
+WORKER_PASSWORD_VAR = "AGEGENDER_MLFLOW_WORKER_PASSWORD"
+READER_USER_VAR = "AGEGENDER_MLFLOW_READER_USER"  # default "reader": reads, writes nothing
+READER_PASSWORD_VAR = "AGEGENDER_MLFLOW_READER_PASSWORD"
+AUTH_SECRET_VARS = (
+    PREFECT_AUTH_VAR,
+    MLFLOW_ADMIN_PASSWORD_VAR,
+    WORKER_PASSWORD_VAR,
+    READER_PASSWORD_VAR,
+)
+AUTH_VARS = (*AUTH_SECRET_VARS, MLFLOW_ADMIN_USER_VAR, WORKER_USER_VAR, READER_USER_VAR)
+MLFLOW_MIN_PASSWORD = 12  # MLflow's own rule for its users' passwords
+
+
+# MLflow 3 clients move artifacts over its multipart size straight to S3 (presigned URLs) when
+# the server offers it; a worker elsewhere sends everything through the MLflow server instead
+PROXIED_ARTIFACTS = {
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+}
+
+# never passed on to a service that does not need it (`Stack._command`)
+SECRETS = (
+    *AUTH_VARS,
+    MLFLOW_USER_VAR,
+    MLFLOW_PASSWORD_VAR,
+    "PREFECT_SERVER_API_AUTH_STRING",
+)
 
 
 class StackError(RuntimeError):
@@ -91,21 +144,79 @@ class Ports:
 
 
 @dataclass(frozen=True)
+class Auth:
+    """Who may call the servers: Prefect's "user:password" and MLflow's three users (name,
+    password). Read by `auth_settings`, never stored by the stack."""
+
+    prefect: str
+    admin: tuple[str, str]
+    worker: tuple[str, str]
+    reader: tuple[str, str]
+
+    def secrets(self) -> list[str]:
+        """Every password (for checks that none of them was written anywhere)."""
+        return [self.prefect, self.admin[1], self.worker[1], self.reader[1]]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: another machine may resolve it to us
+        return False
+
+
+def check_listen(host: str) -> None:
+    """One IPv4 address that workers can reach (their URLs name it): not a wildcard."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise StackError(
+            f"--listen {host!r}: expected this machine's IPv4 address that the workers reach "
+            "(e.g. 192.168.1.10), or 127.0.0.1"
+        ) from None
+    if addr.version != 4 or addr.is_unspecified:
+        raise StackError(
+            f"--listen {host}: give one IPv4 address of this machine that the workers reach "
+            "(the URLs `agegender stack env --for-worker` prints name it); every-interface "
+            "addresses (0.0.0.0) and IPv6 are not supported"
+        )
+
+
+@dataclass(frozen=True)
 class Stack:
     run_dir: Path
     ports: Ports = field(default_factory=Ports)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where Prefect, MLflow and S3 listen (`--listen`)
     bucket: str = "mlflow"
     heartbeat_s: int = HEARTBEAT_S  # flow-run heartbeats; silent for 3 of them = CRASHED
     db: str = "sqlite"  # where Prefect and MLflow keep their data: sqlite or postgres
+    auth: bool = False  # the servers ask for credentials (`Auth`); required beyond loopback
+
+    @property
+    def public(self) -> bool:
+        """Listening beyond this machine's loopback (other machines may call)."""
+        return not is_loopback(self.host)
+
+    @property
+    def local_host(self) -> str:
+        """Where PostgreSQL and SeaweedFS's own servers listen: never beyond loopback."""
+        return LOCAL if self.public else self.host
 
     @property
     def services(self) -> tuple[str, ...]:
         """This stack's services, in start order."""
-        return (("postgres",) if self.db == "postgres" else ()) + SERVICES
+        db = ("postgres",) if self.db == "postgres" else ()
+        gateway = (S3_GATEWAY,) if self.public else ()
+        return db + SERVICES[:1] + gateway + SERVICES[1:]
 
     @property
     def s3_url(self) -> str:
+        """S3 as the stack's own servers reach it (on loopback)."""
+        return f"http://{self.local_host}:{self.ports.s3}"
+
+    @property
+    def s3_public_url(self) -> str:
+        """S3 on the listen address (the gateway beyond loopback; signed requests only)."""
         return f"http://{self.host}:{self.ports.s3}"
 
     @property
@@ -117,9 +228,15 @@ class Stack:
         return f"http://{self.host}:{self.ports.prefect}/api"
 
     @classmethod
-    def at(cls, run_dir: Path, db: str | None = None) -> Stack:
-        """The stack of a run directory, on the ports and database it was started with
-        (defaults if none; `db` chooses another database)."""
+    def at(
+        cls,
+        run_dir: Path,
+        db: str | None = None,
+        listen: str | None = None,
+        auth: bool | None = None,
+    ) -> Stack:
+        """The stack of a run directory, on the ports, database, address and authentication
+        it was started with (defaults if none; `db`, `listen`, `auth` choose others)."""
         try:
             state = json.loads((Path(run_dir) / "stack.json").read_text())
         except (OSError, ValueError):
@@ -127,13 +244,44 @@ class Stack:
         db = db or state.get("db", "sqlite")
         if db not in DATABASES:
             raise StackError(f"--db {db}: the stack keeps its data in {' or '.join(DATABASES)}")
-        return cls(Path(run_dir), ports=Ports(**state.get("ports", {})), db=db)
+        host = listen or state.get("host", LOCAL)
+        check_listen(host)
+        auth = bool(state.get("auth", False)) if auth is None else auth
+        ports = Ports(**state.get("ports", {}))
+        # the heartbeat its automation expects: what `stack env` must tell clients to send
+        heartbeat_s = int(state.get("heartbeat_s", HEARTBEAT_S))
+        return cls(Path(run_dir), ports=ports, db=db, host=host, auth=auth, heartbeat_s=heartbeat_s)
 
     def client_env(self) -> dict[str, str]:
-        """What a client (the CLI, a test, a worker) needs: no S3 credentials. Its flow runs
-        send heartbeats as often as the crash automation expects them."""
+        """What a client (the CLI, a test, a worker) needs: no S3 credentials, no secrets. Its
+        flow runs send heartbeats as often as the crash automation expects them."""
         urls = {"PREFECT_API_URL": self.prefect_api, "MLFLOW_TRACKING_URI": self.mlflow_url}
         return urls | heartbeat_env(self.heartbeat_s)
+
+    def auth_env(self, user: str = "worker") -> dict[str, str]:
+        """The credentials a client of this stack sends (none without auth): Prefect's auth
+        string and one MLflow user's (`worker` writes runs, `reader` only looks, `admin`)."""
+        if not self.auth:
+            return {}
+        auth = auth_settings()
+        name, password = {"worker": auth.worker, "reader": auth.reader, "admin": auth.admin}[user]
+        return {
+            PREFECT_AUTH_VAR: auth.prefect,
+            MLFLOW_USER_VAR: name,
+            MLFLOW_PASSWORD_VAR: password,
+        }
+
+    def worker_env(self) -> dict[str, str]:
+        """Everything a worker on another machine needs (`stack env --for-worker`): the URLs on
+        the listen address, the heartbeat, the worker's credentials; nothing of S3 (its large
+        artifacts too go through MLflow's proxy, not presigned S3 URLs)."""
+        if not self.public:
+            raise StackError(
+                f"the stack listens on {self.host} only: no other machine reaches it; start it "
+                "with `agegender stack up --listen ADDR` (this machine's address), auth configured"
+            )
+        env = DEFAULTS | self.client_env() | self.auth_env("worker") | PROXIED_ARTIFACTS
+        return env  # DEFAULTS: telemetry off, as for every process the project starts
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -152,8 +300,11 @@ class Stack:
         state = {
             "pids": dict(pids),
             "db": self.db,
+            "host": self.host,
+            "auth": self.auth,
+            "heartbeat_s": self.heartbeat_s,
             "ports": self.ports.__dict__,
-            "urls": self.client_env() | {"S3": self.s3_url},
+            "urls": self.client_env() | {"S3": self.s3_public_url},
         }
         self._state_file().write_text(json.dumps(state, indent=1))
 
@@ -161,15 +312,16 @@ class Stack:
         return self.run_dir / "logs" / f"{name}.log"
 
     def _command(self, name: str, creds: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # no secret reaches a service that does not need it (each gets its own below)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in SECRETS}
         apply_defaults(env)  # telemetry off, unless the user turned it on
         if name == "s3":
             argv = [
                 str(BIN / "weed"),
                 "mini",
                 f"-dir={self.run_dir / 's3'}",
-                f"-ip={self.host}",
-                f"-ip.bind={self.host}",
+                f"-ip={self.local_host}",
+                f"-ip.bind={self.local_host}",
                 f"-s3.port={self.ports.s3}",
                 f"-master.port={self.ports.weed_master}",
                 f"-volume.port={self.ports.weed_volume}",
@@ -180,8 +332,12 @@ class Stack:
                 "-admin.ui=false",
             ]
             return argv, env | dict(creds)  # the credentials become its admin identity
+        if name == S3_GATEWAY:  # S3 alone on the listen address (see deployments/s3proxy.py)
+            port = str(self.ports.s3)
+            argv = [sys.executable, "-m", "deployments.s3proxy", self.host, port, LOCAL, port]
+            return argv, env
         if name == "mlflow":
-            hosts = f"localhost,localhost:*,{self.host},{self.host}:*"
+            hosts = ",".join(f"{h},{h}:*" for h in dict.fromkeys(["localhost", LOCAL, self.host]))
             argv = [
                 str(BIN / "mlflow"),
                 "server",
@@ -197,11 +353,16 @@ class Stack:
                 hosts,
             ]
             extra = {
-                "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+                # also the address of the presigned URLs it hands clients for large artifacts
+                # (MLflow 3's multipart transfers): the one other machines reach
+                "MLFLOW_S3_ENDPOINT_URL": self.s3_public_url,
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                 # in the environment, not on the command line: the URL may hold a password
                 "MLFLOW_BACKEND_STORE_URI": self._database_url("mlflow"),
             }
+            if self.auth:
+                argv += ["--app-name", "basic-auth"]
+                extra |= self._mlflow_auth_env()
             return argv, env | dict(creds) | extra
         if name == "prefect":
             argv = [
@@ -220,10 +381,13 @@ class Stack:
                 # not from --port, so on any other port the UI could reach no API
                 "PREFECT_SERVER_UI_API_URL": self.prefect_api,
             }
+            if self.auth:  # every API call but its health check needs this "user:password"
+                prefect_env["PREFECT_SERVER_API_AUTH_STRING"] = auth_settings().prefect
             return argv, env | prefect_env
         if name == "worker":
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"]
-            return argv, env | self.client_env() | {"PREFECT_HOME": str(self.run_dir / "worker")}
+            home = {"PREFECT_HOME": str(self.run_dir / "worker")}
+            return argv, env | self.client_env() | self.auth_env("worker") | home
         if name == "postgres":
             data = self._pg_data()
             argv = [
@@ -235,7 +399,7 @@ class Stack:
                 "-k",
                 str(data),  # its Unix socket: only the stack's own set-up uses it
                 "-c",
-                f"listen_addresses={self.host}",
+                f"listen_addresses={self.local_host}",
             ]
             return argv, {"PATH": env.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
         raise ValueError(f"unknown service {name!r}; the stack has {', '.join(self.services)}")
@@ -250,23 +414,54 @@ class Stack:
 
     def _pg_password(self) -> str:
         """The role's password: made once per stack, kept in the run dir (0600), never shown."""
-        path = self._pg_password_file()
-        if not path.is_file():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(24) + "\n")
-        return path.read_text().strip()
+        return _own_secret(self._pg_password_file())
+
+    # --- MLflow's basic-auth app (auth) ------------------------------------------------------
+
+    def _mlflow_auth_env(self) -> dict[str, str]:
+        """The auth app's settings: its config file (0600: its database URL may hold the
+        PostgreSQL password), the admin from `Auth` (MLflow creates it on the first start
+        only), a CSRF key of this stack's own, and workspaces, whose creation right (a grant of
+        USE) is what keeps the reader from creating experiments."""
+        auth = auth_settings()
+        config = self.run_dir / "mlflow" / "basic_auth.ini"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        text = (
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {self._database_url('mlflow_auth')}\n"
+            f"admin_username = {auth.admin[0]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "grant_default_workspace_access = true\n"
+        )
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            MLFLOW_ADMIN_USER_VAR: auth.admin[0],
+            MLFLOW_ADMIN_PASSWORD_VAR: auth.admin[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": _own_secret(self.run_dir / "mlflow-secret-key"),
+            "MLFLOW_ENABLE_WORKSPACES": "true",
+        }
+
+    def _mlflow_users(self) -> str:
+        """The worker and reader users (`deployments/mlflow_users.py`)."""
+        auth = auth_settings()
+        try:
+            return ensure_users(self.mlflow_url, auth.admin, auth.worker, auth.reader)
+        except UsersError as exc:
+            raise StackError(str(exc)) from None
 
     def _database_url(self, database: str) -> str:
         """Where Prefect (asyncpg) or MLflow (psycopg2: SQLAlchemy 2.1 maps a bare
         `postgresql://` to psycopg 3) keep their data."""
         if self.db == "sqlite":
-            if database == "mlflow":
-                return f"sqlite:///{self.run_dir / 'mlflow' / 'mlflow.db'}"
+            if database.startswith("mlflow"):
+                return f"sqlite:///{self.run_dir / 'mlflow' / (database + '.db')}"
             return f"sqlite+aiosqlite:///{self.run_dir / 'prefect' / 'prefect.db'}"
         driver = "postgresql+asyncpg" if database == "prefect" else "postgresql+psycopg2"
-        where = f"{self.host}:{self.ports.postgres}/{database}"
+        where = f"{self.local_host}:{self.ports.postgres}/{database}"
         return f"{driver}://{PG_ROLE}:{self._pg_password()}@{where}"
 
     def _pg_init(self) -> None:
@@ -349,10 +544,11 @@ class Stack:
             raise StackError(
                 f"{name} already runs (pid {pids[name]}); `agegender stack down` first"
             )
-        port = getattr(self.ports, name, None)
-        if port is not None and port_open(self.host, port):
+        port = getattr(self.ports, "s3" if name == S3_GATEWAY else name, None)
+        where = self.host if name in ("mlflow", "prefect", S3_GATEWAY) else self.local_host
+        if port is not None and port_open(where, port):
             raise StackError(
-                f"{name}: port {self.host}:{port} is already in use (another stack? "
+                f"{name}: port {where}:{port} is already in use (another stack? "
                 "`agegender stack down`, or choose other ports)"
             )
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
@@ -409,13 +605,19 @@ class Stack:
     def healthy(self, name: str, creds: Mapping[str, str] | None = None) -> bool:
         """The service's health check (S3: a signed request with `creds`, else its port)."""
         if name == "s3":
-            return s3_ready(self.s3_url, creds) if creds else port_open(self.host, self.ports.s3)
+            if creds:
+                return s3_ready(self.s3_url, creds)
+            return port_open(self.local_host, self.ports.s3)
+        if name == S3_GATEWAY:
+            if creds:
+                return s3_ready(self.s3_public_url, creds)
+            return port_open(self.host, self.ports.s3)
         if name == "mlflow":
             return health(self.mlflow_url, timeout=2.0) is None
         if name == "prefect":
             return health(self.prefect_api, timeout=2.0) is None
         if name == "postgres":
-            return pg_ready(self.host, self.ports.postgres)
+            return pg_ready(self.local_host, self.ports.postgres)
         return self._worker_online()
 
     def _worker_online(self) -> bool:
@@ -454,19 +656,37 @@ class Stack:
 
     # --- the whole stack --------------------------------------------------------------------
 
-    def up(self, progress: Callable[[str], None] = print) -> dict[str, str]:
+    def check_auth(self) -> None:
+        """Before anything starts: servers reachable from other machines ask who calls."""
+        check_listen(self.host)
+        if self.public and not self.auth:
+            raise StackError(
+                f"--listen {self.host} opens the servers to other machines, and no "
+                f"authentication is configured: set {', '.join(AUTH_SECRET_VARS)} in the "
+                "environment or in .env (see .env.example); nothing was started"
+            )
+        if self.auth:
+            auth_settings()  # all of them, valid: else an error naming the ones to set
+
+    def up(self, progress: Callable[[str], None] = print, worker: bool = True) -> dict[str, str]:
+        """Every service, the pools and deployments; `worker=False`: no worker here, the pools'
+        workers run on other machines."""
+        self.check_auth()
         creds = credentials()
         for name in self.services[:-1]:  # the worker comes after the pools and deployments
             started = time.monotonic()
             self.start(name, creds)
             progress(f"{name} healthy in {time.monotonic() - started:.1f} s")
+            if name == "mlflow" and self.auth:
+                progress(self._mlflow_users())
         ensure_bucket(self.s3_url, creds, self.bucket)
         progress(f"bucket s3://{self.bucket} ready")
         started = time.monotonic()
         self.setup(progress=progress)
         progress(f"work pools, limits and deployments in {time.monotonic() - started:.1f} s")
-        self.start("worker", creds)
-        progress("worker online on pool 'local'")
+        if worker:
+            self.start("worker", creds)
+            progress("worker online on pool 'local'")
         return self.client_env()
 
     def setup(self, gpu_slots: int | None = None, progress: Callable[[str], None] = print) -> None:
@@ -474,8 +694,11 @@ class Stack:
         one) and the deployments of prefect.yaml."""
         gpu_slots = gpu_slots or max(count_gpus(), 1)
         (self.run_dir / "worker").mkdir(parents=True, exist_ok=True)
-        env = os.environ | self.client_env() | {"PREFECT_HOME": str(self.run_dir / "worker")}
+        home = {"PREFECT_HOME": str(self.run_dir / "worker")}
+        env = os.environ | self.client_env() | self.auth_env("worker") | home
         env.setdefault("AGEGENDER_WORKER_IMAGE", "agegender-worker:latest")
+        for var in (MLFLOW_USER_VAR, MLFLOW_PASSWORD_VAR):  # the GPU containers' login, if any
+            env.setdefault(var, "")
         env["AGEGENDER_HOME"] = str(REPO)  # where the local pool's flows run
         for pool, kind in POOLS.items():
             progress(ensure_pool(self.prefect_api, pool, kind))
@@ -536,9 +759,16 @@ class Stack:
 
     def status(self) -> dict[str, Any]:
         pids = self._pids()
-        out: dict[str, Any] = {"run_dir": str(self.run_dir), "db": self.db, "services": {}}
+        out: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "db": self.db,
+            "listen": self.host,
+            "auth": self.auth,  # whether the servers ask for credentials (never the credentials)
+            "services": {},
+        }
         urls = {"s3": self.s3_url, "mlflow": self.mlflow_url, "prefect": self.prefect_api}
-        urls["postgres"] = f"postgresql://{self.host}:{self.ports.postgres}"  # no password
+        urls[S3_GATEWAY] = self.s3_public_url
+        urls["postgres"] = f"postgresql://{self.local_host}:{self.ports.postgres}"  # no password
         for name in self.services:
             pid = pids.get(name)
             out["services"][name] = {
@@ -583,18 +813,68 @@ class Stack:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+def env_values(keys: tuple[str, ...], env_file: Path = REPO / ".env") -> dict[str, str]:
+    """Each of `keys` set (not empty) in the environment, else in `.env` (KEY=VALUE lines)."""
+    values = {k: os.environ[k] for k in keys if os.environ.get(k)}
+    if len(values) < len(keys) and env_file.is_file():
+        for line in env_file.read_text().splitlines():
+            key, sep, value = line.strip().removeprefix("export ").partition("=")
+            key, value = key.strip(), value.strip().strip("'\"")
+            if sep and key in keys and key not in values and value:
+                values[key] = value
+    return values
+
+
+def auth_configured(env_file: Path = REPO / ".env") -> bool:
+    """Any of the servers' passwords set: `stack up` then turns authentication on."""
+    return bool(env_values(AUTH_SECRET_VARS, env_file))
+
+
+def auth_settings(env_file: Path = REPO / ".env") -> Auth:
+    """The servers' credentials from the environment, else `.env`; never defaults for the
+    passwords. Missing or unusable ones are one error naming each variable."""
+    values = env_values(AUTH_VARS, env_file)
+    problems = [f"{k} is not set" for k in AUTH_SECRET_VARS if k not in values]
+    prefect = values.get(PREFECT_AUTH_VAR, "")
+    user, _, password = prefect.partition(":")
+    if prefect and not (user and password):
+        problems.append(f"{PREFECT_AUTH_VAR} must be user:password")
+    names = {
+        "admin": (values.get(MLFLOW_ADMIN_USER_VAR, "admin"), MLFLOW_ADMIN_PASSWORD_VAR),
+        "worker": (values.get(WORKER_USER_VAR, "worker"), WORKER_PASSWORD_VAR),
+        "reader": (values.get(READER_USER_VAR, "reader"), READER_PASSWORD_VAR),
+    }
+    for _name, var in names.values():
+        if var in values and len(values[var]) < MLFLOW_MIN_PASSWORD:
+            problems.append(
+                f"{var} is shorter than {MLFLOW_MIN_PASSWORD} characters (MLflow's rule)"
+            )
+    if len({n for n, _ in names.values()}) < len(names):
+        problems.append(
+            f"{MLFLOW_ADMIN_USER_VAR}, {WORKER_USER_VAR} and {READER_USER_VAR} must differ"
+        )
+    if problems:
+        raise StackError(
+            "authentication: " + "; ".join(problems) + " (set them in the environment or in "
+            f"{env_file}; see .env.example)"
+        )
+    pair = {who: (n, values[var]) for who, (n, var) in names.items()}
+    return Auth(prefect, pair["admin"], pair["worker"], pair["reader"])
+
+
+def _own_secret(path: Path) -> str:
+    """A random secret of the stack's own (made once, kept in the run dir with mode 0600)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(24) + "\n")
+    return path.read_text().strip()
+
+
 def credentials(env_file: Path = REPO / ".env") -> dict[str, str]:
     """S3 credentials from the environment, else from `.env` (KEY=VALUE lines); never defaults."""
-    values = {
-        k: os.environ[k]
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-        if os.environ.get(k)
-    }
-    if len(values) < 2 and env_file.is_file():
-        for line in env_file.read_text().splitlines():
-            key, sep, value = line.strip().partition("=")
-            if sep and key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") and key not in values:
-                values[key] = value.strip().strip("'\"")
+    values = env_values(("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), env_file)
     missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not values.get(k)]
     if missing:
         raise StackError(
@@ -771,15 +1051,23 @@ def tail(path: Path, lines: int = 15) -> str:
 def _api(base: str, method: str, path: str, body: Any = None, missing_ok: bool = False) -> Any:
     """One Prefect REST call; `missing_ok`: None for a 404 instead of an error."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    auth = env_values((PREFECT_AUTH_VAR,)).get(PREFECT_AUTH_VAR)
+    if auth:  # the stack's own (`Auth`): a server without auth ignores it
+        headers |= basic_auth(auth)
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read() or b"null")
     except urllib.error.HTTPError as exc:
         if missing_ok and exc.code == 404:
             return None
+        if exc.code == 401:
+            fix = "is wrong" if auth else "is not set"
+            raise StackError(
+                f"Prefect API at {base} asks for credentials (HTTP 401) and {PREFECT_AUTH_VAR} "
+                f"{fix}; set it (environment or .env) to the server's user:password"
+            ) from None
         raise StackError(f"Prefect API at {base}: {method} {path} failed ({exc})") from None
     except (OSError, urllib.error.URLError, ValueError) as exc:
         raise StackError(f"Prefect API at {base}: {method} {path} failed ({exc})") from None

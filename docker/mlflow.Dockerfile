@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The MLflow tracking server: PostgreSQL backend store, artifacts proxied to S3 (SeaweedFS).
+# The MLflow tracking server: PostgreSQL backend store, artifacts proxied to S3 (SeaweedFS), its
+# basic-auth app (the `auth` extra: Flask-WTF).
 # The server's settings (stores, hosts, workers) come from compose.yaml's `command`; this image
 # also runs the one-shot `s3-init` service (it has boto3). Built with docker/ as the context:
 #   docker build -f docker/mlflow.Dockerfile -t agegender-mlflow:latest docker
@@ -20,7 +21,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" "boto3==${BOTO3_VERSION}" \
+    && pip install --no-cache-dir "mlflow[auth]==${MLFLOW_VERSION}" "boto3==${BOTO3_VERSION}" \
         "psycopg2-binary==${PSYCOPG2_VERSION}" \
     && useradd --uid 10002 --user-group --create-home --home-dir /home/mlflow \
         --shell /usr/sbin/nologin mlflow

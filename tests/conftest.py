@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -22,6 +23,7 @@ from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult, write_synthetic
 from agegender.synth.sources import write_synthetic_source
+from deployments.services import basic_auth
 from deployments.stack import Ports, Stack, startup_timeout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +121,16 @@ TINY_TRAIN = [
     "train.tencrop=false",
 ]
 
+# the tiny settings as `agegender suite` overrides, its iterations left to each test
+TINY_ARGS = [
+    "data.crop=48",
+    "model.norm=batchnorm",
+    "optim.name=adam",
+    "optim.weight_decay=0",
+    "train.patience=null",
+    "train.tencrop=false",
+]
+
 STACK_TINY = {
     "data": {"crop": 48},
     "model": {"norm": "batchnorm"},
@@ -174,9 +186,52 @@ def prefect_api(st: Stack) -> Any:
 
 
 def client_env(st: Stack) -> dict[str, str]:
-    """A client process's environment: the stack's URLs and no S3 credentials."""
+    """A client process's environment: the stack's URLs, a worker's credentials if it asks for
+    them (from this process's environment), and no S3 credentials."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    return env | st.client_env()
+    return env | st.client_env() | st.auth_env()
+
+
+def flow_runs(stack: Any, body: dict[str, Any]) -> Any:
+    """Flow runs matching a filter, straight from the Prefect REST API."""
+    headers = {"Content-Type": "application/json"}
+    if stack.auth:
+        headers |= basic_auth(stack.auth_env()["PREFECT_API_AUTH_STRING"])
+    req = urllib.request.Request(
+        f"{stack.prefect_api}/flow_runs/filter",
+        data=json.dumps(body).encode(),
+        headers=headers,
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def suite_cli(stack: Any, cache: Path, run_root: Path, *extra: str) -> subprocess.Popen[str]:
+    """`agegender suite` as a client of the stack, output captured."""
+    script = Path(sys.executable).with_name("agegender")
+    return subprocess.Popen(
+        [str(script), "suite", "--cache", str(cache), "--run-root", str(run_root), *extra],
+        cwd=REPO,
+        env=client_env(stack),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def processes_of(flow_run_id: str) -> list[int]:
+    """The processes running a flow run, found as an operator would (its environment); the
+    project itself never looks at processes."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in env:
+            found.append(int(proc.name))
+    return found
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -24,9 +24,18 @@ COMPOSE_FILE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 DOCKERFILES = sorted(DOCKER.glob("*Dockerfile"))
-SECRETS = ("POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "PREFECT_API_AUTH_STRING",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "AGEGENDER_MLFLOW_WORKER_PASSWORD",
+    "AGEGENDER_MLFLOW_READER_PASSWORD",
+)
 REQUIRED = (*SECRETS, "DATA_DIR", "DOCKER_GID")
-ONE_SHOT = {"s3-init"}
+ONE_SHOT = {"s3-init", "mlflow-users"}
 HADOLINT_THRESHOLD = "style"  # the strictest: our Dockerfiles are clean at every level
 
 
@@ -144,6 +153,7 @@ def test_services(config: dict[str, Any]) -> None:
         "s3-init",
         "prefect-server",
         "mlflow",
+        "mlflow-users",
         "worker",
     }
 
@@ -199,7 +209,8 @@ def test_dependencies_wait_for_health_and_for_the_bucket(config: dict[str, Any])
             expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
             assert spec["condition"] == expected, f"{name} -> {dep}: {spec}"
     assert set(services["mlflow"]["depends_on"]) == {"postgres", "s3-init"}
-    assert set(services["worker"]["depends_on"]) == {"prefect-server", "mlflow"}
+    assert set(services["worker"]["depends_on"]) == {"prefect-server", "mlflow", "mlflow-users"}
+    assert set(services["mlflow-users"]["depends_on"]) == {"mlflow"}
     assert set(services["s3-init"]["depends_on"]) == {"s3"}
 
 
@@ -475,3 +486,44 @@ def test_gpu_containers_see_the_workers_volumes_and_the_defaults_live_in_them(
             assert any(_under(path, t) for t in read_only), (name, path)
         for path in (params["cache_dir"], params["run_root"]):
             assert any(_under(path, t) for t in writable), (name, path)
+
+
+def test_servers_ask_for_credentials_and_listen_on_the_given_address(tmp_path: Path) -> None:
+    """LISTEN moves every published port (and MLflow's allowed hosts, Prefect's UI API URL) to
+    that address; Prefect asks for the auth string the worker sends, MLflow runs its basic-auth
+    app whose users come from the one-shot `mlflow-users` (deployments/mlflow_users.py); the
+    auth app's config holds no user's password."""
+    values = _sentinels() | {"LISTEN": "10.20.30.40"}
+    res = _compose(
+        tmp_path, _write_env(tmp_path / "listen.env", values), "config", "--format", "json"
+    )
+    assert res.returncode == 0, res.stderr
+    config = json.loads(res.stdout)
+    services = config["services"]
+    ports = [port for s in services.values() for port in s.get("ports", [])]
+    assert {port["host_ip"] for port in ports} == {"10.20.30.40"}
+    secret = values["PREFECT_API_AUTH_STRING"]
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == secret
+    assert services["prefect-server"]["environment"]["PREFECT_UI_API_URL"].startswith(
+        "http://10.20.30.40:"
+    )
+    assert services["worker"]["environment"]["PREFECT_API_AUTH_STRING"] == secret
+    worker = values["AGEGENDER_MLFLOW_WORKER_PASSWORD"]
+    assert services["worker"]["environment"]["MLFLOW_TRACKING_PASSWORD"] == worker
+    mlflow = services["mlflow"]
+    command = mlflow["command"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    assert "10.20.30.40" in command[command.index("--allowed-hosts") + 1].split(",")
+    env = mlflow["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == values["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert env["MLFLOW_ENABLE_WORKSPACES"] == "true"
+    auth_ini = config["configs"]["mlflow-auth"]["content"]
+    assert "/mlflow_auth" in auth_ini
+    assert "default_permission = READ" in auth_ini
+    for name in SECRETS:
+        if name != "POSTGRES_PASSWORD":  # its database URL
+            assert values[name] not in auth_ini, name
+    users = services["mlflow-users"]
+    assert users["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    script = config["configs"]["mlflow-users"]["file"]
+    assert Path(script) == REPO / "deployments" / "mlflow_users.py"

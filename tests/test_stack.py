@@ -25,18 +25,19 @@ from prefect.deployments import run_deployment
 
 from deployments.automations import NAME as ZOMBIES
 from deployments.stack import StackError, alive, ensure_bucket, tail
-from tests.conftest import REPO, STACK_SUITE, STACK_TINY, client_env, prefect_api
+from tests.conftest import (
+    REPO,
+    STACK_SUITE,
+    STACK_TINY,
+    TINY_ARGS,
+    client_env,
+    flow_runs,
+    prefect_api,
+    processes_of,
+    suite_cli,
+)
 
 pytestmark = pytest.mark.integration
-
-TINY_ARGS = [
-    "data.crop=48",
-    "model.norm=batchnorm",
-    "optim.name=adam",
-    "optim.weight_decay=0",
-    "train.patience=null",
-    "train.tencrop=false",
-]
 
 # Run in a separate process: what any client sees through the REST API (no MLflow library).
 REST_CHECK = """
@@ -78,18 +79,6 @@ def _python(script: str, *args: str, env: dict[str, str] | None = None) -> Any:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout)
-
-
-def _flow_runs(stack: Any, body: dict[str, Any]) -> Any:
-    """Flow runs matching a filter, straight from the Prefect REST API."""
-    req = urllib.request.Request(
-        f"{stack.prefect_api}/flow_runs/filter",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def _no_aws(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -176,7 +165,7 @@ def test_schedules_start_paused_until_resumed_and_status_checks_their_paths(stac
         "deployments": {"id": {"any_": [deployment["id"]]}},
         "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
     }
-    assert _flow_runs(stack, body) == []
+    assert flow_runs(stack, body) == []
 
     res = _status(stack, "--json")
     assert res.returncode == 0, res.stderr
@@ -200,9 +189,9 @@ def test_schedules_start_paused_until_resumed_and_status_checks_their_paths(stac
     )
     assert resume.returncode == 0, resume.stdout + resume.stderr
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not _flow_runs(stack, body):
+    while time.monotonic() < deadline and not flow_runs(stack, body):
         time.sleep(2)
-    scheduled = _flow_runs(stack, body)
+    scheduled = flow_runs(stack, body)
     assert scheduled, "no run was scheduled after the schedule was resumed"
     assert all(run["expected_start_time"] for run in scheduled)
 
@@ -386,7 +375,7 @@ def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
     (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'parent'")
     assert {r.data.tags["mlflow.parentRunId"] for r in folds} == {parent.info.run_id}
     body = {"flow_runs": {"name": {"any_": ["gender-fold0", "gender-fold1"]}}}
-    fold_runs = _flow_runs(stack, body)
+    fold_runs = flow_runs(stack, body)
     assert {r["state_type"] for r in fold_runs} == {"COMPLETED"}
     # the Prefect UI's filters find them by suite and variant (tags), the run by its name
     assert all({"suite:stack-scale-out", "variant:gender"} <= set(r["tags"]) for r in fold_runs)
@@ -400,22 +389,10 @@ def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
     assert not [t for r in fold_runs for t in r["tags"] if t.startswith(("host:", "pid:"))]
 
 
-def _suite_cli(stack: Any, cache: Path, run_root: Path, *extra: str) -> subprocess.Popen[str]:
-    script = Path(sys.executable).with_name("agegender")
-    return subprocess.Popen(
-        [str(script), "suite", "--cache", str(cache), "--run-root", str(run_root), *extra],
-        cwd=REPO,
-        env=client_env(stack),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def test_mlflow_restart_during_a_suite_loses_no_fold(
     stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
 ) -> None:
-    proc = _suite_cli(
+    proc = suite_cli(
         stack,
         learn_cache,
         tmp_path,
@@ -445,20 +422,6 @@ def test_mlflow_restart_during_a_suite_loses_no_fold(
     assert all(p.data.metrics["folds"] == 5 for p in parents)
 
 
-def _processes_of(flow_run_id: str) -> list[int]:
-    """The processes running a flow run, found as an operator would (its environment); the
-    project itself never looks at processes."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in env:
-            found.append(int(proc.name))
-    return found
-
-
 def _worker_elsewhere(stack: Any, creds: dict[str, str]) -> subprocess.Popen[bytes]:
     """The stack's worker command under another host name (a UTS namespace, where we may make
     one): the suite cannot tell its folds' processes by host, as on a second machine."""
@@ -481,7 +444,7 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
 ) -> None:
     stack.stop("worker")
     elsewhere = _worker_elsewhere(stack, stack_creds)
-    proc = _suite_cli(
+    proc = suite_cli(
         stack,
         learn_cache,
         tmp_path,
@@ -502,8 +465,8 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
             checkpoints = list(tmp_path.glob("stack-kill/multitask/fold0-*/last.pt"))
             time.sleep(0.2)
         assert checkpoints, "no checkpoint was written"
-        (first,) = _flow_runs(stack, body)
-        fold = _processes_of(first["id"])
+        (first,) = flow_runs(stack, body)
+        fold = processes_of(first["id"])
         assert fold, "the fold's process was not found"
         # the worker and the fold it runs die at once, as with a lost machine
         os.killpg(elsewhere.pid, signal.SIGKILL)
@@ -526,7 +489,7 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
     assert proc.returncode == 0, out[-3000:]
     log = stack.log("worker").read_text()
     assert "multitask fold 0: resuming from its checkpoint" in log
-    runs = sorted(_flow_runs(stack, body), key=lambda r: r["expected_start_time"])
+    runs = sorted(flow_runs(stack, body), key=lambda r: r["expected_start_time"])
     assert [r["state_type"] for r in runs] == ["CRASHED", "COMPLETED"]
     # marked by the server's automation, from the heartbeats alone
     assert "no heartbeat for 90 s" in runs[0]["state"]["message"]

@@ -26,7 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from deployments.services import health
+from deployments.services import health, mlflow_refused
 from tracking import TrackingError
 from tracking.schema import (
     DATASET_CONTEXT,
@@ -480,12 +480,14 @@ def store_uri(run_root: Path) -> str:
 def check_server(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, naming the server, instead of retrying for minutes against nothing."""
     problem = health(uri, timeout)
-    if problem is None:
-        return
-    raise TrackingError(
-        f"MLflow at {uri} is unreachable ({problem}); is the tracking server running "
-        "(`agegender stack status`) and MLFLOW_TRACKING_URI right?"
-    )
+    if problem is not None:
+        raise TrackingError(
+            f"MLflow at {uri} is unreachable ({problem}); is the tracking server running "
+            "(`agegender stack status`) and MLFLOW_TRACKING_URI right?"
+        )
+    refused = mlflow_refused(uri, timeout)  # an authenticated server, wrong or no credentials
+    if refused is not None:
+        raise TrackingError(refused)
 
 
 def _epoch_metrics(record: Mapping[str, Any], timestamp: int) -> list[Metric]:
