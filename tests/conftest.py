@@ -139,6 +139,18 @@ STACK_TINY = {
 }
 
 
+def scale_out_params(name: str, cache: Path, run_root: Path) -> dict[str, Any]:
+    """A `cross_validate` deployment's parameters as the scale-out tests send them: the gender
+    variant's folds 0 and 1 as flow runs of `train_fold`, tiny."""
+    return {
+        "variant": "gender",
+        "cache_dir": str(cache),
+        "run_root": str(run_root),
+        "suite": {"name": name, "folds": [0, 1], "mode": "deployments"},
+        "config": STACK_TINY,
+    }
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A whole stack started by the project's own code, with fresh S3 credentials that only

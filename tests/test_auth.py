@@ -116,6 +116,30 @@ def _login(values: dict[str, str], user: str, monkeypatch: pytest.MonkeyPatch) -
     )
 
 
+def _written_by_worker(
+    auth_stack: tuple[Stack, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    experiment: str,
+    artifact: str,
+    acc: float,
+) -> tuple[str, Any]:
+    """As the worker user: an experiment, a finished run with metric `acc` and a text artifact
+    (whose content is the experiment's name)."""
+    from mlflow.tracking import MlflowClient
+
+    st, values = auth_stack
+    _login(values, "worker", monkeypatch)
+    client = MlflowClient(st.mlflow_url)
+    exp = client.create_experiment(experiment)
+    run = client.create_run(exp)
+    client.log_metric(run.info.run_id, "acc", acc)
+    note = st.run_dir / artifact
+    note.write_text(experiment)
+    client.log_artifact(run.info.run_id, str(note))
+    client.set_terminated(run.info.run_id)
+    return exp, run
+
+
 def test_unauthenticated_requests_are_refused(auth_stack: tuple[Stack, dict[str, str]]) -> None:
     """No credentials: Prefect's API 401, MLflow's REST 401, S3 403; health checks stay open
     (the stack's and the CLI's reachability checks use them)."""
@@ -141,7 +165,6 @@ def test_authenticated_clients_work(
     """The stack's worker came online through the auth (the fixture waits for it); Prefect's
     own CLI with the auth string sees the pools; the worker user writes a run whose artifact
     lands in the bucket through MLflow's proxy."""
-    from mlflow.tracking import MlflowClient
 
     st, values = auth_stack
     assert not st.healthy("worker")  # the stack's own API calls: no credentials, no answer
@@ -163,15 +186,7 @@ def test_authenticated_clients_work(
     assert "local" in res.stdout
     assert "gpu" in res.stdout
 
-    _login(values, "worker", monkeypatch)
-    client = MlflowClient(st.mlflow_url)
-    exp = client.create_experiment("auth-written")
-    run = client.create_run(exp)
-    client.log_metric(run.info.run_id, "acc", 0.5)
-    note = st.run_dir / "note.txt"
-    note.write_text("written by the worker user")
-    client.log_artifact(run.info.run_id, str(note))
-    client.set_terminated(run.info.run_id)
+    _, run = _written_by_worker(auth_stack, monkeypatch, "auth-written", "note.txt", 0.5)
     s3 = {k: values[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     keys = list_objects(st.s3_url, s3, st.bucket)
     assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
@@ -186,20 +201,13 @@ def test_reader_reads_but_writes_nothing(
     from mlflow.tracking import MlflowClient
 
     st, values = auth_stack
-    _login(values, "worker", monkeypatch)
-    writer = MlflowClient(st.mlflow_url)
-    exp = writer.create_experiment("auth-read-only")
-    run = writer.create_run(exp)
-    writer.log_metric(run.info.run_id, "acc", 0.25)
-    note = st.run_dir / "seen.txt"
-    note.write_text("for the reader")
-    writer.log_artifact(run.info.run_id, str(note))
+    exp, run = _written_by_worker(auth_stack, monkeypatch, "auth-read-only", "seen.txt", 0.25)
     _login(values, "reader", monkeypatch)
     reader = MlflowClient(st.mlflow_url)
     assert reader.get_experiment(exp).name == "auth-read-only"
     assert reader.get_run(run.info.run_id).data.metrics["acc"] == 0.25
     got = reader.download_artifacts(run.info.run_id, "seen.txt", str(st.run_dir / "got"))
-    assert Path(got).read_text() == "for the reader"
+    assert Path(got).read_text() == "auth-read-only"
     attempts = {
         "experiment": lambda: reader.create_experiment("reader-made"),
         "run": lambda: reader.create_run(exp),

@@ -5,6 +5,7 @@ server, minutes in. Checked here without a server."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 
 from agegender.config import Config
 from flows.settings import SuiteRun
-from tests.conftest import REPO, STACK_TINY
+from tests.conftest import REPO, scale_out_params
 
 
 def _flow(entrypoint: str) -> Any:
@@ -52,12 +53,6 @@ def test_suite_and_config_sections_arrive_as_typed_objects() -> None:
     assert got["config"] == Config.model_validate({"preset": "modern"})
     # a suite section without variants, as the scale-out test sends it: the default variants
     # would want a backbone, so cross_validate validates it with its own variant
-    cross_validate.validate_parameters(
-        {
-            "variant": "gender",
-            "suite": {"folds": [0, 1], "mode": "deployments"},
-            "config": STACK_TINY,
-        }
-    )
+    cross_validate.validate_parameters(scale_out_params("x", Path("/cache"), Path("/runs")))
     with pytest.raises(Exception, match="mode"):
         suite_flow.validate_parameters({"suite": {"mode": "everywhere"}})

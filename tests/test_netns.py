@@ -37,11 +37,11 @@ from deployments.stack import (
 )
 from tests.conftest import (
     REPO,
-    STACK_TINY,
     TINY_ARGS,
     flow_runs,
     prefect_api,
     processes_of,
+    scale_out_params,
     suite_cli,
 )
 
@@ -445,13 +445,7 @@ def test_a_worker_in_the_namespace_takes_a_cross_validate_runs_folds(
     from prefect.deployments import run_deployment
 
     st = host_stack
-    params = {
-        "variant": "gender",
-        "cache_dir": str(learn_cache),
-        "run_root": str(tmp_path),
-        "suite": {"name": "netns-folds", "folds": [0, 1], "mode": "deployments"},
-        "config": STACK_TINY,
-    }
+    params = scale_out_params("netns-folds", learn_cache, tmp_path)
     assert list(_workers(st)) == [_worker_name(worker)]  # the pool's only worker
     with _admin(st):
         run = run_deployment(

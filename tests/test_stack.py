@@ -28,12 +28,12 @@ from deployments.stack import StackError, alive, ensure_bucket, tail
 from tests.conftest import (
     REPO,
     STACK_SUITE,
-    STACK_TINY,
     TINY_ARGS,
     client_env,
     flow_runs,
     prefect_api,
     processes_of,
+    scale_out_params,
     suite_cli,
 )
 
@@ -352,13 +352,7 @@ def test_the_servers_keep_their_data_in_postgresql(stack: Any, stack_suite: dict
 def test_scale_out_runs_each_fold_as_a_flow_run_on_the_pool(
     stack: Any, learn_cache: Path, tmp_path: Path
 ) -> None:
-    params = {
-        "variant": "gender",
-        "cache_dir": str(learn_cache),
-        "run_root": str(tmp_path),
-        "suite": {"name": "stack-scale-out", "folds": [0, 1], "mode": "deployments"},
-        "config": STACK_TINY,
-    }
+    params = scale_out_params("stack-scale-out", learn_cache, tmp_path)
     with prefect_api(stack):
         run = run_deployment(
             "cross_validate/cross-validate", parameters=params, timeout=600, poll_interval=2
