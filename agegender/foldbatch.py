@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from agegender.models import SeededDropout, autocast, labelled_losses, to_input
+from agegender.models import SeededDropout, autocast, labelled_losses
 from agegender.steps import Step
-from agegender.train import Run, RunError, epoch_steps, lr_factor, make_optimizer
+from agegender.train import Run, RunError, epoch_steps, lr_factor, make_optimizer, step_input
 
 
 class _GivenMask(nn.Module):
@@ -107,7 +107,7 @@ class FoldBatch:
     def train_steps(self, n: int) -> Tensor:
         """n steps of every fold; the summed training loss of the last (left on the device)."""
         self.net.train()
-        bs, crop, t = self.config.data.batch_size, self.config.data.crop, self.config.train
+        bs, t = self.config.data.batch_size, self.config.train
         weights = {"age": t.age_weight, "gender": t.gender_weight}
         loss = torch.zeros((), device=self.device)
         for _ in range(n):
@@ -115,9 +115,7 @@ class FoldBatch:
             xs: list[Tensor] = []
             masks: list[list[Tensor]] = [[] for _ in self.mask_names]
             for run, step in zip(self.runs, steps, strict=True):
-                images = run.data.store.batch(step.positions)
-                x = to_input(run.data.normalize.crops(images, crop, step.window), False)
-                xs.append(_pad(x, bs))
+                xs.append(_pad(step_input(run, step, channels_last=False), bs))
                 for i, m in enumerate(step.masks):
                     masks[i].append(_pad(m, bs))
             with autocast(self.device, t.bf16):

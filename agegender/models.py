@@ -233,27 +233,31 @@ def to_input(crops: Tensor, channels_last: bool) -> Tensor:
     )
 
 
+HeadTargets = tuple[Tensor | None, Tensor, int]
+"""A head's labelled rows in a batch: their positions (None: all), their labels, how many."""
+
+
+def labelled_rows(y: Tensor) -> HeadTargets:
+    """Which rows of a batch carry the head's label (-1 = none)."""
+    have = y >= 0
+    count = int(have.sum())
+    if count == len(y):
+        return None, y, count
+    return torch.nonzero(have).flatten(), y[have], count
+
+
 def masked_losses(
     outputs: dict[str, Tensor], targets: dict[str, Tensor], reduction: str = "mean"
 ) -> dict[str, Tensor]:
     """Cross-entropy of each head over the samples that carry its label (0 when none do)."""
-    out = {}
-    for head, logits in outputs.items():
-        y = targets[head]
-        mask = y >= 0
-        if mask.any():
-            out[head] = F.cross_entropy(logits[mask].float(), y[mask], reduction=reduction)
-        else:
-            out[head] = logits.sum() * 0.0
-    return out
+    return labelled_losses(outputs, {h: labelled_rows(targets[h]) for h in outputs}, reduction)
 
 
 def labelled_losses(
-    outputs: dict[str, Tensor], targets: dict[str, tuple[Tensor | None, Tensor, int]]
+    outputs: dict[str, Tensor], targets: dict[str, HeadTargets], reduction: str = "mean"
 ) -> dict[str, Tensor]:
-    """`masked_losses` with the labelled rows found ahead on the CPU (`agegender.steps`): per
-    head (their positions in the batch or None for all, their labels, how many). The same
-    numbers, but no boolean mask to resolve on the device, which would make the host wait."""
+    """`masked_losses` with the labelled rows already found (training finds them ahead on the
+    CPU, `agegender.steps`: a boolean mask resolved on the device would make the host wait)."""
     out = {}
     for head, logits in outputs.items():
         positions, y, count = targets[head]
@@ -261,5 +265,5 @@ def labelled_losses(
             out[head] = logits.sum() * 0.0
             continue
         picked = logits if positions is None else logits.index_select(0, positions)
-        out[head] = F.cross_entropy(picked.float(), y)
+        out[head] = F.cross_entropy(picked.float(), y, reduction=reduction)
     return out

@@ -161,10 +161,6 @@ def _ci(d: Difference) -> str:
     return f"{100 * d.diff:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
 
 
-def _what(variant: str) -> str:
-    return variant_description(variant)
-
-
 def variant_description(variant: str) -> str:
     """What a variant is, in the tables' words (and in MLflow's descriptions)."""
     return {
@@ -234,7 +230,11 @@ def summarize(
             "|---|---|---|---|---|",
         ]
         for v in order:
-            lines.append(f"| ours: {v} | {_what(v)} | " + " | ".join(row_cells(v, suffix)) + " |")
+            lines.append(
+                f"| ours: {v} | {variant_description(v)} | "
+                + " | ".join(row_cells(v, suffix))
+                + " |"
+            )
         if not synthetic:
             cells = [_fmt(*theirs.values[m]) for m in METRICS]
             lines.append(f"| {theirs.name} | one net per task | " + " | ".join(cells) + " |")

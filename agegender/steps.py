@@ -21,12 +21,10 @@ import torch
 from torch import Tensor
 
 from agegender.data import PartData
-from agegender.models import SeededDropout
-from agegender.transforms import Window
+from agegender.models import HeadTargets, SeededDropout, labelled_rows
+from agegender.transforms import Window, draw_window
 
 CHUNK = 64  # steps drawn and copied at once: ~3 MB at batch 50, one copy instead of 64 x 8
-
-HeadTargets = tuple[Tensor | None, Tensor, int]  # labelled positions (None: all), labels, count
 
 
 @dataclass(frozen=True)
@@ -43,14 +41,6 @@ class Step:
     @property
     def size(self) -> int:
         return len(self.targets["age"])
-
-
-def _draw_window(n: int, h: int, w: int, size: int, gen: torch.Generator) -> Window:
-    """`transforms.random_window`'s three draws, from the image side only."""
-    top = torch.randint(0, h - size + 1, (n,), generator=gen)
-    left = torch.randint(0, w - size + 1, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
-    return top, left, flip
 
 
 def _to(t: Tensor, device: torch.device) -> Tensor:
@@ -73,34 +63,32 @@ def planned(
     positions_on_device: bool,
 ) -> Iterator[Step]:
     """The epoch's first `steps` batches of `order`, drawn CHUNK steps ahead."""
-    h, w = image_side
     for first in range(0, steps, CHUNK):
         sels = [
             order[s * batch_size : (s + 1) * batch_size]
             for s in range(first, min(first + CHUNK, steps))
         ]
-        windows = [_draw_window(len(sel), h, w, crop, gen_data) for sel in sels]
+        windows = [draw_window(len(sel), image_side, crop, gen_data) for sel in sels]
         masks = [[d.draw(len(sel)).bool() for d in dropouts] for sel in sels]
+        chosen = torch.cat(sels)
         flat: dict[str, Tensor] = {
-            "positions": part.index[torch.cat(sels)],
+            "positions": part.index[chosen],
             "top": torch.cat([t for t, _, _ in windows]),
             "left": torch.cat([le for _, le, _ in windows]),
             "flip": torch.cat([f for _, _, f in windows]),
-            "age": part.age[torch.cat(sels)],
-            "gender": part.gender[torch.cat(sels)],
+            "age": part.age[chosen],
+            "gender": part.gender[chosen],
         }
         found: dict[str, list[HeadTargets]] = {h: [] for h in heads}
         for head in heads:
             labels = torch.split(flat[head], [len(sel) for sel in sels])
             kept_at, kept = [], []
             for y in labels:
-                have = y >= 0
-                count = int(have.sum())
-                at = None if count == len(y) else torch.nonzero(have).flatten()
-                found[head].append((at, y[have] if at is not None else y, count))
+                at, labels_kept, count = labelled_rows(y)
+                found[head].append((at, labels_kept, count))
                 if at is not None:
                     kept_at.append(at)
-                kept.append(y[have])
+                kept.append(labels_kept)
             flat[f"{head}_at"] = torch.cat(kept_at) if kept_at else torch.zeros(0, dtype=torch.long)
             flat[f"{head}_kept"] = torch.cat(kept)
         if dropouts:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,9 @@ class Run:
     def channels_last(self) -> bool:
         return self.config.train.channels_last and self.device.type == "cuda"
 
-    @property
+    @cached_property
     def dropouts(self) -> list[SeededDropout]:
+        """Found once, not at every step (the model's layers do not change)."""
         return self.model.dropouts()
 
     def state(self) -> dict[str, Any]:
@@ -341,18 +343,22 @@ def epoch_steps(run: Run, steps: int) -> Iterator[Step]:
     )
 
 
+def step_input(run: Run, step: Step, channels_last: bool | None = None) -> torch.Tensor:
+    """A step's batch as the net's input: its images gathered, cropped and normalised."""
+    images = run.data.store.batch(step.positions)
+    crops = run.data.normalize.crops(images, run.config.data.crop, step.window)
+    return to_input(crops, run.channels_last if channels_last is None else channels_last)
+
+
 def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:
     """One pass over the shuffled training part (or what is left of the iteration budget)."""
     run.model.train()
-    store, crop, bs = run.data.store, run.config.data.crop, run.config.data.batch_size
+    bs = run.config.data.batch_size
     steps = min(math.ceil(len(run.data.train) / bs), run.total - run.iteration)
     sums: dict[str, Any] = {}
     start = time.perf_counter()
     for i, step in enumerate(epoch_steps(run, steps)):
-        images = store.batch(step.positions)
-        crops = run.data.normalize.crops(images, crop, step.window)
-        x = to_input(crops, run.channels_last)
-        stats = fit_batch(run, x, step)
+        stats = fit_batch(run, step_input(run, step), step)
         stats["loss"] = stats["loss"] * stats["n"]
         for k, v in stats.items():
             sums[k] = sums.get(k, 0) + v

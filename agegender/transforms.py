@@ -136,6 +136,12 @@ def random_window(images: Tensor, size: int, generator: torch.Generator) -> Wind
     """Training augmentation: per-image crop offsets and flips (top, left, flip) from the fold's
     own generator."""
     n, h, w, _ = images.shape
+    return draw_window(n, (h, w), size, generator)
+
+
+def draw_window(n: int, side: tuple[int, int], size: int, generator: torch.Generator) -> Window:
+    """`random_window` from the images' count and side alone (`agegender.steps` draws ahead)."""
+    h, w = side
     top = torch.randint(0, h - size + 1, (n,), generator=generator)
     left = torch.randint(0, w - size + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5

@@ -20,9 +20,8 @@ import torch
 
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, load_config
-from agegender.models import to_input
 from agegender.synth.adience import write_synthetic
-from agegender.train import Run, epoch_steps, fit_batch, prepare_run, train_epoch
+from agegender.train import Run, epoch_steps, fit_batch, prepare_run, step_input, train_epoch
 
 
 def _sync(run: Run) -> None:
@@ -45,8 +44,7 @@ def pipeline(run: Run, iterations: int) -> float:
 def bound(run: Run, iterations: int) -> float:
     """Images/s of the model step alone on one batch that is already on the device."""
     (step,) = epoch_steps(run, 1)
-    images, crop = run.data.store.batch(step.positions), run.config.data.crop
-    x = to_input(run.data.normalize.crops(images, crop, step.window), run.channels_last)
+    x = step_input(run, step)
     run.model.train()
     _sync(run)
     start = time.perf_counter()

@@ -77,7 +77,7 @@ def cmd_stack(a: argparse.Namespace) -> None:
         listen=a.listen if up else None,
         auth=auth_configured() if up else None,
     )
-    if a.action == "up":
+    if up:
         env = stack.up(lambda m: cli.err.print(m, highlight=False))
         cli.out.print("stack up; point clients at it with:", highlight=False)
         for k, v in env.items():

@@ -153,10 +153,6 @@ class Auth:
     worker: tuple[str, str]
     reader: tuple[str, str]
 
-    def secrets(self) -> list[str]:
-        """Every password (for checks that none of them was written anywhere)."""
-        return [self.prefect, self.admin[1], self.worker[1], self.reader[1]]
-
 
 def is_loopback(host: str) -> bool:
     try:
@@ -280,8 +276,8 @@ class Stack:
                 f"the stack listens on {self.host} only: no other machine reaches it; start it "
                 "with `agegender stack up --listen ADDR` (this machine's address), auth configured"
             )
-        env = DEFAULTS | self.client_env() | self.auth_env("worker") | PROXIED_ARTIFACTS
-        return env  # DEFAULTS: telemetry off, as for every process the project starts
+        # DEFAULTS: telemetry off, as for every process the project starts
+        return DEFAULTS | self.client_env() | self.auth_env("worker") | PROXIED_ARTIFACTS
 
     # --- processes ---------------------------------------------------------------------------
 

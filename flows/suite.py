@@ -67,13 +67,13 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
 
     def submit(v: str, cfg: Config, extra: dict[str, str]) -> None:
         configs[v] = cfg
-        tags = parent_tags(
-            suite.name, v, cfg, fingerprint, synthetic, suite.seeds or [cfg.train.seed]
-        )
-        note = parent_note(suite.name, v, cfg, suite.seeds or [cfg.train.seed])
+        repeats = suite.seeds or [cfg.train.seed]
+        tags = parent_tags(suite.name, v, cfg, fingerprint, synthetic, repeats)
+        note = parent_note(suite.name, v, cfg, repeats)
         parents[v], new = tracker.find_or_start(v, tags, extra | note)
         if new:  # the UI compares the variants' params
             tracker.log(parents[v], params=flatten(cfg.model_dump(mode="json")))
+        labels = run_tags(suite.name, v)
         for k, seed in [(k, s) for k in suite.folds for s in seeds]:
             c = cfg
             if seed is not None:
@@ -88,7 +88,6 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
                 parent_id=parents[v],
                 seed=seed,
             )
-            labels = run_tags(suite.name, v)
             if suite.mode == "deployments":
                 remote = remote_fold_task.with_options(tags=labels)
                 futures.append(remote.submit(suite.deployment, suite.retries, job))
@@ -148,7 +147,11 @@ def suite_run_name() -> str:
     from prefect.runtime import flow_run
 
     name = _suite_name(flow_run.parameters.get("suite"))
-    return f"{name}-{datetime.now(UTC):%Y-%m-%d-%H%M}"
+    return f"{name}-{_stamp()}"
+
+
+def _stamp() -> str:
+    return f"{datetime.now(UTC):%Y-%m-%d-%H%M}"
 
 
 def cross_validate_run_name() -> str:
@@ -156,9 +159,7 @@ def cross_validate_run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    return f"{_suite_name(params.get('suite'))}-{params.get('variant', 'multitask')}-" + (
-        f"{datetime.now(UTC):%Y-%m-%d-%H%M}"
-    )
+    return f"{_suite_name(params.get('suite'))}-{params.get('variant', 'multitask')}-{_stamp()}"
 
 
 def _tag_this_run(*tags: str) -> None:

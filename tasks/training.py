@@ -112,7 +112,7 @@ def train_tracked(
                 if lagging[0]:  # history.json holds this epoch already
                     catch_up(run.tracker, run_id, run.out)
                 else:
-                    run.tracker.log_epoch(run_id, record)
+                    run.tracker.log_history(run_id, [record])
                 lagging[0] = False
             except TrackingError as exc:
                 if not lagging[0]:

@@ -122,14 +122,7 @@ TINY_TRAIN = [
 ]
 
 # the tiny settings as `agegender suite` overrides, its iterations left to each test
-TINY_ARGS = [
-    "data.crop=48",
-    "model.norm=batchnorm",
-    "optim.name=adam",
-    "optim.weight_decay=0",
-    "train.patience=null",
-    "train.tencrop=false",
-]
+TINY_ARGS = [a for a in TINY_TRAIN if not a.startswith("train.iterations=")]
 
 STACK_TINY = {
     "data": {"crop": 48},
@@ -219,11 +212,16 @@ def flow_runs(stack: Any, body: dict[str, Any]) -> Any:
         return json.loads(r.read())
 
 
+def suite_argv(cache: Path, run_root: Path, *extra: str) -> list[str]:
+    """The `agegender suite` command line on a cache, into a run root."""
+    script = Path(sys.executable).with_name("agegender")
+    return [str(script), "suite", "--cache", str(cache), "--run-root", str(run_root), *extra]
+
+
 def suite_cli(stack: Any, cache: Path, run_root: Path, *extra: str) -> subprocess.Popen[str]:
     """`agegender suite` as a client of the stack, output captured."""
-    script = Path(sys.executable).with_name("agegender")
     return subprocess.Popen(
-        [str(script), "suite", "--cache", str(cache), "--run-root", str(run_root), *extra],
+        suite_argv(cache, run_root, *extra),
         cwd=REPO,
         env=client_env(stack),
         stdout=subprocess.PIPE,

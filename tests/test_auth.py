@@ -151,9 +151,9 @@ def test_unauthenticated_requests_are_refused(auth_stack: tuple[Stack, dict[str,
     assert _status(search) == 401
     assert _status(search, auth="worker:not-the-password") == 401
     assert _status(st.mlflow_url + "/health") == 200
-    for url in (st.s3_url, st.s3_public_url):
-        assert _status(f"{url}/{st.bucket}/") == 403
-        assert _status(f"{url}/") == 403
+    assert st.s3_public_url == st.s3_url  # on loopback: the relay's own test is below
+    assert _status(f"{st.s3_url}/{st.bucket}/") == 403
+    assert _status(f"{st.s3_url}/") == 403
     # the right credentials open the same doors
     assert _status(st.prefect_api + "/flows/filter", {}, values["PREFECT_API_AUTH_STRING"]) == 200
     assert _status(search, auth="worker:" + values["AGEGENDER_MLFLOW_WORKER_PASSWORD"]) == 200
@@ -214,10 +214,9 @@ def test_reader_reads_but_writes_nothing(
         "metric": lambda: reader.log_metric(run.info.run_id, "acc", 1.0),
         "model": lambda: reader.create_registered_model("reader-model"),
     }
-    for what, attempt in attempts.items():
-        with pytest.raises(MlflowException, match="403") as info:
+    for attempt in attempts.values():
+        with pytest.raises(MlflowException, match="403"):
             attempt()
-        assert "PERMISSION_DENIED" in str(info.value) or "403" in str(info.value), what
     assert reader.get_run(run.info.run_id).data.metrics["acc"] == 0.25
     assert reader.get_experiment_by_name("reader-made") is None
 

@@ -27,7 +27,7 @@ from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult
 from tasks.training import RUN_ID_FILE, TrackedRun, catch_up, open_run
-from tests.conftest import REPO, serving
+from tests.conftest import REPO, serving, suite_argv
 from tracking.store import Tracker
 
 # many short epochs (85 training images, batches of 16: 6 iterations an epoch), so that the fold
@@ -86,20 +86,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _suite(cache: Path, run_root: Path, *extra: str) -> list[str]:
-    script = Path(sys.executable).with_name("agegender")
-    return [
-        str(script),
-        "suite",
-        "--cache",
-        str(cache),
-        "--run-root",
-        str(run_root),
-        "suite.variants=[gender]",
-        "suite.folds=[0]",
-        "suite.register_champions=false",
-        *TINY,
-        *extra,
-    ]
+    one_fold = ["suite.variants=[gender]", "suite.folds=[0]", "suite.register_champions=false"]
+    return suite_argv(cache, run_root, *one_fold, *TINY, *extra)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -261,6 +249,7 @@ def test_a_killed_fold_continues_its_own_run(tiny_cache: Path, tmp_path: Path) -
     steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
     assert sorted(steps) == list(range(1, epochs + 1))  # every epoch once, none lost
     system = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert system
     assert len({m.step for m in system}) == len(system)  # the monitor continued its steps
 
 
@@ -297,7 +286,7 @@ def test_epochs_the_run_lacks_are_caught_up_from_history(tmp_path: Path) -> None
         {"epoch": e, "lr": 0.1, "iteration": 6 * e, "val_loss": 1.0 / e, "best": True}
         for e in (1, 2, 3)
     ]
-    tracker.log_epoch(run_id, history[0])
+    tracker.log_history(run_id, history[:1])
     (tmp_path / "history.json").write_text(json.dumps(history))
     catch_up(tracker, run_id, tmp_path)
     catch_up(tracker, run_id, tmp_path)  # nothing twice

@@ -28,6 +28,7 @@ import pytest
 
 from deployments.services import DEFAULTS, apply_defaults, basic_auth
 from deployments.stack import (
+    AUTH_SECRET_VARS,
     BIN,
     Ports,
     Stack,
@@ -215,14 +216,6 @@ def _for_worker(st: Stack) -> dict[str, str]:
     return dict(_printed_for_worker(st.run_dir))
 
 
-AUTH_SECRETS = (
-    "PREFECT_API_AUTH_STRING",
-    "MLFLOW_AUTH_ADMIN_PASSWORD",
-    "AGEGENDER_MLFLOW_WORKER_PASSWORD",
-    "AGEGENDER_MLFLOW_READER_PASSWORD",
-)
-
-
 @pytest.fixture(scope="module")
 def host_stack(netns: Netns) -> Iterator[Stack]:
     """The stack (`up`, auth on) on the host end of the veth pair, not on 127.0.0.1, with
@@ -235,7 +228,7 @@ def host_stack(netns: Netns) -> Iterator[Stack]:
         AWS_ACCESS_KEY_ID="agegender-" + secrets.token_hex(4),
         AWS_SECRET_ACCESS_KEY=secrets.token_hex(16),
     )
-    passwords = {k: "netns-" + secrets.token_hex(12) for k in AUTH_SECRETS}
+    passwords = {k: "netns-" + secrets.token_hex(12) for k in AUTH_SECRET_VARS}
     passwords["PREFECT_API_AUTH_STRING"] = "agegender:" + secrets.token_hex(12)
     # beside the test stack's ports (+1: test_postgres's), moved by AGEGENDER_TEST_PORT_SHIFT
     shift = 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0")) + 2
@@ -354,7 +347,7 @@ def test_stack_env_for_worker_sends_the_heartbeat_the_crash_automation_expects(
     a slower beat their healthy runs would be marked CRASHED. No server needed."""
     st = Stack(tmp_path / "stack", host="198.18.0.1", auth=True, heartbeat_s=30)
     st._save_pids({})  # the state `stack up` leaves
-    passwords = {k: "netns-" + secrets.token_hex(12) for k in AUTH_SECRETS}
+    passwords = {k: "netns-" + secrets.token_hex(12) for k in AUTH_SECRET_VARS}
     passwords["PREFECT_API_AUTH_STRING"] = "agegender:" + secrets.token_hex(12)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in passwords.items():

@@ -23,7 +23,7 @@ from agegender.config import CacheConfig, load_config
 from agegender.labels import AGE_GROUPS
 from agegender.synth.adience import SynthResult
 from agegender.train import train_fold
-from tests.conftest import REPO
+from tests.conftest import REPO, suite_argv
 
 TINY = [
     "data.crop=48",
@@ -46,19 +46,10 @@ def pretrained(small_synth: SynthResult, tmp_path_factory: pytest.TempPathFactor
 
 
 def _cmd(cache: Path, run_root: Path, pretrained: Path, *extra: str) -> list[str]:
-    script = Path(sys.executable).with_name("agegender")
-    return [
-        str(script),
-        "suite",
-        "--cache",
-        str(cache),
-        "--run-root",
-        str(run_root),
-        f"suite.pretrained={pretrained}",
-        "suite.slots=2",  # two folds at once; every run here the same (threads change float sums)
-        *TINY,
-        *extra,
-    ]
+    # two folds at once (suite.slots=2); every run here the same (threads change float sums)
+    return suite_argv(
+        cache, run_root, f"suite.pretrained={pretrained}", "suite.slots=2", *TINY, *extra
+    )
 
 
 def _client(run_root: Path) -> tuple[MlflowClient, str]:

@@ -50,7 +50,6 @@ SERVING_REQUIREMENTS = (
     "pyyaml",
     "opencv-python-headless",
 )
-SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; a short test fold sets it lower
 _FINAL = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
 
 
@@ -207,14 +206,11 @@ class Tracker:
 
     def log_history(self, run_id: str, history: Iterable[Mapping[str, Any]]) -> None:
         """Per-epoch numbers as metric series (step = epoch): the MLflow UI draws the curves.
-        All carry the time of this call (epochs logged late, e.g. before a resume point)."""
+        All carry the time of this call: an epoch logged as it ends (live curves) its real
+        time, epochs logged late (e.g. before a resume point) the catch-up's."""
         now = int(time.time() * 1000)
         metrics = [m for h in history for m in _epoch_metrics(h, now)]
         self._batches(run_id, metrics, [], [])
-
-    def log_epoch(self, run_id: str, record: Mapping[str, Any]) -> None:
-        """One epoch's numbers as it ends (step = epoch, the real time): live curves."""
-        self._batches(run_id, _epoch_metrics(record, int(time.time() * 1000)), [], [])
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
         """The steps of metric `key` the run holds (which epochs a resumed run has)."""
@@ -244,7 +240,7 @@ class Tracker:
         """MLflow's system-metrics monitor (CPU, memory, disk, network; GPUs through
         nvidia-ml-py) on `run_id` while the block runs: a thread of its own per run, no global
         active run. It samples every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's
-        setting; default SYSTEM_METRICS_INTERVAL_S); AGEGENDER_SYSTEM_METRICS=0 turns it off."""
+        setting, default 10 s); AGEGENDER_SYSTEM_METRICS=0 turns it off."""
         if os.environ.get("AGEGENDER_SYSTEM_METRICS", "1").lower() in ("0", "false", "no"):
             yield
             return
@@ -254,7 +250,6 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)  # its start/stop lines per run
         monitor = SystemMetricsMonitor(  # type: ignore[no-untyped-call]
             run_id,
-            sampling_interval=SYSTEM_METRICS_INTERVAL_S,
             resume_logging=True,  # a reopened run continues its steps
             tracking_uri=self.uri,
         )
