@@ -55,6 +55,8 @@ class CacheConfig(_Strict):
 Task = Literal["multitask", "age", "gender"]
 Normalization = Literal["mean_image", "channel_mean", "channel_mean_std"]
 Metric = Literal["loss", "age_acc", "age_1off", "gender_acc", "mean_acc"]
+Precision = Literal["fp32", "tf32", "bf16"]
+StepMode = Literal["auto", "eager", "graph", "compiled"]
 
 
 class DataConfig(_Strict):
@@ -147,12 +149,32 @@ class TrainConfig(_Strict):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto|cpu|cuda[:N]"
     )
-    bf16: bool = Field(False, description="bf16 autocast on CUDA (slow on CPUs without AVX-512)")
+    precision: Precision = Field(
+        "fp32",
+        description="float math on CUDA: fp32; tf32 (convolutions and matmuls on TF32 tensor "
+        "cores); bf16 (autocast). No effect on a CPU",
+    )
+    step: StepMode = Field(
+        "auto",
+        description="how a training step runs: eager (op by op); graph (the whole step, input "
+        "gather to optimiser, replayed as one CUDA graph); compiled (the same, its forward and "
+        "backward fused by torch.compile); auto: compiled on CUDA (graph when deterministic), "
+        "eager on a CPU",
+    )
     channels_last: bool = Field(True, description="NHWC memory format on CUDA")
     tencrop: bool = Field(True, description="also test with 10-crop over-sampling")
     deterministic: bool = Field(
         False, description="deterministic algorithms (CUDA: slower; see the README)"
     )
+
+    @model_validator(mode="after")
+    def _compiled_is_not_deterministic(self) -> TrainConfig:
+        if self.deterministic and self.step == "compiled":
+            raise ValueError(
+                "train.step=compiled cannot promise train.deterministic=true (torch.compile "
+                "tunes its kernels by timing them); use train.step=graph or auto"
+            )
+        return self
 
 
 class Config(_Strict):
@@ -167,9 +189,15 @@ class Config(_Strict):
     def _on_its_preset(cls, data: Any) -> Any:
         """Sections given as data (a flow's parameters, a JSON file) sit on their `preset`
         (default `paper`), as a config file's do; complete data (a checkpoint's) is unchanged.
-        A preset file gone since a complete config was saved is no reason to refuse it."""
+        A preset file gone since a complete config was saved is no reason to refuse it, and
+        `train.bf16: true|false` (saved before `train.precision`) reads as bf16 or fp32."""
         if not isinstance(data, Mapping):
             return data
+        train = data.get("train")
+        if isinstance(train, Mapping) and "bf16" in train:  # saved before train.precision
+            train = {k: v for k, v in train.items() if k != "bf16"}
+            train["precision"] = "bf16" if data["train"]["bf16"] is True else "fp32"
+            data = {**data, "train": train}
         try:
             return _on_preset(data, None)
         except ConfigError:
@@ -180,11 +208,12 @@ class Config(_Strict):
     def hash(self) -> str:
         """Short content hash: equal configs train equal models (with equal data).
 
-        The device is left out: it says where a fold ran, not what was trained. A checkpoint in
+        The device and the step's mode are left out: they say where and how a fold ran, not
+        what was trained (each gives the same numbers up to float rounding). A checkpoint in
         `model.init_from` counts by its content, not its path: the same weights downloaded to
         another folder give the same hash, retrained weights at the same path do not.
         """
-        data = self.model_dump(mode="json", exclude={"train": {"device"}})
+        data = self.model_dump(mode="json", exclude={"train": {"device", "step"}})
         if self.model.init_from is not None:
             data["model"]["init_from"] = file_digest(self.model.init_from)
         blob = json.dumps(data, sort_keys=True)
@@ -329,7 +358,14 @@ def deviations(config: Config) -> list[str]:
     except ConfigError:
         return ["preset file no longer readable"]
     ours, theirs = flatten(config.model_dump(mode="json")), flatten(base.model_dump(mode="json"))
-    skip = {"train.device", "train.task", "model.init_from", "model.freeze", "optim.backbone_lr"}
+    skip = {
+        "train.device",
+        "train.step",
+        "train.task",
+        "model.init_from",
+        "model.freeze",
+        "optim.backbone_lr",
+    }
     return [f"{k}={v}" for k, v in ours.items() if k not in skip and theirs.get(k) != v]
 
 
@@ -395,7 +431,9 @@ class SuiteConfig(_Strict):
         description="repeats: each fold trained once per seed (train.seed), averaged per fold "
         "before the statistics across folds; null = once, with train.seed",
     )
-    slots: int = Field(0, ge=0, description="folds at once; 0 = one per GPU, else 1")
+    slots: int = Field(
+        0, ge=0, description="folds at once; 0 = 8 on each GPU (the measured best), 1 on a CPU"
+    )
     image_size: int = Field(256, ge=8, le=1024, description="cache image side (paper: 256)")
     pretrained: str | None = Field(
         None,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from agegender.config import ModelConfig, Task
+from agegender.config import ModelConfig, Precision, Task
 
 HEADS: dict[str, dict[str, int]] = {
     "multitask": {"age": 8, "gender": 2},
@@ -41,9 +42,11 @@ class SeededDropout(nn.Module):
     """Dropout that draws its mask from a given generator, not torch's global one.
 
     Several folds may train concurrently in one process; a shared global RNG would make their
-    results depend on scheduling. Training sets `mask` before each step (`agegender.steps` draws
-    a chunk of steps' masks ahead, from the same generator in the same order, already on the
-    device): drawing here would copy a CPU mask to the GPU, a host wait, twice a step.
+    results depend on scheduling. Training passes each step's keep-mask in (`LeviHassner`'s
+    `masks`): `agegender.steps` draws a chunk of steps' masks ahead, from this layer's generator
+    in the order the layers use them, already on the device (drawing here would copy a CPU mask
+    to the GPU, a host wait, twice a step; and a captured step must read its masks from fixed
+    tensors).
     """
 
     def __init__(self, p: float, features: int) -> None:
@@ -51,7 +54,6 @@ class SeededDropout(nn.Module):
         self.p = p
         self.features = features  # a mask's row: what steps.plan draws
         self.generator: torch.Generator | None = None
-        self.mask: Tensor | None = None  # the next step's keep-mask (bool), used once
 
     def draw(self, rows: int) -> Tensor:
         """The keep-mask of `rows` inputs, from the generator (on its device)."""
@@ -59,10 +61,9 @@ class SeededDropout(nn.Module):
         keep = torch.empty((rows, self.features), device=self.generator.device)
         return keep.bernoulli_(1 - self.p, generator=self.generator)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep, self.mask = self.mask, None
         if keep is None:
             if self.generator is None:
                 return nn.functional.dropout(x, self.p, training=True)
@@ -140,8 +141,16 @@ class LeviHassner(nn.Module):
         self.task = task
         self.crop = crop
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        h = self.fc(self.features(x))
+    def forward(self, x: Tensor, masks: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """`masks`: one keep-mask per dropout layer (`dropouts()`, in order); without them the
+        layers draw their own."""
+        h = self.features(x)
+        kept = iter(masks or ())
+        for layer in self.fc:
+            if isinstance(layer, SeededDropout) and layer.p > 0:
+                h = layer(h, next(kept, None))
+            else:
+                h = layer(h)
         return {name: head(h) for name, head in self.heads.items()}
 
     def freeze_features(self) -> None:
@@ -218,11 +227,32 @@ def count_parameters(model: nn.Module) -> int:
 # --- the net's input layout, precision and loss, shared by training, evaluation and prediction
 
 
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when asked; a no-op elsewhere (bf16 is slow on most CPUs)."""
+def autocast(
+    device: torch.device, bf16: bool, cache: bool = True
+) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (bf16 is slow on most CPUs). A step
+    captured as a CUDA graph must not keep autocast's cast weights between steps (`cache`)."""
     if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def float_precision(precision: Precision, device: torch.device) -> Iterator[None]:
+    """`train.precision` for a run's float32 math on CUDA: `tf32` lets convolutions and matmuls
+    round their inputs to TF32 (10-bit mantissa, tensor cores); `fp32` and `bf16` (whose float32
+    parts stay float32) do not. Process-wide while the run trains, as `train.deterministic` is
+    (folds of one suite share their config), and restored after. Nothing changes on a CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 def to_input(crops: Tensor, channels_last: bool) -> Tensor:

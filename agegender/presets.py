@@ -123,7 +123,12 @@ PAPER: tuple[Setting, ...] = (
         "L&H trained one net per task; the multi-task loss weights are ours",
     ),
     Setting("train.gender_weight", 1.0, "ours", "as train.age_weight"),
-    Setting("train.bf16", False, "assumption", "Caffe trained in fp32"),
+    Setting(
+        "train.precision",
+        "fp32",
+        "assumption",
+        "Caffe trained in fp32 (tf32 and bf16 are ours, for speed on a GPU)",
+    ),
 )
 
 MODERN: dict[str, Any] = {

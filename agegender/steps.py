@@ -9,7 +9,9 @@ fill each other's gaps. Here a step only slices tensors that are already on the 
 
 The draws are the per-step loop's, call for call: crop windows from the run's data generator
 and dropout masks from its dropout generator, step after step, in the same order, so a run trains
-exactly the same numbers as before (`tests/test_steps.py`).
+exactly the same numbers as before (`tests/test_steps.py`). `drawn` makes a chunk's draws;
+`planned` cuts them into the eager loop's steps, `agegender.graph_step` lays them out in the
+fixed buffers its CUDA graph reads.
 """
 
 from __future__ import annotations
@@ -43,10 +45,55 @@ class Step:
         return len(self.targets["age"])
 
 
-def _to(t: Tensor, device: torch.device) -> Tensor:
+def to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":  # pinned, so the copy is queued and the host goes on
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """Up to CHUNK steps' draws, on the CPU, step after step in each tensor: `sizes[s]` rows for
+    step s (the rows' positions in the part's store, crop windows, labels, -1 = none) and their
+    dropout masks (each step's rows for each layer in turn)."""
+
+    sizes: list[int]
+    rows: dict[str, Tensor]  # positions, top, left, flip, age, gender: (sum(sizes),)
+    masks: Tensor | None  # (sum(sizes) x layers, features) bool; None without dropout
+
+
+def drawn(
+    part: PartData,
+    order: Tensor,
+    steps: int,
+    batch_size: int,
+    image_side: tuple[int, int],
+    crop: int,
+    gen_data: torch.Generator,
+    dropouts: list[SeededDropout],
+) -> Iterator[Drawn]:
+    """The epoch's first `steps` batches of `order`, CHUNK steps at a time: the draws of the
+    step-by-step loop, call for call, from the run's generators."""
+    for first in range(0, steps, CHUNK):
+        sels = [
+            order[s * batch_size : (s + 1) * batch_size]
+            for s in range(first, min(first + CHUNK, steps))
+        ]
+        windows = [draw_window(len(sel), image_side, crop, gen_data) for sel in sels]
+        masks = [[d.draw(len(sel)).bool() for d in dropouts] for sel in sels]
+        chosen = torch.cat(sels)
+        yield Drawn(
+            sizes=[len(sel) for sel in sels],
+            rows={
+                "positions": part.index[chosen],
+                "top": torch.cat([t for t, _, _ in windows]),
+                "left": torch.cat([le for _, le, _ in windows]),
+                "flip": torch.cat([f for _, _, f in windows]),
+                "age": part.age[chosen],
+                "gender": part.gender[chosen],
+            },
+            masks=torch.cat([torch.cat(m) for m in masks]) if dropouts else None,
+        )
 
 
 def planned(
@@ -62,26 +109,13 @@ def planned(
     device: torch.device,
     positions_on_device: bool,
 ) -> Iterator[Step]:
-    """The epoch's first `steps` batches of `order`, drawn CHUNK steps ahead."""
-    for first in range(0, steps, CHUNK):
-        sels = [
-            order[s * batch_size : (s + 1) * batch_size]
-            for s in range(first, min(first + CHUNK, steps))
-        ]
-        windows = [draw_window(len(sel), image_side, crop, gen_data) for sel in sels]
-        masks = [[d.draw(len(sel)).bool() for d in dropouts] for sel in sels]
-        chosen = torch.cat(sels)
-        flat: dict[str, Tensor] = {
-            "positions": part.index[chosen],
-            "top": torch.cat([t for t, _, _ in windows]),
-            "left": torch.cat([le for _, le, _ in windows]),
-            "flip": torch.cat([f for _, _, f in windows]),
-            "age": part.age[chosen],
-            "gender": part.gender[chosen],
-        }
+    """The epoch's first `steps` batches of `order`, drawn CHUNK steps ahead, one copy to the
+    device a chunk."""
+    for chunk in drawn(part, order, steps, batch_size, image_side, crop, gen_data, dropouts):
+        flat = dict(chunk.rows)
         found: dict[str, list[HeadTargets]] = {h: [] for h in heads}
         for head in heads:
-            labels = torch.split(flat[head], [len(sel) for sel in sels])
+            labels = torch.split(flat[head], chunk.sizes)
             kept_at, kept = [], []
             for y in labels:
                 at, labels_kept, count = labelled_rows(y)
@@ -91,18 +125,18 @@ def planned(
                 kept.append(labels_kept)
             flat[f"{head}_at"] = torch.cat(kept_at) if kept_at else torch.zeros(0, dtype=torch.long)
             flat[f"{head}_kept"] = torch.cat(kept)
-        if dropouts:
-            flat["masks"] = torch.cat([torch.cat(m) for m in masks])
+        if chunk.masks is not None:
+            flat["masks"] = chunk.masks
         on = {
-            k: v if k == "positions" and not positions_on_device else _to(v, device)
+            k: v if k == "positions" and not positions_on_device else to_device(v, device)
             for k, v in flat.items()
         }
-        yield from _slices(on, sels, found, heads, len(dropouts))
+        yield from _slices(on, chunk.sizes, found, heads, len(dropouts))
 
 
 def _slices(
     on: dict[str, Tensor],
-    sels: list[Tensor],
+    sizes: list[int],
     found: dict[str, list[HeadTargets]],
     heads: list[str],
     n_dropouts: int,
@@ -111,8 +145,7 @@ def _slices(
     start = 0
     at_start = dict.fromkeys(heads, 0)
     kept_start = dict.fromkeys(heads, 0)
-    for s, sel in enumerate(sels):
-        n = len(sel)
+    for s, n in enumerate(sizes):
         cut = slice(start, start + n)
         labelled: dict[str, HeadTargets] = {}
         for head in heads:

@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from agegender import graph_step
 from agegender.cache import Cache, ImageCache, open_cache
 from agegender.config import Config
 from agegender.data import FoldData, fold_data
 from agegender.evaluate import part_metrics, predict
+from agegender.graph_step import GraphStep
 from agegender.labels import AGE_GROUPS, GENDERS
 from agegender.metrics import mean_accuracy
 from agegender.models import (
@@ -41,11 +43,12 @@ from agegender.models import (
     SeededDropout,
     autocast,
     build_model,
+    float_precision,
     labelled_losses,
     to_input,
 )
 from agegender.splits import distribution_line, make_split
-from agegender.steps import Step, planned
+from agegender.steps import Drawn, Step, drawn, planned
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
@@ -107,22 +110,21 @@ def lr_factor(config: Config, total: int) -> Callable[[int], float]:
 
 
 def make_optimizer(
-    model: LeviHassner, config: Config, params: dict[str, torch.Tensor] | None = None
+    model: LeviHassner, config: Config, fused: bool = False
 ) -> torch.optim.Optimizer:
     """Caffe's per-layer multipliers as parameter groups: heads at `lr * head_lr_mult`, the
     backbone at `lr * backbone_lr`, biases (and norm scales) at `bias_lr_mult` times their
     layer's rate with `bias_decay_mult` times the weight decay. Frozen layers are left out.
-    `params` stands in for the model's own tensors by name (`agegender.foldbatch` passes K
-    folds' parameters stacked: the same groups, each element updated by the same rule)."""
+    `fused`: one kernel updates every parameter (always on a GPU; a graph step needs it on a
+    CPU too, to take its learning rate as a tensor)."""
     o = config.optim
     own = dict(model.named_parameters())
-    tensors = params if params is not None else own
     heads = {f"heads.{n}" for n, _ in model.heads.named_parameters()}
     groups: list[dict[str, Any]] = []
     for in_heads, rate in ((True, o.lr * o.head_lr_mult), (False, o.lr * o.backbone_lr)):
         part = [n for n, p in own.items() if (n in heads) == in_heads and p.requires_grad]
-        weights = [tensors[n] for n in part if own[n].ndim > 1]
-        biases = [tensors[n] for n in part if own[n].ndim <= 1]
+        weights = [own[n] for n in part if own[n].ndim > 1]
+        biases = [own[n] for n in part if own[n].ndim <= 1]
         if weights:
             groups.append({"params": weights, "lr": rate, "weight_decay": o.weight_decay})
         if biases:
@@ -133,15 +135,15 @@ def make_optimizer(
                     "weight_decay": o.weight_decay * o.bias_decay_mult,
                 }
             )
-    # on a GPU, one fused kernel updates every parameter (the same rule as the CPU's loop)
-    fused = True if next(iter(tensors.values())).is_cuda else None
+    # the same rule as the CPU's loop; on a CPU the eager loop keeps torch's default
+    use_fused = True if fused or next(iter(own.values())).is_cuda else None
     if o.name == "sgd":
         return torch.optim.SGD(
-            groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused
+            groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=use_fused
         )
     if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
-    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, fused=use_fused)
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, fused=use_fused)
 
 
 @dataclass
@@ -164,6 +166,8 @@ class Run:
     best_epoch: int = 0
     best_score: float = -math.inf
     bad_epochs: int = 0
+    mode: str = "eager"  # how steps run (`agegender.graph_step.resolve`)
+    engine: GraphStep | None = None  # the graph step, once the first epoch starts
 
     @property
     def channels_last(self) -> bool:
@@ -181,7 +185,7 @@ class Run:
             "data_fingerprint": self.trainset.cache.fingerprint,
             "trained_on": self.trainset.name,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _plain_rates(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "gen_data": self.gen_data.get_state(),
             "gen_dropout": self.gen_dropout.get_state(),
@@ -272,10 +276,17 @@ def start_run(ts: TrainSet, config: Config) -> Run:
         model.freeze_features()
     gen_dropout = torch.Generator().manual_seed(dropout_seed)
     model.set_generator(gen_dropout)
-    optimizer = make_optimizer(model, config)
+    t = config.train
+    try:
+        mode = graph_step.resolve(t.step, t.deterministic, device, data.store.preloaded)
+    except graph_step.StepError as exc:
+        raise RunError(str(exc)) from None
+    optimizer = make_optimizer(model, config, fused=mode != "eager")
     total = total_iterations(config, len(data.train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
-    return Run(config, ts, device, data, model, optimizer, scheduler, gen_data, gen_dropout, total)
+    run = Run(config, ts, device, data, model, optimizer, scheduler, gen_data, gen_dropout, total)
+    run.mode = mode
+    return run
 
 
 def load_backbone(model: LeviHassner, checkpoint: Path) -> None:
@@ -304,10 +315,8 @@ def fit_batch(run: Run, x: torch.Tensor, step: Step) -> dict[str, Any]:
     """One SGD step on a ready input batch (the part a model-only benchmark also times). Nothing
     here reads a value back from the device: the statistics stay there until the epoch ends."""
     t = run.config.train
-    for layer, keep in zip(run.dropouts, step.masks, strict=True):
-        layer.mask = keep
-    with autocast(run.device, t.bf16):
-        out = run.model(x)
+    with autocast(run.device, t.precision == "bf16"):
+        out = run.model(x, step.masks)
     losses = labelled_losses(out, step.labelled)
     weights = {"age": t.age_weight, "gender": t.gender_weight}
     loss = sum((weights[h] * v for h, v in losses.items()), torch.zeros((), device=run.device))
@@ -350,13 +359,46 @@ def step_input(run: Run, step: Step, channels_last: bool | None = None) -> torch
     return to_input(crops, run.channels_last if channels_last is None else channels_last)
 
 
+def epoch_chunks(run: Run, steps: int) -> Iterator[Drawn]:
+    """`epoch_steps`' draws, a chunk at a time on the CPU (for the graph step)."""
+    part, bs, crop = run.data.train, run.config.data.batch_size, run.config.data.crop
+    order = torch.randperm(len(part), generator=run.gen_data)
+    side = run.data.store.side
+    return drawn(part, order, steps, bs, side, crop, run.gen_data, run.dropouts)
+
+
 def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:
     """One pass over the shuffled training part (or what is left of the iteration budget)."""
     run.model.train()
     bs = run.config.data.batch_size
     steps = min(math.ceil(len(run.data.train) / bs), run.total - run.iteration)
-    sums: dict[str, Any] = {}
     start = time.perf_counter()
+    if run.mode == "eager":
+        out = _eager_epoch(run, steps, progress)
+    else:
+        if run.engine is None:
+            run.engine = GraphStep(run, compiled=run.mode == "compiled")
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, steps)
+
+        for chunk in epoch_chunks(run, steps):
+            run.engine.train(chunk, tick)
+        out = run.engine.epoch_sums()  # the epoch's one wait for the device
+    seconds = time.perf_counter() - start
+    n = int(out.get("n", 0))
+    result = {"train_loss": out["loss"] / max(n, 1), "images_per_s": n / max(seconds, 1e-9)}
+    for head in run.model.heads:
+        result[f"train_{head}_acc"] = out[f"{head}_correct"] / max(int(out[f"{head}_n"]), 1)
+    return result
+
+
+def _eager_epoch(run: Run, steps: int, progress: Progress | None) -> dict[str, float]:
+    sums: dict[str, Any] = {}
     for i, step in enumerate(epoch_steps(run, steps)):
         stats = fit_batch(run, step_input(run, step), step)
         stats["loss"] = stats["loss"] * stats["n"]
@@ -364,13 +406,7 @@ def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:
             sums[k] = sums.get(k, 0) + v
         if progress:
             progress(i + 1, steps)
-    out = {k: float(v) for k, v in sums.items()}  # the epoch's one wait for the device
-    seconds = time.perf_counter() - start
-    n = int(out.get("n", 0))
-    result = {"train_loss": out["loss"] / max(n, 1), "images_per_s": n / max(seconds, 1e-9)}
-    for head in run.model.heads:
-        result[f"train_{head}_acc"] = out[f"{head}_correct"] / max(int(out[f"{head}_n"]), 1)
-    return result
+    return {k: float(v) for k, v in sums.items()}  # the epoch's one wait for the device
 
 
 def epoch_line(r: dict[str, Any]) -> str:
@@ -403,6 +439,15 @@ def selection_score(metric: str, val: dict[str, Any]) -> float:
     if value is None:
         raise RunError(f"train.select_metric={metric} is not measured for this task")
     return float(value)
+
+
+def _plain_rates(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimiser's state with its learning rates as numbers: a graph step's groups read theirs
+    from a tensor, which a checkpoint (and an eager resume) does not need."""
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -466,7 +511,7 @@ def validate(run: Run) -> dict[str, Any]:
         run.config.data.crop,
         d.normalize,
         run.config.data.batch_size * 2,
-        bf16=t.bf16,
+        bf16=t.precision == "bf16",
         channels_last=run.channels_last,
     )
     weights = {"age": t.age_weight, "gender": t.gender_weight}
@@ -531,7 +576,12 @@ def train(
 ) -> FoldResult:
     """Train, monitor validation, test once; files in `out_dir` (see README)."""
     device = select_device(config.train.device)
-    with determinism(config.train.deterministic, device), own_stream(device):
+    t = config.train
+    with (
+        determinism(t.deterministic, device),
+        float_precision(t.precision, device),
+        own_stream(device),
+    ):
         return _train(ts, config, Path(out_dir), resume, log, progress)
 
 
@@ -648,7 +698,7 @@ def _train(
         d.normalize,
         config.data.batch_size * 2,
         tencrop=t.tencrop,
-        bf16=t.bf16,
+        bf16=t.precision == "bf16",
         channels_last=run.channels_last,
     )
     test = part_metrics(pred.center, d.test)
@@ -666,6 +716,9 @@ def _train(
         "data_fingerprint": ts.cache.fingerprint,
         "synthetic": ts.cache.synthetic,
         "device": str(run.device),
+        "precision": t.precision,
+        "step": graph_step.describe(run.mode, run.device)
+        + (f" ({run.engine.note})" if run.engine is not None and run.engine.note else ""),
         "sizes": {p: len(d.part(p)) for p in ("train", "val", "test")},
         "iterations": run.iteration,
         "epochs": run.epoch,

@@ -42,7 +42,7 @@ class Normalize:
             return "mean_image"
         return "channel_mean" if self.std is None else "channel_mean_std"
 
-    def _tensors(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def on(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """mean and std on the images' device (made once per device, not once per batch)."""
         if images.device not in self._on:
             std = None if self.std is None else torch.from_numpy(self.std).to(images.device)
@@ -56,7 +56,7 @@ class Normalize:
 
     def __call__(self, images: Tensor) -> Tensor:
         """uint8 (B, H, W, 3) -> float (B, H, W, 3), whole images (crop afterwards)."""
-        mean, std = self._tensors(images)
+        mean, std = self.on(images)
         x = images.float() - mean
         return x if std is None else x / std
 
@@ -68,7 +68,7 @@ class Normalize:
         the one gather (gathering the mean's crops as well measured 25-30 % slower).
         `benchmarks/normalise_crops.py` compares both against normalise-then-crop."""
         top, left, flip = window
-        mean, std = self._tensors(images)
+        mean, std = self.on(images)
         if mean.ndim == 3:
             return crop_batch(self(images), top, left, size, flip)
         x = crop_batch(images, top, left, size, flip).float() - mean

@@ -4,6 +4,7 @@
     python benchmarks/convergence.py --data-root /data/adience                   # a real download
     python benchmarks/convergence.py ... --iterations 10000 --compare std --determinism 200
     python benchmarks/convergence.py --cache runs/cache                          # one already built
+    python benchmarks/convergence.py ... --precision bf16 --step compiled        # on a GPU
 
 Trains fold 0 (subject-disjoint split) with the `paper` preset (227 px crops of 256 px images,
 LRN, Caffe init, SGD with the released solver's settings, the training images' mean image
@@ -15,7 +16,10 @@ data are synthetic: `--metadata DIR` copies the real Adience users, folds and la
 `--compare std` trains the same budget with per-channel mean/std standardisation (inputs ~60x
 smaller than what the Caffe init expects), `--compare shuffled` on permuted labels (chance).
 `--determinism N` trains N iterations twice with `train.deterministic=true` and says whether the
-two runs are identical. `--json FILE` writes every number.
+two runs are identical. `--precision` and `--step` set `train.precision` and `train.step`. Each
+run's time is split into training (the epochs' own images/s) and the rest (validation after every
+epoch, testing with 10 crops, set-up and compiling): `benchmarks/projection.py` adds that share to
+the suite's projected time. `--json FILE` writes every number.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ def train(
             f"data.crop={a.crop}",
             f"train.iterations={a.iterations}",
             f"train.device={a.device}",
+            f"train.precision={a.precision}",
+            f"train.step={a.step}",
             f"optim.decay_every={min(1.0, a.decay_every / a.iterations)}",
             *extra,
         ],
@@ -102,14 +108,23 @@ def train(
     s = train_fold(cache, 0, config, out, log=log).summary
     seconds = time.perf_counter() - start
     test = {k: v for k, v in s["test"].items() if isinstance(v, float)}
+    train_s, done = 0.0, 0
+    for r in curve:  # an epoch's images: the part, or what was left of the budget
+        images = min(s["sizes"]["train"], (r["iteration"] - done) * config.data.batch_size)
+        train_s, done = train_s + images / r["images_per_s"], r["iteration"]
     print(
-        f"{label}: test after {s['iterations']:,} iterations ({seconds:.0f} s): "
+        f"{label}: test after {s['iterations']:,} iterations ({seconds:.0f} s, of which "
+        f"training {train_s:.0f} s; {s['step']}, {s['precision']}): "
         + ", ".join(f"{k} {v:.3f}" for k, v in test.items())
     )
     return {
         "label": label,
         "overrides": extra,
         "seconds": seconds,
+        "train_seconds": train_s,
+        "train_images": s["iterations"] * config.data.batch_size,
+        "step": s["step"],
+        "precision": s["precision"],
         "test": test,
         "curve": curve,
         "sizes": s["sizes"],
@@ -120,6 +135,8 @@ def train(
 def determinism(a: argparse.Namespace, cache: Path, root: Path) -> dict[str, Any]:
     short = argparse.Namespace(**{**vars(a), "iterations": a.determinism})
     extra = ["train.deterministic=true", "train.tencrop=false"]
+    if a.step == "compiled":  # which cannot promise it: auto takes the graph step
+        extra.append("train.step=auto")
     same = [train(short, cache, root / f"det{i}", extra, f"det{i}") for i in range(2)]
 
     def curve(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -145,6 +162,8 @@ def main() -> None:
     ap.add_argument("--compare", nargs="*", default=[], choices=["std", "shuffled"])
     ap.add_argument("--determinism", type=int, default=0, metavar="N")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    ap.add_argument("--step", default="auto", choices=["auto", "eager", "graph", "compiled"])
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 

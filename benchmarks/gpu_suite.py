@@ -1,32 +1,41 @@
 """Several folds training at once on one device, the suite's way: aggregate images/s for K = 1,
-2, 4, 8 folds at batch 50, the fraction of the device's FLOP bound, and the paper suite's time.
+2, 4, 8 folds at batch 50, for each step mode (eager / graph / compiled) and precision, with the
+fraction of the device's FLOP bound and the paper suite's training time at that rate.
 
-    python benchmarks/gpu_suite.py                           # 227 of 256, K = 1 2 4 8, --json F
-    python benchmarks/gpu_suite.py --crop 48 --image-size 56 --per-fold 60 --iterations 6 \\
-        --folds-at-once 1 2                                  # the CPU smoke run (tests)
+    python benchmarks/gpu_suite.py                   # 227 of 256: eager, compiled x fp32, bf16
+    python benchmarks/gpu_suite.py --steps graph compiled --precisions bf16 --folds-at-once 4 8
+    python benchmarks/gpu_suite.py --crop 48 --image-size 56 --per-fold 40 --iterations 3 \\
+        --warmup 5 --folds-at-once 1 2 --steps eager graph --precisions fp32   # the CPU smoke run
     python benchmarks/gpu_suite.py --cache runs/cache        # images already cached (256 px)
 
 Each of the K folds is a real run of its own fold (`train_epoch`: its own shuffles, crops and
 dropout masks from its own generators, its own model and optimiser) in a thread of its own, each
-with its own CUDA stream (`train.own_stream`) and all reading one copy of the images on the device
+on its own CUDA stream (`train.own_stream`), all reading one copy of the images on the device
 (`data.shared_images`): K folds at once is what `suite.slots=K` does on one GPU. Aggregate =
-K x iterations x batch / the wall time of all K, after a warm-up (cuDNN's autotuning).
-`--fold-batch` also times K folds trained as one grouped network (`agegender.foldbatch`: one
-vmap over their stacked weights, one thread), which the suite does not use yet.
+K x iterations x batch / the wall time of all K, after a warm-up (cuDNN's autotuning, compiling,
+capturing each fold's graph), whose time is reported too (`setup_s`: once per process and shape
+for compiling, once per fold for capturing).
 
-The bound: the net's training FLOPs per image (torch's FlopCounterMode over a forward and a
-backward pass) at the device's dense matmul rate, measured here (bf16 on a GPU, fp32 on a CPU),
-or `--peak-tflops`. The projection: the paper suite's training images (4 variants x 5 folds plus
-pretraining, `train.iterations` x `data.batch_size` each, the paper preset's) at the best
-aggregate rate; validation and testing are not in it (the device script's 10k-iteration run
-shows their share). `--check-sync` trains one fold's steps with CUDA's sync debug mode set to
-error: a step that makes the host wait for the GPU fails it.
+Every (step, precision) arm runs in a process of its own, so a crash or a hung device in one
+cannot take another down; it prints and appends each K's row (`--rows FILE`, JSON lines) as soon
+as it is measured. An arm that dies is started again for the K values it had not reached.
+
+The bound: the net's training FLOPs per image (torch's FlopCounterMode, forward and backward) at
+the device's dense matmul rate, measured here (bf16 on a GPU, fp32 on a CPU) or `--peak-tflops`.
+The paper suite's training images: 4 variants x 5 folds plus pretraining, `train.iterations` x
+`data.batch_size` each (the paper preset's); validation and testing are not in these rates
+(`benchmarks/projection.py` adds them from a fold trained end to end). `--check-sync` trains one
+fold's epoch with CUDA's sync debug mode set to error after its warm-up: a step that makes the
+host wait for the GPU fails it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,10 +47,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agegender.cache import build_cache, open_cache
 from agegender.config import VARIANTS, CacheConfig, Config, load_config
-from agegender.foldbatch import FoldBatch
-from agegender.models import build_model
+from agegender.models import build_model, float_precision
 from agegender.synth.adience import write_synthetic
-from agegender.train import Run, own_stream, prepare_run, train_epoch
+from agegender.train import Run, determinism, own_stream, prepare_run, train_epoch
 
 
 def flops_per_image(config: Config) -> float:
@@ -72,7 +80,7 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 
 
 def seeded_config(config: Config, k: int) -> Config:
-    """The k-th run's config: folds 0-4, then again with another seed."""
+    """The k-th run's config: folds 0-4, then again with another seed (one config per fold)."""
     return config.model_copy(update={"train": config.train.model_copy(update={"seed": k // 5})})
 
 
@@ -92,19 +100,29 @@ def steps(run: Run, iterations: int) -> None:
 def at_once(runs: list[Run], iterations: int) -> float:
     """Seconds for every run to train `iterations` steps, each in a thread of its own."""
     _sync(runs[0].device)
-    workers = [threading.Thread(target=steps, args=(r, iterations)) for r in runs]
+    failed: list[BaseException] = []
+
+    def one(run: Run) -> None:
+        try:
+            steps(run, iterations)
+        except BaseException as exc:
+            failed.append(exc)
+
+    workers = [threading.Thread(target=one, args=(r,)) for r in runs]
     start = time.perf_counter()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
     _sync(runs[0].device)
+    if failed:
+        raise failed[0]
     return time.perf_counter() - start
 
 
 def check_sync(run: Run) -> str:
-    """Train one epoch with CUDA's sync debug mode on from its second step to its last: 'none'
-    when no step waited for the device, else the error it raised."""
+    """One epoch with CUDA's sync debug mode on from its second step to its last: 'none' when
+    no step waited for the device, else the error it raised."""
     if run.device.type != "cuda":
         return "not checked (no CUDA device)"
 
@@ -122,6 +140,96 @@ def check_sync(run: Run) -> str:
     return "none"
 
 
+def arm(a: argparse.Namespace) -> None:
+    """One (step, precision) arm in this process: K folds at once for each K, a row each."""
+    config = load_config(None, _overrides(a, a.arm[0], a.arm[1]), "paper")
+    cache = open_cache(a.cache)
+    start = time.perf_counter()
+    runs = [
+        prepare_run(cache, k % 5, seeded_config(config, k)) for k in range(max(a.folds_at_once))
+    ]
+    device = runs[0].device
+    with determinism(False, device), float_precision(config.train.precision, device):
+        at_once(runs, a.warmup)  # compiles once, captures each fold's graph
+        setup = time.perf_counter() - start
+        sync = check_sync(runs[0]) if a.check_sync else "not checked"
+        for k in a.folds_at_once:
+            if os.environ.get("GPU_SUITE_CRASH") == f"{a.arm[0]}:{k}":  # tests: an arm that dies
+                os._exit(3)
+            seconds = at_once(runs[:k], a.iterations)
+            row = {
+                "step": a.arm[0],
+                "precision": a.arm[1],
+                "folds": k,
+                "img_per_s": k * a.iterations * a.batch_size / seconds,
+                "seconds": seconds,
+                "setup_s": setup,
+                "sync_check": sync,
+                "ran_as": {r.mode for r in runs[:k]}.pop(),
+                "notes": sorted({r.engine.note for r in runs[:k] if r.engine and r.engine.note}),
+            }
+            print(
+                f"ROW {row['step']:<8} {row['precision']:<4} K={k}: {row['img_per_s']:,.0f} "
+                f"img/s ({seconds:.1f} s; set-up {setup:.0f} s; syncs: {sync})",
+                flush=True,
+            )
+            with a.rows.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _overrides(a: argparse.Namespace, step: str, precision: str) -> list[str]:
+    # the mean image from 500 training images, not all: the same work per step, less set-up
+    return [
+        f"data.crop={a.crop}",
+        f"data.batch_size={a.batch_size}",
+        "data.norm_images=500",
+        f"train.precision={precision}",
+        f"train.step={step}",
+        f"train.device={a.device}",
+    ]
+
+
+def run_arm(a: argparse.Namespace, step: str, precision: str, cache: Path, rows: Path) -> None:
+    """The arm in child processes, again for the K values left when one dies or hangs."""
+    left = list(a.folds_at_once)
+    while left:
+        cmd = [sys.executable, __file__, "--arm", step, precision, "--cache", str(cache)]
+        cmd += ["--rows", str(rows), "--folds-at-once", *map(str, left)]
+        for flag in ("crop", "batch_size", "iterations", "warmup", "device"):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+        cmd += ["--check-sync"] if a.check_sync else []
+        try:  # its rows print as they come; its errors are kept for the failure's row
+            proc = subprocess.run(cmd, timeout=a.arm_timeout, stderr=subprocess.PIPE, text=True)
+            rc, tail = proc.returncode, proc.stderr[-600:]
+        except subprocess.TimeoutExpired as exc:
+            rc, tail = -1, f"timed out after {a.arm_timeout} s: {str(exc.stderr or '')[-300:]}"
+        done = {r["folds"] for r in _rows(rows) if (r["step"], r["precision"]) == (step, precision)}
+        if rc == 0 and all(k in done for k in left):
+            return
+        failed = next(k for k in left if k not in done)
+        print(f"ROW {step:<8} {precision:<4} K={failed}: FAILED (exit {rc}): {tail}", flush=True)
+        with rows.open("a") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "precision": precision,
+                        "folds": failed,
+                        "error": tail,
+                        "exit": rc,
+                    }
+                )
+                + "\n"
+            )
+        left = [k for k in left if k > failed and k not in done]
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--crop", type=int, default=227)
@@ -132,86 +240,77 @@ def main() -> None:
     ap.add_argument("--per-fold", type=int, default=600, help="synthetic images per fold")
     ap.add_argument("--cache", type=Path, default=None, help="an image cache instead (Adience)")
     ap.add_argument("--folds-at-once", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    ap.add_argument(
+        "--steps", nargs="+", default=["eager", "compiled"], choices=["eager", "graph", "compiled"]
+    )
+    ap.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "tf32", "bf16"]
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None, help="instead of measuring")
     ap.add_argument("--check-sync", action="store_true")
-    ap.add_argument(
-        "--fold-batch", action="store_true", help="also K folds as one grouped net (foldbatch)"
-    )
+    ap.add_argument("--arm-timeout", type=float, default=600, help="seconds for an arm's process")
+    ap.add_argument("--rows", type=Path, default=None, help="append each row here (JSON lines)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--arm", nargs=2, default=None, metavar=("STEP", "PRECISION"), help=argparse.SUPPRESS
+    )  # a child process: one arm
     a = ap.parse_args()
+    if a.arm is not None:
+        return arm(a)
 
-    # the mean image from 500 training images, not all: the same work per step, less set-up
-    overrides = [f"data.crop={a.crop}", f"data.batch_size={a.batch_size}", "data.norm_images=500"]
-    overrides += [f"train.bf16={a.bf16}", f"train.device={a.device}"]
-    config = load_config(None, overrides, "paper")
+    config = load_config(None, _overrides(a, "eager", "fp32"), "paper")
     flops = flops_per_image(config)
+    device = torch.device("cuda" if a.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if a.peak_tflops is not None:
+        peak, peak_by = a.peak_tflops * 1e12, "given"
+    else:
+        peak, peak_by = peak_flops(device)
+    paper = load_config(None, [], "paper")
+    suite_images = (len(VARIANTS) * 5 + 1) * paper.train.iterations * paper.data.batch_size
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"device {name}, torch {torch.__version__}, crop {a.crop} of {a.image_size}, batch "
+        f"{a.batch_size}, {a.iterations} steps per fold; threads with own streams, one image copy"
+    )
+    print(
+        f"training FLOPs per image {flops / 1e9:.2f} G; peak {peak / 1e12:.1f} TFLOP/s ({peak_by})"
+    )
+    print(
+        f"bound {peak / flops:,.0f} img/s; paper suite {suite_images / 1e6:.1f} M images",
+        flush=True,
+    )
+    if device.type != "cuda":
+        print("(a CPU smoke run: the bound is one small matmul's rate, the times mean nothing)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        rows = a.rows or root / "rows.jsonl"
         if a.cache is None:
             start = time.perf_counter()
             write_synthetic(root / "adience", size=a.image_size, per_fold=a.per_fold, seed=0)
             config_cache = CacheConfig(image_size=a.image_size)
             build_cache(root / "adience", root / "cache", config=config_cache)
             print(f"synthetic data and cache: {time.perf_counter() - start:.0f} s", flush=True)
-        cache = open_cache(a.cache or root / "cache")
-        most = max(a.folds_at_once)
-        runs = []
-        for k in range(most):
-            runs.append(prepare_run(cache, k % 5, seeded_config(config, k)))
-        device = runs[0].device
-        if a.peak_tflops is not None:
-            peak, peak_by = a.peak_tflops * 1e12, "given"
-        else:
-            peak, peak_by = peak_flops(device)
-        at_once(runs, a.warmup)
-        sync = check_sync(runs[0]) if a.check_sync else "not checked"
-        rows: list[dict[str, Any]] = []
-        for k in a.folds_at_once:
-            seconds = at_once(runs[:k], a.iterations)
-            rate = k * a.iterations * a.batch_size / seconds
-            rows.append({"mode": "threads", "folds": k, "img_per_s": rate, "seconds": seconds})
-        for k in a.folds_at_once if a.fold_batch else ():
-            fb = FoldBatch([prepare_run(cache, i % 5, seeded_config(config, i)) for i in range(k)])
-            fb.train_steps(a.warmup)
-            _sync(device)
-            start = time.perf_counter()
-            fb.train_steps(a.iterations)
-            _sync(device)
-            seconds = time.perf_counter() - start
-            rate = k * a.iterations * a.batch_size / seconds
-            rows.append({"mode": "batched", "folds": k, "img_per_s": rate, "seconds": seconds})
-            del fb
+        for step in a.steps:  # in the order asked: what matters most first
+            for precision in a.precisions:
+                run_arm(a, step, precision, a.cache or root / "cache", rows)
+        measured = [r for r in _rows(rows) if "img_per_s" in r]
 
-    paper = load_config(None, [], "paper")
-    suite_images = (len(VARIANTS) * 5 + 1) * paper.train.iterations * paper.data.batch_size
-    base = rows[0]["img_per_s"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(
-        f"device {name}, crop {a.crop} of {a.image_size}, batch {a.batch_size}, bf16 "
-        f"{a.bf16 and device.type == 'cuda'}, {a.iterations} steps per fold, threads with own "
-        f"streams, one shared image copy (preloaded {runs[0].data.store.preloaded})"
-    )
-    print(
-        f"training FLOPs per image {flops / 1e9:.2f} G; peak {peak / 1e12:.1f} TFLOP/s ({peak_by})"
-    )
-    print(f"bound {peak / flops:,.0f} img/s; paper suite {suite_images / 1e6:.1f} M images")
-    if device.type != "cuda":
-        print("(a CPU smoke run: the bound is one small matmul's rate, the times mean nothing)")
-    print(f"syncs inside a step: {sync}")
-    print(
-        " how      | folds at once |  img/s total | per fold | vs 1 fold | of bound | suite (min)"
-    )
-    for r in rows:
+    print(" step     | prec | folds at once |  img/s total | per fold | of bound | suite (min)")
+    for r in measured:
         r["per_fold"] = r["img_per_s"] / r["folds"]
-        r["speedup"] = r["img_per_s"] / base
         r["bound_fraction"] = r["img_per_s"] * flops / peak
         r["suite_minutes"] = suite_images / r["img_per_s"] / 60
         print(
-            f" {r['mode']:<8} | {r['folds']:>13} | {r['img_per_s']:>12,.0f} | "
-            f"{r['per_fold']:>8,.0f} | {r['speedup']:>8.2f}x | {r['bound_fraction']:>7.1%} | "
-            f"{r['suite_minutes']:>10.1f}"
+            f" {r['step']:<8} | {r['precision']:<4} | {r['folds']:>13} | {r['img_per_s']:>12,.0f} |"
+            f" {r['per_fold']:>8,.0f} | {r['bound_fraction']:>7.1%} | {r['suite_minutes']:>10.1f}"
+        )
+    if measured:
+        best = max(measured, key=lambda r: r["img_per_s"])
+        print(
+            f"best: {best['step']} {best['precision']} K={best['folds']}, "
+            f"{best['img_per_s']:,.0f} img/s, the paper suite's training in "
+            f"{best['suite_minutes']:.1f} min"
         )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -219,17 +318,17 @@ def main() -> None:
             json.dumps(
                 {
                     "device": name,
+                    "torch": torch.__version__,
                     "crop": a.crop,
                     "image_size": a.image_size,
                     "batch_size": a.batch_size,
-                    "bf16": a.bf16,
                     "iterations_per_fold": a.iterations,
                     "flops_per_image": flops,
                     "peak_flops": peak,
                     "peak_by": peak_by,
                     "suite_images": suite_images,
-                    "sync_check": sync,
-                    "rows": rows,
+                    "rows": measured,
+                    "cpus": os.cpu_count(),
                 },
                 indent=1,
             )

@@ -16,6 +16,11 @@ from agegender.train import select_device
 
 _slots: queue.Queue[str] | None = None  # None until a flow has said how many
 CPU_THREADS = torch.get_num_threads()  # torch's own choice (cores, or OMP_NUM_THREADS)
+# Folds at once on one GPU when suite.slots=0: the best K measured on one H200 (the suite's
+# threads, issue 22: 12.0k img/s with 8 against 11.0k with 4; the graphed step's replica in
+# ../shared/gpu-probe: 31.4k with 8 against 31.0k with 4). Each fold holds its own model,
+# optimiser and graph (under 1 GB at 227 px), all share one copy of the images.
+PER_GPU = 8
 
 
 class SlotsError(RuntimeError):
@@ -23,7 +28,7 @@ class SlotsError(RuntimeError):
 
 
 def set_slots(n: int) -> int:
-    """n slots (0 = one per GPU, else 1); each is a device string a fold trains on.
+    """n slots (0 = PER_GPU per GPU, else 1); each is a device string a fold trains on.
 
     On a CPU the slots share the process's torch threads: each fold gets cores // n of them, so
     n folds never oversubscribe the cores (`suite.slots=2` on 2 cores: two folds with one thread
@@ -32,7 +37,7 @@ def set_slots(n: int) -> int:
     changes float sums, so runs compared number for number use the same slots."""
     global _slots
     gpus = torch.cuda.device_count()
-    n = n or max(gpus, 1)
+    n = n or (gpus * PER_GPU if gpus else 1)
     slots: queue.Queue[str] = queue.Queue()
     for i in range(n):
         slots.put(f"cuda:{i % gpus}" if gpus else "cpu")

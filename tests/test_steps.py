@@ -16,11 +16,10 @@ import agegender.steps
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, load_config
 from agegender.data import PartData
-from agegender.foldbatch import FoldBatch
 from agegender.models import SeededDropout, labelled_losses, masked_losses
 from agegender.steps import planned
 from agegender.synth.adience import SynthResult
-from agegender.train import RunError, prepare_run, train_epoch, train_fold
+from agegender.train import prepare_run, train_fold
 from agegender.transforms import random_window
 
 
@@ -142,43 +141,3 @@ def test_folds_trained_at_once_equal_folds_trained_alone(
     assert len(alone[0]["history"]) > 2  # several epochs, so the generators carried over
     runs = [prepare_run(cache, f, config) for f in (0, 1)]
     assert runs[0].data.store.data is runs[1].data.store.data  # one copy of the images
-
-
-@pytest.mark.integration
-def test_fold_batching_trains_what_each_fold_trains_alone(
-    small_synth: SynthResult, tmp_path: Path
-) -> None:
-    """Three folds as one grouped network (vmap over stacked weights), through epoch ends and
-    short last batches at different steps for each fold, end with each fold's own weights."""
-    build_cache(small_synth.out, tmp_path / "cache", config=CacheConfig(image_size=56))
-    cache = open_cache(tmp_path / "cache")
-    config = load_config(None, ["data.crop=48", "data.batch_size=16", "train.iterations=40"])
-    alone = [prepare_run(cache, f, config) for f in (0, 1, 2)]
-    for run in alone:
-        run.total = 13
-        while run.iteration < run.total:
-            train_epoch(run)
-    batched = [prepare_run(cache, f, config) for f in (0, 1, 2)]
-    fb = FoldBatch(batched)
-    fb.train_steps(13)
-    fb.unstack()
-    assert {len(r.data.train) % 16 for r in batched} != {0}  # short last batches were padded
-    assert len({len(r.data.train) for r in batched}) > 1  # epochs end at different steps
-    for a, b in zip(alone, batched, strict=True):
-        assert b.iteration == a.iteration == 13
-        for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
-            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
-    # and it is not trivially so: one step more changes the weights
-    before = fb.params["heads.age.weight"].detach().clone()
-    fb.train_steps(1)
-    assert not torch.equal(before, fb.params["heads.age.weight"])
-
-
-def test_fold_batching_refuses_what_it_cannot_train_alike(
-    small_synth: SynthResult, tmp_path: Path
-) -> None:
-    build_cache(small_synth.out, tmp_path / "cache", config=CacheConfig(image_size=56))
-    cache = open_cache(tmp_path / "cache")
-    config = load_config(None, ["data.crop=48", "model.norm=batchnorm", "train.epochs=2"])
-    with pytest.raises(RunError, match=r"model.norm=lrn .*train.epochs=null"):
-        FoldBatch([prepare_run(cache, f, config) for f in (0, 1)])
