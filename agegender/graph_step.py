@@ -45,6 +45,21 @@ _one_at_a_time = threading.Lock()  # compiling and capturing (folds in threads s
 _compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
+def compile_errors() -> tuple[type[Exception], ...]:
+    """What torch.compile raises when it cannot compile (not what a step raises when it runs:
+    an out-of-memory error, say, is not retried unfused)."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    names = [
+        (torch._dynamo.exc, "BackendCompilerFailed"),
+        (torch._inductor.exc, "InductorError"),
+        (torch._inductor.exc, "CppCompileError"),
+        (torch._inductor.exc, "InvalidCxxCompiler"),
+    ]
+    return tuple(getattr(m, n) for m, n in names if isinstance(getattr(m, n, None), type))
+
+
 class StepError(RuntimeError):
     """A step mode that cannot run here as configured."""
 
@@ -166,9 +181,11 @@ class GraphStep:
         self.mean, self.std = run.data.normalize.on(store.data)
         self.fn = compiled_step_loss() if compiled else step_loss
         self.graphed = run.device.type == "cuda"
+        self.capture = self.graphed  # until a capture fails
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warm = 0
-        self.note: str | None = None  # why it runs without a graph, when capturing failed
+        self.notes: list[str] = []  # what did not go as planned (compiling, capturing)
+        self._kept: list[tuple[torch.cuda.CUDAGraph, Callable[[], None]]] = []  # model_only's
         self.heads = list(run.model.heads)
         t = config.train
         self.options: dict[str, Any] = {
@@ -273,6 +290,11 @@ class GraphStep:
         if x is None:
             k.add_(1)
 
+    @property
+    def note(self) -> str | None:
+        """What did not go as planned, for result.json; None when all did."""
+        return "; ".join(self.notes) or None
+
     def _alone(self) -> contextlib.AbstractContextManager[Any]:
         """One fold at a time: the first steps (the first call compiles) and, on CUDA, all that
         runs outside the graph (captures, eager steps: no backward beside another fold's
@@ -285,7 +307,11 @@ class GraphStep:
             self.graph.replay()
             return
         with self._alone():
-            if self.warm < WARMUP or not self.graphed or self.note is not None:
+            if self.warm == 0 and self.fn is not step_loss:
+                self._first_compiled_step()
+                self.warm += 1
+                return
+            if self.warm < WARMUP or not self.capture:
                 self._step(self.chunk, self.k, self.fn)
                 self.warm += 1
                 return
@@ -296,8 +322,28 @@ class GraphStep:
             with self._alone():
                 self._step(self.chunk, self.k, self.fn)
 
+    def _first_compiled_step(self) -> None:
+        """The call that compiles. Compiling can fail where training cannot (Triton builds its
+        launcher with the system's C compiler, which a slim container may lack): the step then
+        runs unfused, still as one graph, and says why. Nothing ran before the compiler gave
+        up, so the step is simply taken again."""
+        buffers = [b.clone() for b in self.run.model.buffers()]  # batch norm's statistics
+        try:
+            self._step(self.chunk, self.k, self.fn)
+        except compile_errors() as exc:
+            # the forward may have run before the backward failed to compile: undo what it did
+            with torch.no_grad():
+                for b, saved in zip(self.run.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+            self.run.optimizer.zero_grad(set_to_none=False)
+            self.sums.zero_()
+            self.fn = step_loss
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            self.notes.append(f"torch.compile failed, the step runs unfused: {why}")
+            self._step(self.chunk, self.k, self.fn)
+
     def _capture(self, step: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
-        """`step` recorded on the run's own stream (`train.own_stream`); other folds' threads
+        """`step` recorded on the run's own stream (`runtime.own_stream`); other folds' threads
         go on meanwhile (thread-local capture mode). Nothing runs while capturing, so a capture
         that fails leaves the run as it was: it then trains op by op, and says so."""
         graph = torch.cuda.CUDAGraph()
@@ -312,7 +358,8 @@ class GraphStep:
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 step()
         except RuntimeError as exc:
-            self.note = f"CUDA graph capture failed, trained op by op: {str(exc)[:200]}"
+            self.capture = False
+            self.notes.append(f"CUDA graph capture failed, trained op by op: {str(exc)[:200]}")
             return None
         finally:
             for g, b in zip(groups, before, strict=True):
@@ -330,15 +377,22 @@ class GraphStep:
         self.k.zero_()  # a row of the loaded chunk that is surely there
         for _ in range(WARMUP):
             step()
-        graph = self._capture(step) if self.graphed else None
+        graph = self._capture(step) if self.capture else None
         if graph is None:
             return step
+        # kept as long as the training graph: a graph let go clears the cuBLAS workspaces of
+        # the stream it was captured on, which the training graph captured on it still uses
+        self._kept.append((graph, step))
+        return graph.replay
 
-        def replay() -> None:
-            assert step is not None  # the graph reads what `step` holds: keep it alive
-            graph.replay()
-
-        return replay
+    def close(self) -> None:
+        """Let the graphs go once the run's queued work is done, one fold at a time (releasing
+        a graph's memory and workspaces must not overlap another fold's capture)."""
+        if self.graphed:
+            torch.cuda.current_stream(self.run.device).synchronize()
+        with self._alone():
+            self.graph = None
+            self._kept.clear()
 
     def epoch_sums(self) -> dict[str, float]:
         """The epoch's statistics (the one wait for the device), reset for the next epoch; the

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from agegender.config import ModelConfig, Precision, Task
+from agegender.config import ModelConfig, Task
 
 HEADS: dict[str, dict[str, int]] = {
     "multitask": {"age": 8, "gender": 2},
@@ -235,24 +234,6 @@ def autocast(
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def float_precision(precision: Precision, device: torch.device) -> Iterator[None]:
-    """`train.precision` for a run's float32 math on CUDA: `tf32` lets convolutions and matmuls
-    round their inputs to TF32 (10-bit mantissa, tensor cores); `fp32` and `bf16` (whose float32
-    parts stay float32) do not. Process-wide while the run trains, as `train.deterministic` is
-    (folds of one suite share their config), and restored after. Nothing changes on a CPU."""
-    if device.type != "cuda":
-        yield
-        return
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    before = (matmul.allow_tf32, cudnn.allow_tf32)
-    matmul.allow_tf32 = cudnn.allow_tf32 = precision == "tf32"
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
 def to_input(crops: Tensor, channels_last: bool) -> Tensor:

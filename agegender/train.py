@@ -20,7 +20,6 @@ import platform
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -43,10 +42,10 @@ from agegender.models import (
     SeededDropout,
     autocast,
     build_model,
-    float_precision,
     labelled_losses,
     to_input,
 )
+from agegender.runtime import determinism, float_precision, own_stream
 from agegender.splits import distribution_line, make_split
 from agegender.steps import Drawn, Step, drawn, planned
 
@@ -168,6 +167,7 @@ class Run:
     bad_epochs: int = 0
     mode: str = "eager"  # how steps run (`agegender.graph_step.resolve`)
     engine: GraphStep | None = None  # the graph step, once the first epoch starts
+    step_note: str | None = None  # what did not go as planned with it (result.json's `step`)
 
     @property
     def channels_last(self) -> bool:
@@ -185,7 +185,9 @@ class Run:
             "data_fingerprint": self.trainset.cache.fingerprint,
             "trained_on": self.trainset.name,
             "model": self.model.state_dict(),
-            "optimizer": _plain_rates(self.optimizer.state_dict()),
+            "optimizer": _plain_rates(
+                self.optimizer.state_dict(), [float(r) for r in self.scheduler.get_last_lr()]
+            ),
             "scheduler": self.scheduler.state_dict(),
             "gen_data": self.gen_data.get_state(),
             "gen_dropout": self.gen_dropout.get_state(),
@@ -441,12 +443,13 @@ def selection_score(metric: str, val: dict[str, Any]) -> float:
     return float(value)
 
 
-def _plain_rates(state: dict[str, Any]) -> dict[str, Any]:
-    """An optimiser's state with its learning rates as numbers: a graph step's groups read theirs
-    from a tensor, which a checkpoint (and an eager resume) does not need."""
-    for group in state["param_groups"]:
+def _plain_rates(state: dict[str, Any], rates: list[float]) -> dict[str, Any]:
+    """An optimiser's state with its learning rates as numbers, the ones the next step takes
+    (`rates`, the scheduler's), as the eager loop leaves them: a graph step's groups read theirs
+    from a tensor that still holds the last step's, and the run may resume eagerly."""
+    for group, rate in zip(state["param_groups"], rates, strict=True):
         if isinstance(group["lr"], torch.Tensor):
-            group["lr"] = float(group["lr"])
+            group["lr"] = float(rate)
     return state
 
 
@@ -544,28 +547,6 @@ def train_fold(
     return train(adience_fold(cache, fold, config), config, out_dir, resume, log, progress)
 
 
-@contextmanager
-def determinism(on: bool, device: torch.device | None = None) -> Iterator[None]:
-    """`train.deterministic`: deterministic algorithms while a run trains (process-wide, so
-    folds training concurrently in one process share it), restored afterwards. Otherwise cuDNN
-    may time its algorithms once per shape and keep the fastest (it stays on: harmless)."""
-    if not on:
-        if device is not None and device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        yield
-        return
-    # cuBLAS needs a fixed workspace to be deterministic; set before its first use.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark = before[1]
-
-
 def train(
     ts: TrainSet,
     config: Config,
@@ -578,26 +559,11 @@ def train(
     device = select_device(config.train.device)
     t = config.train
     with (
-        determinism(t.deterministic, device),
+        determinism(t.deterministic),
         float_precision(t.precision, device),
         own_stream(device),
     ):
         return _train(ts, config, Path(out_dir), resume, log, progress)
-
-
-@contextmanager
-def own_stream(device: torch.device) -> Iterator[None]:
-    """On a GPU, the run queues its work on a CUDA stream of its own: folds that share a GPU (the
-    suite's slots are threads of one process) then run their kernels side by side, where on the
-    shared default stream each would wait for the others'."""
-    if device.type != "cuda":
-        yield
-        return
-    stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()
 
 
 def _save_tested(run: Run, out: Path) -> None:
@@ -659,28 +625,34 @@ def _train(
     )
 
     t = config.train
-    while run.iteration < run.total and not (t.patience and run.bad_epochs >= t.patience):
-        run.epoch += 1
-        # the base rate (the paper's lr); heads and biases run at their multiples of it
-        factor = run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
-        record: dict[str, Any] = {"epoch": run.epoch, "lr": config.optim.lr * factor}
-        record |= train_epoch(run, progress)
-        val = validate(run)
-        record |= {f"val_{k}": v for k, v in val.items() if not isinstance(v, list)}
-        record["iteration"] = run.iteration
-        score = selection_score(t.select_metric, val)
-        record["best"] = score > run.best_score
-        if record["best"]:
-            run.best_score, run.best_epoch, run.bad_epochs = score, run.epoch, 0
-            if t.test_at == "best_val":
-                _save_tested(run, out)
-        else:
-            run.bad_epochs += 1
-        run.history.append(record)
-        _save(run.state(), ckpt)
-        _write_json(run.history, out / HISTORY)
-        if log:
-            log(record)
+    try:
+        while run.iteration < run.total and not (t.patience and run.bad_epochs >= t.patience):
+            run.epoch += 1
+            # the base rate (the paper's lr); heads and biases run at their multiples of it
+            factor = run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
+            record: dict[str, Any] = {"epoch": run.epoch, "lr": config.optim.lr * factor}
+            record |= train_epoch(run, progress)
+            val = validate(run)
+            record |= {f"val_{k}": v for k, v in val.items() if not isinstance(v, list)}
+            record["iteration"] = run.iteration
+            score = selection_score(t.select_metric, val)
+            record["best"] = score > run.best_score
+            if record["best"]:
+                run.best_score, run.best_epoch, run.bad_epochs = score, run.epoch, 0
+                if t.test_at == "best_val":
+                    _save_tested(run, out)
+            else:
+                run.bad_epochs += 1
+            run.history.append(record)
+            _save(run.state(), ckpt)
+            _write_json(run.history, out / HISTORY)
+            if log:
+                log(record)
+    finally:  # the graph and what it holds go now, not whenever the collector finds the cycle
+        if run.engine is not None:
+            run.step_note = run.engine.note
+            run.engine.close()
+            run.engine = None
 
     if t.test_at == "final":  # the model holds them already
         _save_tested(run, out)
@@ -718,7 +690,7 @@ def _train(
         "device": str(run.device),
         "precision": t.precision,
         "step": graph_step.describe(run.mode, run.device)
-        + (f" ({run.engine.note})" if run.engine is not None and run.engine.note else ""),
+        + (f" ({run.step_note})" if run.step_note else ""),
         "sizes": {p: len(d.part(p)) for p in ("train", "val", "test")},
         "iterations": run.iteration,
         "epochs": run.epoch,

@@ -10,11 +10,11 @@ fraction of the device's FLOP bound and the paper suite's training time at that 
 
 Each of the K folds is a real run of its own fold (`train_epoch`: its own shuffles, crops and
 dropout masks from its own generators, its own model and optimiser) in a thread of its own, each
-on its own CUDA stream (`train.own_stream`), all reading one copy of the images on the device
-(`data.shared_images`): K folds at once is what `suite.slots=K` does on one GPU. Aggregate =
-K x iterations x batch / the wall time of all K, after a warm-up (cuDNN's autotuning, compiling,
-capturing each fold's graph), whose time is reported too (`setup_s`: once per process and shape
-for compiling, once per fold for capturing).
+on a CUDA stream of its own (`runtime.reserved_stream`), all reading one copy of the images on
+the device (`data.shared_images`): K folds at once is what `suite.slots=K` does on one GPU.
+Aggregate = K x iterations x batch / the wall time of all K, after a warm-up (cuDNN's
+autotuning, compiling, capturing each fold's graph), whose time is reported too (`setup_s`: once
+per process and shape for compiling, once per fold for capturing).
 
 Every (step, precision) arm runs in a process of its own, so a crash or a hung device in one
 cannot take another down; it prints and appends each K's row (`--rows FILE`, JSON lines) as soon
@@ -32,6 +32,7 @@ host wait for the GPU fails it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -47,9 +48,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agegender.cache import build_cache, open_cache
 from agegender.config import VARIANTS, CacheConfig, Config, load_config
-from agegender.models import build_model, float_precision
+from agegender.models import build_model
+from agegender.runtime import determinism, float_precision, reserved_stream
 from agegender.synth.adience import write_synthetic
-from agegender.train import Run, determinism, own_stream, prepare_run, train_epoch
+from agegender.train import Run, prepare_run, train_epoch
 
 
 def flops_per_image(config: Config) -> float:
@@ -89,22 +91,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def steps(run: Run, iterations: int) -> None:
-    with own_stream(run.device):
+Streams = dict[int, "torch.cuda.Stream | None"]  # id(run) -> its stream, for the arm's life
+
+
+def on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[Any]:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def steps(run: Run, iterations: int, stream: torch.cuda.Stream | None) -> None:
+    """`iterations` steps of the run on its stream (always the same one: its graph's)."""
+    with on_stream(stream):
         target = run.iteration + iterations
         run.total = target
         while run.iteration < target:
             train_epoch(run)
 
 
-def at_once(runs: list[Run], iterations: int) -> float:
+def at_once(runs: list[Run], iterations: int, streams: Streams) -> float:
     """Seconds for every run to train `iterations` steps, each in a thread of its own."""
     _sync(runs[0].device)
     failed: list[BaseException] = []
 
     def one(run: Run) -> None:
         try:
-            steps(run, iterations)
+            steps(run, iterations, streams[id(run)])
         except BaseException as exc:
             failed.append(exc)
 
@@ -120,7 +130,7 @@ def at_once(runs: list[Run], iterations: int) -> float:
     return time.perf_counter() - start
 
 
-def check_sync(run: Run) -> str:
+def check_sync(run: Run, stream: torch.cuda.Stream | None) -> str:
     """One epoch with CUDA's sync debug mode on from its second step to its last: 'none' when
     no step waited for the device, else the error it raised."""
     if run.device.type != "cuda":
@@ -131,7 +141,7 @@ def check_sync(run: Run) -> str:
 
     run.total = run.iteration + 10**6
     try:
-        with own_stream(run.device):
+        with on_stream(stream):
             train_epoch(run, watch)
     except RuntimeError as exc:
         return f"a step waited for the device: {str(exc).splitlines()[0]}"
@@ -149,14 +159,19 @@ def arm(a: argparse.Namespace) -> None:
         prepare_run(cache, k % 5, seeded_config(config, k)) for k in range(max(a.folds_at_once))
     ]
     device = runs[0].device
-    with determinism(False, device), float_precision(config.train.precision, device):
-        at_once(runs, a.warmup)  # compiles once, captures each fold's graph
+    with (
+        determinism(False),
+        float_precision(config.train.precision, device),
+        contextlib.ExitStack() as held,
+    ):
+        streams = {id(r): held.enter_context(reserved_stream(device)) for r in runs}
+        at_once(runs, a.warmup, streams)  # compiles once, captures each fold's graph
         setup = time.perf_counter() - start
-        sync = check_sync(runs[0]) if a.check_sync else "not checked"
+        sync = check_sync(runs[0], streams[id(runs[0])]) if a.check_sync else "not checked"
         for k in a.folds_at_once:
             if os.environ.get("GPU_SUITE_CRASH") == f"{a.arm[0]}:{k}":  # tests: an arm that dies
                 os._exit(3)
-            seconds = at_once(runs[:k], a.iterations)
+            seconds = at_once(runs[:k], a.iterations, streams)
             row = {
                 "step": a.arm[0],
                 "precision": a.arm[1],

@@ -25,18 +25,9 @@ import torch
 from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, load_config
 from agegender.graph_step import GraphStep
-from agegender.models import float_precision
+from agegender.runtime import determinism, float_precision, own_stream
 from agegender.synth.adience import write_synthetic
-from agegender.train import (
-    Run,
-    determinism,
-    epoch_steps,
-    fit_batch,
-    own_stream,
-    prepare_run,
-    step_input,
-    train_epoch,
-)
+from agegender.train import Run, epoch_steps, fit_batch, prepare_run, step_input, train_epoch
 
 
 def _sync(run: Run) -> None:
@@ -111,7 +102,7 @@ def main() -> None:
         )
         run = prepare_run(open_cache(a.cache or root / "cache"), 0, config)
         with (
-            determinism(False, run.device),
+            determinism(False),
             float_precision(a.precision, run.device),
             own_stream(run.device),
         ):

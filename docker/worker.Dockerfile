@@ -27,6 +27,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
     AGEGENDER_HOME=/app
 
+# torch.compile's Triton kernels (the fused training step, `train.step`) are launched through a
+# small C module that Triton builds on first use with the system's C compiler; slim has none.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # The PyPI torch wheels for Linux are CUDA builds that bring their CUDA libraries as wheels; the
 # driver comes from the host through the NVIDIA container toolkit. Their own layer: it is large.
 RUN python -m venv /opt/venv \

@@ -132,7 +132,7 @@ def train_tracked(
         + ", ".join(f"{k} {v:.3f}" for k, v in test.items() if "10crop" not in k)
     )
     try:
-        run.tracker.log(run_id, tags=trained_tags(s["device"]))
+        run.tracker.log(run_id, tags=trained_tags(s))
         log_training(run.tracker, run_id, run.out, s, run.title, run.checkpoint_folder)
         run.tracker.log_inputs(run_id, inputs_of(ts, s))
         if also is not None:

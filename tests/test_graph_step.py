@@ -7,7 +7,10 @@ short last batch of an epoch, resuming, and (compiled) the fused kernels."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from agegender.config import CacheConfig, ConfigError, load_config
 from agegender.graph_step import GraphStep, compiled_step_loss, step_loss
 from agegender.synth.adience import SynthResult
 from agegender.train import Run, RunError, epoch_chunks, prepare_run, train_epoch, train_fold
+from tests.conftest import REPO
 
 # 86 training rows in fold 0: six steps of 16 an epoch, the last one short (6 rows); the rate
 # drops by 10x at steps 4, 8 and 12 (Caffe's step policy), inside the chunks
@@ -96,7 +100,17 @@ def test_a_graph_run_resumes_to_the_same_result(cache: Path, tmp_path: Path) -> 
     with pytest.raises(KeyboardInterrupt):
         train_fold(cache, 0, config, tmp_path / "killed", log=crash)
     state = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
-    assert all(isinstance(g["lr"], float) for g in state["optimizer"]["param_groups"])
+    eager = load_config(None, [*TINY, "train.step=eager", "train.iterations=20"])
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(cache, 0, eager, tmp_path / "eager", log=crash)
+    theirs = torch.load(tmp_path / "eager" / "last.pt", weights_only=True)
+    # the rates the next step takes, as numbers, as the eager loop saves them (here a rate drop
+    # falls on the epoch's end: iteration 12 of 20, decay every 6)
+    rates = [g["lr"] for g in state["optimizer"]["param_groups"]]
+    assert state["iteration"] == 12
+    assert rates == [g["lr"] for g in theirs["optimizer"]["param_groups"]]
+    assert all(isinstance(r, float) for r in rates)
+    assert rates[0] == pytest.approx(1e-3 * 10 * 0.01)  # heads: lr x head_lr_mult x 0.1^2
     resumed = train_fold(cache, 0, config, tmp_path / "killed", resume=True)
     straight = train_fold(cache, 0, config, tmp_path / "straight")
     assert resumed.test == straight.test
@@ -175,3 +189,37 @@ def test_compiled_step_fuses_and_trains_what_the_eager_loop_trains(cache: Path) 
 
     eager, compiled = _trained(cache, "eager", "paper"), _trained(cache, "compiled", "paper")
     _assert_same_training(eager, compiled, atol=1e-6)  # measured: 2.2e-8
+
+
+@pytest.mark.integration
+def test_a_step_that_cannot_be_compiled_runs_unfused_and_says_so(
+    cache: Path, tmp_path: Path
+) -> None:
+    """No working compiler (a slim container without gcc, where Triton builds its launcher): the
+    run goes on with the unfused step, its numbers those of the graph step, and result.json says
+    why. In a process of its own, with its own empty compile cache."""
+    script = (
+        "import sys, json; from agegender.config import load_config; "
+        "from agegender.train import train_fold; "
+        f"c = load_config(None, {[*TINY, 'train.iterations=6', 'train.tencrop=false']!r} + "
+        "[f'train.step={sys.argv[1]}']); "
+        "print(json.dumps(train_fold(sys.argv[2], 0, c, sys.argv[3]).summary))"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "CC": "/bin/false"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    out = {}
+    for step in ("compiled", "graph"):
+        res = subprocess.run(
+            [sys.executable, "-c", script, step, str(cache), str(tmp_path / step)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[step] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "torch.compile failed, the step runs unfused: " in out["compiled"]["step"]
+    assert "compiler" in out["compiled"]["step"].lower()
+    assert out["compiled"]["test"] == out["graph"]["test"]
+    assert "failed" not in out["graph"]["step"]

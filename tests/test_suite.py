@@ -159,6 +159,7 @@ def test_suite_survives_a_kill_and_tracks_everything(
         )
         for tag in ("fold", "task", "protocol", "git_commit", "data_fingerprint", "config_hash"):
             assert child.data.tags[tag], tag
+        assert child.data.tags["step"] == "eager (op by op)"  # how its steps ran
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {
             "best.pt",

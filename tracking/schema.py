@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agegender.config import Config, deviations
 
@@ -194,9 +195,14 @@ def device_tags(requested: str, fallback: str | None) -> dict[str, str]:
     return tags
 
 
-def trained_tags(device: str) -> dict[str, str]:
-    """Where a finished training ran: the device and the code's commit."""
-    return {"git_commit": git_commit(), "device": device}
+def trained_tags(summary: dict[str, Any]) -> dict[str, str]:
+    """Where and how a finished training ran: the device, how its steps ran (`train.step`: one
+    CUDA graph a step, compiled, ..., and anything that did not go as planned), the code's
+    commit."""
+    tags = {"git_commit": git_commit(), "device": str(summary["device"])}
+    if "step" in summary:  # results written before the graph step have none
+        tags["step"] = str(summary["step"])[:4000]
+    return tags
 
 
 def registered_tag(uri: str) -> dict[str, str]:
