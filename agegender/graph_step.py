@@ -2,10 +2,10 @@
 the device, forward, loss, backward, optimiser step, learning rate and epoch statistics, replayed
 with one launch.
 
-Why: at the paper's batch of 50 a step of the Levi-Hassner net is 2-3 ms of GPU work in a few
-hundred kernels. Launched one by one from Python they leave a large GPU waiting: on an H200 the
-eager step ran 11.8k img/s, the same step as one CUDA graph 19.2k, compiled and graphed 31.1k
-(`../shared/gpu-probe`, a replica of this step). So everything a step reads sits in tensors that
+Why: at the paper's batch of 50 a step of the Levi-Hassner net is 2.7-3.5 ms of GPU work in a
+few hundred kernels. Launched one by one from Python they leave a large GPU waiting: on an H200
+a replica of this step (`../shared/gpu-probe`, bf16, channels-last) ran 7.8k img/s eagerly, 19.2k
+as one CUDA graph, 31.1k compiled and graphed. So everything a step reads sits in tensors that
 never move: a chunk of steps' draws (`agegender.steps.drawn`, the eager loop's own draws, call for
 call) is copied in once per CHUNK steps, with each step's learning rate, and an index on the
 device that the step itself advances picks the step's row. Between two chunk copies the host

@@ -16,7 +16,7 @@ fixed buffers its CUDA graph reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,21 +97,14 @@ def drawn(
 
 
 def planned(
-    part: PartData,
-    order: Tensor,
-    steps: int,
-    batch_size: int,
-    image_side: tuple[int, int],
-    crop: int,
+    chunks: Iterable[Drawn],
     heads: list[str],
-    gen_data: torch.Generator,
-    dropouts: list[SeededDropout],
+    n_dropouts: int,
     device: torch.device,
     positions_on_device: bool,
 ) -> Iterator[Step]:
-    """The epoch's first `steps` batches of `order`, drawn CHUNK steps ahead, one copy to the
-    device a chunk."""
-    for chunk in drawn(part, order, steps, batch_size, image_side, crop, gen_data, dropouts):
+    """`drawn`'s chunks as the eager loop's steps, one copy to the device a chunk."""
+    for chunk in chunks:
         flat = dict(chunk.rows)
         found: dict[str, list[HeadTargets]] = {h: [] for h in heads}
         for head in heads:
@@ -131,7 +124,7 @@ def planned(
             k: v if k == "positions" and not positions_on_device else to_device(v, device)
             for k, v in flat.items()
         }
-        yield from _slices(on, chunk.sizes, found, heads, len(dropouts))
+        yield from _slices(on, chunk.sizes, found, heads, n_dropouts)
 
 
 def _slices(

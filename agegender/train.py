@@ -337,21 +337,17 @@ def fit_batch(run: Run, x: torch.Tensor, step: Step) -> dict[str, Any]:
 
 def epoch_steps(run: Run, steps: int) -> Iterator[Step]:
     """The next `steps` batches of a fresh shuffle of the training part (`agegender.steps`)."""
-    part, store = run.data.train, run.data.store
+    heads, store = list(run.model.heads), run.data.store
+    chunks = epoch_chunks(run, steps)
+    return planned(chunks, heads, len(run.dropouts), run.device, store.preloaded)
+
+
+def epoch_chunks(run: Run, steps: int) -> Iterator[Drawn]:
+    """`epoch_steps`' draws, a chunk at a time on the CPU (the graph step takes them so)."""
+    part, bs, crop = run.data.train, run.config.data.batch_size, run.config.data.crop
     order = torch.randperm(len(part), generator=run.gen_data)
-    return planned(
-        part,
-        order,
-        steps,
-        run.config.data.batch_size,
-        store.side,
-        run.config.data.crop,
-        list(run.model.heads),
-        run.gen_data,
-        run.dropouts,
-        run.device,
-        store.preloaded,
-    )
+    side = run.data.store.side
+    return drawn(part, order, steps, bs, side, crop, run.gen_data, run.dropouts)
 
 
 def step_input(run: Run, step: Step, channels_last: bool | None = None) -> torch.Tensor:
@@ -359,14 +355,6 @@ def step_input(run: Run, step: Step, channels_last: bool | None = None) -> torch
     images = run.data.store.batch(step.positions)
     crops = run.data.normalize.crops(images, run.config.data.crop, step.window)
     return to_input(crops, run.channels_last if channels_last is None else channels_last)
-
-
-def epoch_chunks(run: Run, steps: int) -> Iterator[Drawn]:
-    """`epoch_steps`' draws, a chunk at a time on the CPU (for the graph step)."""
-    part, bs, crop = run.data.train, run.config.data.batch_size, run.config.data.crop
-    order = torch.randperm(len(part), generator=run.gen_data)
-    side = run.data.store.side
-    return drawn(part, order, steps, bs, side, crop, run.gen_data, run.dropouts)
 
 
 def train_epoch(run: Run, progress: Progress | None = None) -> dict[str, float]:

@@ -17,7 +17,7 @@ from agegender.cache import build_cache, open_cache
 from agegender.config import CacheConfig, load_config
 from agegender.data import PartData
 from agegender.models import SeededDropout, labelled_losses, masked_losses
-from agegender.steps import planned
+from agegender.steps import drawn, planned
 from agegender.synth.adience import SynthResult
 from agegender.train import prepare_run, train_fold
 from agegender.transforms import random_window
@@ -44,11 +44,8 @@ def test_planned_steps_draw_what_steps_drawn_one_at_a_time_drew(
     for d in drops:
         d.generator = shared
     gen = torch.Generator().manual_seed(3)
-    got = list(
-        planned(
-            part, order, 7, bs, side, crop, ["age", "gender"], gen, drops, torch.device("cpu"), True
-        )
-    )
+    chunks = drawn(part, order, 7, bs, side, crop, gen, drops)
+    got = list(planned(chunks, ["age", "gender"], len(drops), torch.device("cpu"), True))
 
     ref_gen, ref_drop = torch.Generator().manual_seed(3), torch.Generator().manual_seed(2)
     images = torch.zeros(1, *side, 3)
