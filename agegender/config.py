@@ -214,6 +214,13 @@ class Config(_Strict):
         another folder give the same hash, retrained weights at the same path do not.
         """
         data = self.model_dump(mode="json", exclude={"train": {"device", "step"}})
+        # fp32 and bf16 hash as `train.bf16` did before `train.precision` came, so that a suite
+        # rerun finds the folds trained before it
+        precision = data["train"].pop("precision")
+        if precision == "tf32":
+            data["train"]["precision"] = precision
+        else:
+            data["train"]["bf16"] = precision == "bf16"
         if self.model.init_from is not None:
             data["model"]["init_from"] = file_digest(self.model.init_from)
         blob = json.dumps(data, sort_keys=True)

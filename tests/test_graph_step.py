@@ -131,6 +131,12 @@ def test_step_settings_are_checked_and_not_hashed(cache: Path, tmp_path: Path) -
     graph = load_config(None, ["train.step=graph"])
     assert graph.hash() == load_config(None, ["train.step=eager"]).hash()  # how, not what
     assert graph.hash() != load_config(None, ["train.precision=bf16"]).hash()
+    # train.precision and train.step changed no hash: a last.pt or a finished fold from before
+    # (paper preset; with train.bf16=true) is still this config's (hashes from 6cfb2f4)
+    assert (graph.hash(), load_config(None, ["train.precision=bf16"]).hash()) == (
+        "4cfff7eda38f",
+        "2ffe3ac70ccd",
+    )
     # configs saved before train.precision said train.bf16
     old = load_config().model_dump(mode="json")
     del old["train"]["precision"]
