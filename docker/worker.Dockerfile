@@ -29,6 +29,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # torch.compile's Triton kernels (the fused training step, `train.step`) are launched through a
 # small C module that Triton builds on first use with the system's C compiler; slim has none.
+# Not pinned: bookworm's point releases replace libc6-dev, and a pinned version then vanishes
+# from the archive; the base image's tag fixes the release.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
