@@ -12,6 +12,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from deployments.prefect_api import PrefectApi
+
 # flows.heartbeat_frequency: Prefect's own default, so that flow runs of clients that set
 # nothing (any machine, any container) are never taken for dead. Every flow run on the server
 # is watched, so a shorter period needs every client to send it (`agegender stack env`
@@ -72,29 +74,25 @@ def _same(have: dict[str, Any], want: dict[str, Any]) -> bool:
     return norm(have) == norm(want)
 
 
-def ensure_zombie_automation(api: str, heartbeat_s: int = HEARTBEAT_S) -> str:
+def ensure_zombie_automation(api: PrefectApi, heartbeat_s: int = HEARTBEAT_S) -> str:
     """Create the automation, or update it to this heartbeat; duplicates are removed. Returns
     what was done ("created", "updated" or "unchanged")."""
-    from deployments.stack import _api
-
     want = zombie_automation(heartbeat_s)
-    found = [a for a in _api(api, "POST", "/automations/filter", {}) if a["name"] == NAME]
+    found = [a for a in api("POST", "/automations/filter", {}) if a["name"] == NAME]
     for extra in found[1:]:
-        _api(api, "DELETE", f"/automations/{extra['id']}")
+        api("DELETE", f"/automations/{extra['id']}")
     if not found:
-        _api(api, "POST", "/automations/", want)
+        api("POST", "/automations/", want)
         return "created"
     if _same(found[0], want):
         return "unchanged"
-    _api(api, "PUT", f"/automations/{found[0]['id']}", want)
+    api("PUT", f"/automations/{found[0]['id']}", want)
     return "updated"
 
 
-def crash_detection(api: str) -> dict[str, Any] | None:
+def crash_detection(api: PrefectApi) -> dict[str, Any] | None:
     """The automation as the server has it (None if missing): for `stack status`."""
-    from deployments.stack import _api
-
-    for a in _api(api, "POST", "/automations/filter", {}):
+    for a in api("POST", "/automations/filter", {}):
         if a["name"] == NAME:
             within = float(a["trigger"].get("within", 0))
             return {"name": NAME, "enabled": bool(a.get("enabled")), "crashed_after_s": within}

@@ -11,8 +11,11 @@ from pathlib import Path
 
 from agegender import cli
 from deployments.automations import HEARTBEAT_S, MISSED, NAME, ensure_zombie_automation
-from deployments.services import health, mlflow_refused, prefect_refused
-from deployments.stack import DATABASES, Stack, StackError, auth_configured
+from deployments.credentials import auth_configured, prefect_auth
+from deployments.layout import DATABASES
+from deployments.prefect_api import PrefectApi
+from deployments.services import StackError, health, mlflow_refused, prefect_refused
+from deployments.stack import Stack
 
 
 def add_commands(sub: cli.Commands) -> None:
@@ -135,7 +138,7 @@ def _crash_detection(api: str) -> None:
     heartbeat period its clients use (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else Prefect's)."""
     reachable("Prefect API", api, "PREFECT_API_URL")
     heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or HEARTBEAT_S)
-    done = ensure_zombie_automation(api, heartbeat)
+    done = ensure_zombie_automation(PrefectApi(api, prefect_auth()), heartbeat)
     cli.out.print(
         f"{api}: automation '{NAME}' {done} (CRASHED after {MISSED * heartbeat} s without a "
         f"heartbeat); flow runs send one every PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat} s",

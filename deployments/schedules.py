@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agegender.config import SuiteConfig
+from deployments.prefect_api import PrefectApi
 
 
 def _creatable(path: Path) -> bool:
@@ -94,3 +95,42 @@ def describe(schedule: dict[str, Any]) -> str:
     if schedule.get("interval") is not None:
         return f"every {schedule['interval']} s"
     return f"rrule '{schedule.get('rrule')}'"
+
+
+def schedules(api: PrefectApi, check: bool = True) -> list[dict[str, Any]]:
+    """Every deployment schedule: on or paused, its next date, and (`check`) whether the
+    parameters it runs with name paths that exist on this machine."""
+    flows = {f["id"]: f["name"] for f in api("POST", "/flows/filter", {})}
+    out: list[dict[str, Any]] = []
+    for d in api("POST", "/deployments/filter", {}):
+        name = f"{flows.get(d['flow_id'], '?')}/{d['name']}"
+        for s in d.get("schedules") or []:
+            item: dict[str, Any] = {
+                "deployment": name,
+                "deployment_id": d["id"],
+                "schedule_id": s["id"],
+                "schedule": describe(s["schedule"]),
+                "active": bool(s.get("active")) and not d.get("paused"),
+                "resume": f"prefect deployment schedule resume {name} {s['id']}",
+            }
+            if check:
+                params = (d.get("parameters") or {}) | (s.get("parameters") or {})
+                item["next_run"] = next_date(s["schedule"])
+                item["parameters"] = check_parameters(params)
+                item["resolves"] = all(c["ok"] for c in item["parameters"])
+            out.append(item)
+    return out
+
+
+def active(api: PrefectApi) -> set[tuple[str, str]]:
+    """(deployment, schedule) pairs the user turned on: a second `stack up` redeploys
+    prefect.yaml, whose schedules start paused, and must not turn them off again."""
+    return {(s["deployment"], s["schedule"]) for s in schedules(api, check=False) if s["active"]}
+
+
+def resume(api: PrefectApi, keep: set[tuple[str, str]]) -> None:
+    """Turn `keep`'s schedules back on where a redeploy paused them."""
+    for s in schedules(api, check=False):
+        if (s["deployment"], s["schedule"]) in keep and not s["active"]:
+            path = f"/deployments/{s['deployment_id']}/schedules/{s['schedule_id']}"
+            api("PATCH", path, {"active": True})

@@ -1,5 +1,6 @@
 """What every orchestration room shares about the servers: the environment defaults of their
-clients, one health check, the GPU concurrency limit's name.
+clients, one health check, the GPU concurrency limit's name, the error a server's trouble
+becomes (`StackError`).
 
 Standard library only and importing nothing of ours, so `tasks`, `flows`, `tracking` and the
 stack may all import it (the tasks package applies the defaults before Prefect is imported:
@@ -16,6 +17,11 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import MutableMapping, Sequence
+
+
+class StackError(RuntimeError):
+    """A service that cannot start, answer or be reached; the message names it and its log."""
+
 
 GPU_LIMIT = "gpu-slots"  # global concurrency limit: folds at once per machine's GPUs
 

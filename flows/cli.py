@@ -32,8 +32,7 @@ from agegender.config import (
 )
 from agegender.train import select_device
 from deployments import cli as ops_cli
-from deployments.services import EPHEMERAL_STARTUP_VAR
-from deployments.stack import StackError
+from deployments.services import EPHEMERAL_STARTUP_VAR, StackError
 from flows.settings import SuiteRun
 from tracking import TrackingError
 

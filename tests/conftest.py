@@ -23,8 +23,10 @@ from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult, write_synthetic
 from agegender.synth.sources import write_synthetic_source
+from deployments.layout import Ports
 from deployments.services import basic_auth
-from deployments.stack import Ports, Stack, startup_timeout
+from deployments.stack import Stack
+from deployments.supervisor import startup_timeout
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared")) / "adience"

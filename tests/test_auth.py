@@ -22,17 +22,12 @@ from typing import Any
 
 import pytest
 
+from deployments.credentials import AUTH_VARS, Auth, auth_settings
+from deployments.layout import Ports
 from deployments.mlflow_users import MlflowAdmin, UsersError
-from deployments.services import basic_auth
-from deployments.stack import (
-    AUTH_VARS,
-    Auth,
-    Ports,
-    Stack,
-    StackError,
-    auth_settings,
-    list_objects,
-)
+from deployments.s3 import list_objects
+from deployments.services import StackError, basic_auth
+from deployments.stack import Stack
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -309,7 +304,7 @@ def test_env_for_worker(tmp_path: Path) -> None:
     stack on loopback only has nothing to offer another machine."""
     values = _secrets()
     listen = Stack(tmp_path / "net", ports=Ports.shifted(7), host="10.20.30.40", auth=True)
-    listen._save_pids({})  # the state `stack up --listen 10.20.30.40` leaves (no server needed)
+    listen.save_state({})  # the state `stack up --listen 10.20.30.40` leaves (no server needed)
     env = _clean_env() | values
     res = _cli("stack", "env", "--for-worker", "--run-dir", str(listen.run_dir), env=env)
     assert res.returncode == 0, res.stderr
@@ -329,7 +324,7 @@ def test_env_for_worker(tmp_path: Path) -> None:
         assert key not in res.stdout
     assert values["AGEGENDER_MLFLOW_READER_PASSWORD"] not in res.stdout
     local = Stack(tmp_path / "local", ports=Ports.shifted(7))
-    local._save_pids({})
+    local.save_state({})
     res = _cli("stack", "env", "--for-worker", "--run-dir", str(local.run_dir), env=env)
     assert res.returncode != 0
     assert "--listen" in res.stdout + res.stderr

@@ -25,7 +25,8 @@ from agegender.sources import (
     read_utkface,
 )
 from agegender.synth.adience import SynthResult
-from deployments.stack import Ports, Stack
+from deployments.layout import Ports
+from deployments.stack import Stack
 from tests.conftest import REPO, run_cli
 
 

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
 
-from deployments.stack import startup_timeout
+from deployments.supervisor import startup_timeout
 from tests.conftest import STACK_SUITE
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -26,16 +26,13 @@ from typing import Any
 
 import pytest
 
+from deployments.commands import BIN
+from deployments.credentials import AUTH_SECRET_VARS
+from deployments.layout import Ports
+from deployments.s3 import list_objects
 from deployments.services import DEFAULTS, apply_defaults, basic_auth
-from deployments.stack import (
-    AUTH_SECRET_VARS,
-    BIN,
-    Ports,
-    Stack,
-    list_objects,
-    startup_timeout,
-    tail,
-)
+from deployments.stack import Stack
+from deployments.supervisor import startup_timeout, tail
 from tests.conftest import (
     REPO,
     TINY_ARGS,
@@ -272,9 +269,7 @@ def _worker_env(st: Stack) -> dict[str, str]:
 
 def _workers(st: Stack) -> dict[str, str]:
     """The local pool's workers: name -> status."""
-    from deployments.stack import _api
-
-    found = _api(st.prefect_api, "POST", "/work_pools/local/workers/filter", {})
+    found = st.prefect()("POST", "/work_pools/local/workers/filter", {})
     return {w["name"]: w.get("status") for w in found}
 
 
@@ -285,16 +280,7 @@ def _start_worker(ns: Netns, st: Stack, name: str) -> subprocess.Popen[bytes]:
     )
     (st.run_dir / "netns-worker").mkdir(parents=True, exist_ok=True)
     log = st.log(name)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            argv,
-            env=_worker_env(st),
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc = st.supervisor.launch(name, argv, _worker_env(st), REPO)
     deadline = time.monotonic() + startup_timeout()
     while _workers(st).get(name) != "ONLINE":
         assert proc.poll() is None, f"worker {name} exited:\n{tail(log, 40)}"
@@ -346,7 +332,7 @@ def test_stack_env_for_worker_sends_the_heartbeat_the_crash_automation_expects(
     """A worker machine's flow runs must beat as often as the stack's automation expects: at
     a slower beat their healthy runs would be marked CRASHED. No server needed."""
     st = Stack(tmp_path / "stack", host="198.18.0.1", auth=True, heartbeat_s=30)
-    st._save_pids({})  # the state `stack up` leaves
+    st.save_state({})  # the state `stack up` leaves
     passwords = {k: "netns-" + secrets.token_hex(12) for k in AUTH_SECRET_VARS}
     passwords["PREFECT_API_AUTH_STRING"] = "agegender:" + secrets.token_hex(12)
     with pytest.MonkeyPatch.context() as mp:

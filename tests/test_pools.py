@@ -9,7 +9,7 @@ from typing import Any
 
 import prefect
 
-from deployments.stack import pool_problem, pool_template
+from deployments.pools import pool_problem, pool_template
 
 
 def bundled_docker_template() -> dict[str, Any]:

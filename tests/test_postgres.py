@@ -17,7 +17,10 @@ from typing import Any
 import psycopg2
 import pytest
 
-from deployments.stack import Ports, Stack, alive, pg_ready, port_open
+from deployments.layout import Ports
+from deployments.postgres import pg_ready
+from deployments.stack import Stack
+from deployments.supervisor import alive, port_open
 from tests.conftest import REPO
 
 SHIFT = 101 + int(os.environ.get("AGEGENDER_TEST_PORT_SHIFT", "0")) + 1  # beside the test stack
@@ -37,7 +40,7 @@ def _agegender(*args: str | Path, env: dict[str, str] | None = None) -> Any:
 
 def _dsn(st: Stack) -> str:
     """The MLflow database's URL as psycopg2 itself takes it."""
-    return st._database_url("mlflow").replace("postgresql+psycopg2://", "postgresql://")
+    return st.database_url("mlflow").replace("postgresql+psycopg2://", "postgresql://")
 
 
 @pytest.fixture

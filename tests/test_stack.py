@@ -24,7 +24,9 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from deployments.automations import NAME as ZOMBIES
-from deployments.stack import StackError, alive, ensure_bucket, tail
+from deployments.s3 import ensure_bucket
+from deployments.services import StackError
+from deployments.supervisor import alive, tail
 from tests.conftest import (
     REPO,
     STACK_SUITE,
@@ -305,7 +307,8 @@ def test_the_gpu_pool_gives_the_containers_their_gpus_and_is_never_overwritten(
 def test_the_servers_keep_their_data_in_postgresql(stack: Any, stack_suite: dict[str, Any]) -> None:
     if stack.db != "postgres":
         pytest.skip("the stack runs on SQLite (AGEGENDER_TEST_DB)")
-    from deployments.stack import PG_ROLE, pg_bin
+    from deployments.postgres import ROLE as PG_ROLE
+    from deployments.postgres import pg_bin
 
     password = (stack.run_dir / "postgres-password").read_text().strip()
     assert (stack.run_dir / "postgres-password").stat().st_mode & 0o777 == 0o600
@@ -419,7 +422,7 @@ def test_mlflow_restart_during_a_suite_loses_no_fold(
 def _worker_elsewhere(stack: Any, creds: dict[str, str]) -> subprocess.Popen[bytes]:
     """The stack's worker command under another host name (a UTS namespace, where we may make
     one): the suite cannot tell its folds' processes by host, as on a second machine."""
-    argv, env = stack._command("worker", creds)
+    argv, env = stack.command("worker", creds)
     other = ["unshare", "--uts", "sh", "-c", 'hostname worker-elsewhere && exec "$@"', "sh"]
     probe = subprocess.run([*other, "true"], capture_output=True, timeout=30)
     with stack.log("worker").open("ab") as log:
@@ -477,7 +480,7 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
-        worker = stack._pids().get("worker")
+        worker = stack.supervisor.pids().get("worker")
         if worker is None or not alive(worker):
             stack.start("worker", stack_creds)
     assert proc.returncode == 0, out[-3000:]

@@ -15,8 +15,10 @@ import pytest
 from agegender.cache import build_cache
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult
-from deployments.services import EPHEMERAL_STARTUP_VAR
-from deployments.stack import STARTUP_VAR, Ports, Stack, StackError, alive, startup_timeout
+from deployments.layout import Ports
+from deployments.services import EPHEMERAL_STARTUP_VAR, StackError
+from deployments.stack import Stack
+from deployments.supervisor import STARTUP_VAR, alive, startup_timeout
 from tests.conftest import REPO
 
 TINY = ["data.crop=48", "train.iterations=4", "train.tencrop=false", "model.norm=batchnorm"]
@@ -132,7 +134,7 @@ def test_stack_service_start_up_limit_is_generous_and_named(
     monkeypatch.setenv(STARTUP_VAR, "0")
     with pytest.raises(StackError, match=f"s3 was not healthy after 0 s.*raise {STARTUP_VAR}"):
         st.start("s3", creds)
-    assert "s3" not in st._pids()
+    assert "s3" not in st.supervisor.pids()
     assert not _processes_using(tmp_path / "stack"), "the server it started was stopped"
     monkeypatch.setenv(STARTUP_VAR, "soon")
     with pytest.raises(StackError, match=f"{STARTUP_VAR}='soon': expected a number"):
