@@ -16,6 +16,7 @@ p-value printed in one summary, and a 95 % CI for every difference.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,15 +186,51 @@ def summarize(
     """Markdown tables and the numbers behind them (every test, with its Holm-adjusted p)."""
     vals = {v: a["values"] for v, a in aggregates.items()}
     folds = {v: a["folds"] for v, a in aggregates.items()}
-    order: list[str] = [
-        v for v in ("age", "gender", "multitask", "multitask_pretrained") if v in vals
-    ]
-    order += [v for v in vals if v not in order]
+    order = _order(vals)
     base = configs.get("multitask") or next(iter(configs.values()))
-    seeds = [s for a in aggregates.values() for s in a.get("sizes", {}).get("seeds", [])]
-    ours = protocol(base, image_size, synthetic, int(max(seeds, default=1)))
+    ours = protocol(base, image_size, synthetic, _seeds(aggregates))
     n_folds = max((len(f) for f in folds.values()), default=0)
 
+    lines = _header(title, synthetic, n_folds)
+    tests: list[dict[str, Any]] = []
+    for number, suffix in enumerate(("_10crop", ""), start=1):
+        if not any(m + suffix in vals[v] for v in order for m in METRICS):
+            continue
+        lines += _crop_table(number, suffix, vals, order, ours, synthetic)
+        if not synthetic:
+            tests += _published_tests(number, suffix, vals, order)
+    pairs = _pairs(vals)
+    primary = "_10crop" if all(f"{m}_10crop" in vals[v] for v, m, _, _ in pairs) else ""
+    tests += [_variant_test(aggregates, pair, primary) for pair in pairs]
+
+    adjusted = holm([t["diff"].p for t in tests])
+    for t, p in zip(tests, adjusted, strict=True):
+        t["p_holm"] = p
+    m_tests = sum(np.isfinite(t["diff"].p) for t in tests)
+    lines += _published_section([t for t in tests if t["table"] != "variants"], n_folds, m_tests)
+    lines += _variants_section([t for t in tests if t["table"] == "variants"], primary, m_tests)
+    return {
+        "markdown": "\n".join(lines),
+        "tests": [{k: v for k, v in t.items() if k != "diff"} | t["diff"].as_dict() for t in tests],
+        "synthetic": synthetic,
+        "protocol": [list(r) for r in ours],
+    }
+
+
+def _order(variants: Collection[str]) -> list[str]:
+    """Single-task rows first, as their tables read; unknown variants keep their own order."""
+    order = [v for v in ("age", "gender", "multitask", "multitask_pretrained") if v in variants]
+    return order + [v for v in variants if v not in order]
+
+
+def _seeds(aggregates: dict[str, dict[str, Any]]) -> int:
+    """The repeats row states the most any variant ran, 1 where seeds were not logged."""
+    seeds = [s for a in aggregates.values() for s in a.get("sizes", {}).get("seeds", [])]
+    return int(max(seeds, default=1))
+
+
+def _header(title: str, synthetic: bool, n_folds: int) -> list[str]:
+    """The title says SYNTHETIC so that no one reads these numbers as real-data results."""
     head = f"# {title}: summary" + (
         " — SYNTHETIC DATA (generated images, not Adience)" if synthetic else ""
     )
@@ -204,133 +241,170 @@ def summarize(
             "shown next to them and nothing is tested against them.",
             "",
         ]
-    lines += [
-        f"Accuracies in %, mean ± sample std (ddof=1) over {n_folds} folds.",
+    return [*lines, f"Accuracies in %, mean ± sample std (ddof=1) over {n_folds} folds.", ""]
+
+
+def _theirs(suffix: str) -> Published:
+    """Their result under our crop mode: only that one is like for like."""
+    return next(p for p in LEVI_HASSNER if p.crop == suffix)
+
+
+def _crop_table(
+    number: int,
+    suffix: str,
+    vals: dict[str, dict[str, list[float]]],
+    order: list[str],
+    ours: list[Row],
+    synthetic: bool,
+) -> list[str]:
+    """One table per crop mode, protocol included, since ours compare to theirs only within one."""
+    theirs = _theirs(suffix)
+    lines = [
+        f"## Table {number}. Ours, {CROPS[suffix]}"
+        + ("" if synthetic else f", vs {theirs.name} ({theirs.source})"),
         "",
+        "| model | trained as | age exact | age 1-off | gender |",
+        "|---|---|---|---|---|",
     ]
-    tests: list[dict[str, Any]] = []
+    for v in order:
+        lines.append(
+            f"| ours: {v} | {variant_description(v)} | "
+            + " | ".join(_cells(vals[v], v, suffix))
+            + " |"
+        )
+    if not synthetic:
+        lines += _published_rows(theirs)
+    lines += ["", "| protocol | ours | Levi & Hassner | |", "|---|---|---|---|"]
+    for key, mine, their, same in [
+        *ours,
+        ("crop mode", CROPS[suffix], CROP_THEIRS[suffix], "same"),
+    ]:
+        lines.append(f"| {key} | {mine} | {their} | {same} |")
+    return [*lines, ""]
 
-    def row_cells(v: str, suffix: str) -> list[str]:
-        return [
-            _fmt(float(np.mean(vals[v][m + suffix])), sample_std(vals[v][m + suffix]))
-            if m in _heads(v) and m + suffix in vals[v]
-            else "-"
-            for m in METRICS
-        ]
 
-    for number, (suffix, crop_name) in enumerate((("_10crop", "10-crop"), ("", "centre crop"))):
-        if not any(m + suffix in vals[v] for v in order for m in METRICS):
-            continue
-        theirs = next(p for p in LEVI_HASSNER if p.crop == suffix)
-        lines += [
-            f"## Table {number + 1}. Ours, {crop_name}"
-            + ("" if synthetic else f", vs {theirs.name} ({theirs.source})"),
-            "",
-            "| model | trained as | age exact | age 1-off | gender |",
-            "|---|---|---|---|---|",
-        ]
-        for v in order:
-            lines.append(
-                f"| ours: {v} | {variant_description(v)} | "
-                + " | ".join(row_cells(v, suffix))
-                + " |"
+def _cells(values: dict[str, list[float]], variant: str, suffix: str) -> list[str]:
+    """'-' where a single-task net has no head for the metric, or the crop was not tested."""
+    return [
+        _fmt(float(np.mean(values[m + suffix])), sample_std(values[m + suffix]))
+        if m in _heads(variant) and m + suffix in values
+        else "-"
+        for m in METRICS
+    ]
+
+
+def _published_rows(theirs: Published) -> list[str]:
+    """Theirs under the same crop; Eidinger's (centre crop only) for scale, not compared."""
+    lines = [f"| {theirs.name} | one net per task | " + " | ".join(_published_cells(theirs)) + " |"]
+    if theirs.crop == "":
+        lines.append(
+            f"| {EIDINGER.name} ({EIDINGER.source}; not a CNN, shown only) | - | "
+            + " | ".join(_published_cells(EIDINGER))
+            + " |"
+        )
+    return lines
+
+
+def _published_cells(p: Published) -> list[str]:
+    return [_fmt(*p.values[m]) for m in METRICS]
+
+
+def _published_tests(
+    number: int, suffix: str, vals: dict[str, dict[str, list[float]]], order: list[str]
+) -> list[dict[str, Any]]:
+    """Welch from summary statistics: their folds are not ours, so nothing can be paired."""
+    theirs = _theirs(suffix)
+    tests = []
+    for v in order:
+        for m in _heads(v):
+            if m + suffix not in vals[v]:
+                continue
+            x = vals[v][m + suffix]
+            mean, std = theirs.values[m]
+            tests.append(
+                {
+                    "key": f"{v}_{m}{suffix}_vs_levi_hassner",
+                    "table": number,
+                    "what": f"ours {v} − {theirs.name}",
+                    "metric": NAMES[m] + f" ({CROPS[suffix]})",
+                    "diff": welch(float(np.mean(x)), sample_std(x), len(x), mean, std, 5),
+                }
             )
-        if not synthetic:
-            cells = [_fmt(*theirs.values[m]) for m in METRICS]
-            lines.append(f"| {theirs.name} | one net per task | " + " | ".join(cells) + " |")
-            if suffix == "":
-                cells = [_fmt(*EIDINGER.values[m]) for m in METRICS]
-                lines.append(
-                    f"| {EIDINGER.name} ({EIDINGER.source}; not a CNN, shown only) | - | "
-                    + " | ".join(cells)
-                    + " |"
-                )
-        lines += ["", "| protocol | ours | Levi & Hassner | |", "|---|---|---|---|"]
-        for key, mine, their, same in [
-            *ours,
-            ("crop mode", crop_name, CROP_THEIRS[suffix], "same"),
-        ]:
-            lines.append(f"| {key} | {mine} | {their} | {same} |")
-        lines.append("")
-        if synthetic:
-            continue
-        for v in order:
-            for m in _heads(v):
-                if m + suffix not in vals[v]:
-                    continue
-                x = vals[v][m + suffix]
-                mean, std = theirs.values[m]
-                tests.append(
-                    {
-                        "key": f"{v}_{m}{suffix}_vs_levi_hassner",
-                        "table": number + 1,
-                        "what": f"ours {v} − {theirs.name}",
-                        "metric": NAMES[m] + f" ({crop_name})",
-                        "diff": welch(float(np.mean(x)), sample_std(x), len(x), mean, std, 5),
-                    }
-                )
+    return tests
 
-    pairs = []
+
+Pair = tuple[str, str, str, str]  # variant A, its metric, variant B, its metric
+
+
+def _pairs(vals: dict[str, dict[str, list[float]]]) -> list[Pair]:
+    """The questions the variants answer: does pretraining help, does multi-tasking cost."""
+    pairs: list[Pair] = []
     if {"multitask", "multitask_pretrained"} <= vals.keys():
         pairs += [("multitask_pretrained", m, "multitask", m) for m in METRICS]
     for m, single in (("age_acc", "age"), ("age_1off", "age"), ("gender_acc", "gender")):
         if "multitask" in vals and single in vals:
             pairs.append(("multitask", m, single, m))
-    primary = "_10crop" if all(f"{m}_10crop" in vals[v] for v, m, _, _ in pairs) else ""
-    for va, ma, vb, mb in pairs:
-        common = sorted(set(folds[va]) & set(folds[vb]))
-        a = [vals[va][ma + primary][folds[va].index(k)] for k in common]
-        b = [vals[vb][mb + primary][folds[vb].index(k)] for k in common]
-        tests.append(
-            {
-                "key": f"{va}_vs_{vb}_{ma}{primary}",
-                "table": "variants",
-                "what": f"{va} − {vb}",
-                "metric": NAMES[ma] + f" ({CROPS[primary]})",
-                "diff": corrected_paired(a, b, _ratio(aggregates, (va, vb))),
-                "folds": common,
-            }
-        )
+    return pairs
 
-    adjusted = holm([t["diff"].p for t in tests])
-    for t, p in zip(tests, adjusted, strict=True):
-        t["p_holm"] = p
-    m_tests = sum(np.isfinite(t["diff"].p) for t in tests)
-    published = [t for t in tests if t["table"] != "variants"]
-    if published:
-        lines += [
-            "## Differences from Levi & Hassner (ours − theirs, points)",
-            "",
-            f"{WELCH}: our n = {n_folds} folds and std against their n = 5 and std; their folds "
-            "are not ours, so this compares two reported results. 95 % CI of the difference. "
-            f"Holm-adjusted over the {m_tests} p-values of this summary.",
-            "",
-            "| comparison | metric | difference [95 % CI] | p (Welch) | p (Holm) |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [_test_row(t) for t in published]
-        lines.append("")
-    between = [t for t in tests if t["table"] == "variants"]
-    if between:
-        lines += [
-            "## Our variants compared (A − B, points, same folds)",
-            "",
-            f"{CORRECTED}: the fold differences' variance is scaled by (1/k + n_test/n_train) "
-            f"because the folds' training sets overlap; df = k − 1. On {CROPS[primary]} results. "
-            f"95 % CI of the difference. Holm-adjusted over the {m_tests} p-values of this summary "
-            "('-': undefined, no variance).",
-            "",
-            "| comparison | metric | difference [95 % CI] | p (corrected t) | p (Holm) |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [_test_row(t) for t in between]
-        lines.append("")
+
+def _variant_test(
+    aggregates: dict[str, dict[str, Any]], pair: Pair, primary: str
+) -> dict[str, Any]:
+    """Paired over the folds both ran, corrected because the folds' training sets overlap."""
+    va, ma, vb, mb = pair
+    fa, fb = aggregates[va]["folds"], aggregates[vb]["folds"]
+    common = sorted(set(fa) & set(fb))
+    a = [aggregates[va]["values"][ma + primary][fa.index(k)] for k in common]
+    b = [aggregates[vb]["values"][mb + primary][fb.index(k)] for k in common]
     return {
-        "markdown": "\n".join(lines),
-        "tests": [{k: v for k, v in t.items() if k != "diff"} | t["diff"].as_dict() for t in tests],
-        "synthetic": synthetic,
-        "protocol": [list(r) for r in ours],
+        "key": f"{va}_vs_{vb}_{ma}{primary}",
+        "table": "variants",
+        "what": f"{va} − {vb}",
+        "metric": NAMES[ma] + f" ({CROPS[primary]})",
+        "diff": corrected_paired(a, b, _ratio(aggregates, (va, vb))),
+        "folds": common,
     }
+
+
+def _published_section(tests: list[dict[str, Any]], n_folds: int, m_tests: int) -> list[str]:
+    """States that two reported results are compared, not paired folds."""
+    return _tests_section(
+        "## Differences from Levi & Hassner (ours − theirs, points)",
+        f"{WELCH}: our n = {n_folds} folds and std against their n = 5 and std; their folds "
+        "are not ours, so this compares two reported results. 95 % CI of the difference. "
+        f"Holm-adjusted over the {m_tests} p-values of this summary.",
+        "Welch",
+        tests,
+    )
+
+
+def _variants_section(tests: list[dict[str, Any]], primary: str, m_tests: int) -> list[str]:
+    """States the correction and the crop, without which the p-values cannot be read."""
+    return _tests_section(
+        "## Our variants compared (A − B, points, same folds)",
+        f"{CORRECTED}: the fold differences' variance is scaled by (1/k + n_test/n_train) "
+        f"because the folds' training sets overlap; df = k − 1. On {CROPS[primary]} results. "
+        f"95 % CI of the difference. Holm-adjusted over the {m_tests} p-values of this summary "
+        "('-': undefined, no variance).",
+        "corrected t",
+        tests,
+    )
+
+
+def _tests_section(heading: str, note: str, test: str, tests: list[dict[str, Any]]) -> list[str]:
+    """One layout for both kinds of test, so their tables read alike; none if nothing tested."""
+    if not tests:
+        return []
+    return [
+        heading,
+        "",
+        note,
+        "",
+        f"| comparison | metric | difference [95 % CI] | p ({test}) | p (Holm) |",
+        "|---|---|---|---|---|",
+        *[_test_row(t) for t in tests],
+        "",
+    ]
 
 
 def _test_row(t: dict[str, Any]) -> str:
