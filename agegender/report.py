@@ -200,7 +200,9 @@ def summarize(
         if not synthetic:
             tests += _published_tests(number, suffix, vals, order)
     pairs = _pairs(vals)
-    primary = "_10crop" if all(f"{m}_10crop" in vals[v] for v, m, _, _ in pairs) else ""
+    # 10-crop only where both sides of every pair have it (a variant may lack it)
+    sides = [side for va, ma, vb, mb in pairs for side in ((va, ma), (vb, mb))]
+    primary = "_10crop" if all(f"{m}_10crop" in vals[v] for v, m in sides) else ""
     tests += [_variant_test(aggregates, pair, primary) for pair in pairs]
 
     adjusted = holm([t["diff"].p for t in tests])

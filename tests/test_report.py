@@ -126,3 +126,19 @@ def test_protocol_rows_follow_the_config() -> None:
     )
     assert _row(md, "| normalisation |")[3] == "differs"
     assert _row(md, "| training |")[3] == "differs"
+
+
+def test_variants_are_compared_on_a_crop_both_sides_have() -> None:
+    """A single-task variant tested on centre crops only, the multitask net on both: the
+    comparison falls back to centre crops for every pair (one crop per table, never mixed)."""
+    age = AGGREGATES["age"]
+    centre_only = {k: v for k, v in age["values"].items() if not k.endswith("_10crop")}
+    aggregates = AGGREGATES | {"age": age | {"values": centre_only}}
+    out = summarize(aggregates, _configs(Config()), 256, synthetic=True, title="t")
+    keys = sorted(t["key"] for t in out["tests"])
+    assert keys == [
+        "multitask_vs_age_age_1off",
+        "multitask_vs_age_age_acc",
+        "multitask_vs_gender_gender_acc",
+    ]
+    assert "On centre crop results." in out["markdown"]
