@@ -17,10 +17,10 @@ from deployments.services import (
     MLFLOW_PASSWORD_VAR,
     MLFLOW_USER_VAR,
     PREFECT_AUTH_VAR,
+    REPO,
     StackError,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 ENV_FILE = REPO / ".env"
 
 MLFLOW_ADMIN_USER_VAR = "MLFLOW_AUTH_ADMIN_USERNAME"  # default "admin"

@@ -171,13 +171,17 @@ class Layout:
         urls = {"PREFECT_API_URL": self.prefect_api, "MLFLOW_TRACKING_URI": self.mlflow_url}
         return urls | heartbeat_env(self.heartbeat_s)
 
+    def read_auth(self, auth: Auth | None = None) -> Auth | None:
+        """The servers' credentials (None: this stack asks for none): `auth`, the command's
+        own reading, else read now."""
+        return (auth or auth_settings()) if self.auth else None
+
     def auth_env(self, user: str = "worker", auth: Auth | None = None) -> dict[str, str]:
         """The credentials a client of this stack sends (none without auth): Prefect's auth
-        string and one MLflow user's (`worker` writes runs, `reader` only looks, `admin`).
-        `auth`: the command's own reading, else read now."""
-        if not self.auth:
+        string and one MLflow user's (`worker` writes runs, `reader` only looks, `admin`)."""
+        auth = self.read_auth(auth)
+        if auth is None:
             return {}
-        auth = auth or auth_settings()
         name, password = {"worker": auth.worker, "reader": auth.reader, "admin": auth.admin}[user]
         return {
             PREFECT_AUTH_VAR: auth.prefect,

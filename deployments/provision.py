@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from deployments import schedules
 from deployments.automations import ensure_zombie_automation
 from deployments.commands import BIN
 from deployments.pools import POOLS, ensure_pool
 from deployments.prefect_api import PrefectApi
-from deployments.services import GPU_LIMIT, StackError
+from deployments.services import GPU_LIMIT, REPO, StackError
 
-REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 
 

@@ -17,11 +17,14 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import MutableMapping, Sequence
+from pathlib import Path
 
 
 class StackError(RuntimeError):
     """A service that cannot start, answer or be reached; the message names it and its log."""
 
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: servers run in it, `.env` is there
 
 GPU_LIMIT = "gpu-slots"  # global concurrency limit: folds at once per machine's GPUs
 

@@ -37,7 +37,6 @@ from deployments.commands import Command, command
 from deployments.credentials import (
     AUTH_SECRET_VARS,
     Auth,
-    auth_settings,
     credentials,
     prefect_auth,
 )
@@ -48,10 +47,8 @@ from deployments.prefect_api import PrefectApi
 from deployments.provision import provision
 from deployments.s3 import ensure_bucket, s3_ready
 from deployments.schedules import schedules
-from deployments.services import MLFLOW_PASSWORD_VAR, MLFLOW_USER_VAR, StackError, health
+from deployments.services import MLFLOW_PASSWORD_VAR, MLFLOW_USER_VAR, REPO, StackError, health
 from deployments.supervisor import GROUP_STOP, Supervisor, alive, port_open
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -99,10 +96,6 @@ class Stack(Layout):
 
     # --- credentials: read once by a command, passed on --------------------------------------
 
-    def read_auth(self, auth: Auth | None = None) -> Auth | None:
-        """The servers' credentials (None: this stack asks for none): `auth`, else read now."""
-        return (auth or auth_settings()) if self.auth else None
-
     def prefect(self, auth: Auth | None = None) -> PrefectApi:
         """Its Prefect API with the stack's auth string: `auth`'s, else read now (alone: a
         health check needs no more)."""
@@ -111,6 +104,7 @@ class Stack(Layout):
         return PrefectApi(self.prefect_api, auth.prefect if auth else prefect_auth())
 
     def command(self, name: str, creds: Mapping[str, str], auth: Auth | None = None) -> Command:
+        """Service `name`'s command line and environment, as `start` runs it."""
         return command(self, name, creds, self.read_auth(auth))
 
     # --- one service ------------------------------------------------------------------------
@@ -139,7 +133,7 @@ class Stack(Layout):
             user = postgres.pg_user()
         else:
             (self.run_dir / name).mkdir(parents=True, exist_ok=True)
-        argv, env = command(self, name, creds, auth)
+        argv, env = self.command(name, creds, auth)
         cwd = self.pg_data if name == "postgres" else REPO
         proc = self.supervisor.launch(name, argv, env, cwd, user)
         self.save_state(pids | {name: proc.pid})
