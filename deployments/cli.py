@@ -13,8 +13,10 @@ from agegender import cli
 from deployments.automations import HEARTBEAT_S, MISSED, NAME, ensure_zombie_automation
 from deployments.credentials import auth_configured, prefect_auth
 from deployments.layout import DATABASES
+from deployments.pools import count_gpus
 from deployments.prefect_api import PrefectApi
-from deployments.services import StackError, health, mlflow_refused, prefect_refused
+from deployments.provision import provision
+from deployments.services import REPO, StackError, health, mlflow_refused, prefect_refused
 from deployments.stack import Stack
 
 
@@ -22,7 +24,9 @@ def add_commands(sub: cli.Commands) -> None:
     s = sub.add_parser(
         "stack", help="the local service stack: S3, MLflow, Prefect server and worker"
     )
-    s.add_argument("action", choices=["up", "down", "status", "env", "crash-detection"])
+    s.add_argument(
+        "action", choices=["up", "down", "status", "env", "crash-detection", "provision"]
+    )
     s.add_argument("--run-dir", type=Path, default=Path("runs/stack"), help="PIDs, logs, data")
     s.add_argument(
         "--db",
@@ -108,6 +112,8 @@ def cmd_stack(a: argparse.Namespace) -> None:
             )
     elif a.action == "crash-detection":
         _crash_detection(os.environ.get("PREFECT_API_URL") or stack.prefect_api)
+    elif a.action == "provision":
+        _provision(os.environ.get("PREFECT_API_URL") or stack.prefect_api)
     else:
         status = stack.status()
         if a.json:
@@ -146,6 +152,18 @@ def _crash_detection(api: str) -> None:
         markup=False,
         soft_wrap=True,
     )
+
+
+def _provision(api: str) -> None:
+    """What `stack up` makes, on any Prefect server (the compose stack's `prefect-init` runs
+    this): pools, the GPU limit (AGEGENDER_GPU_SLOTS, else this machine's GPUs), the deployments
+    (from the checkout AGEGENDER_HOME) and the crash automation for this heartbeat period."""
+    reachable("Prefect API", api, "PREFECT_API_URL")
+    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or HEARTBEAT_S)
+    slots = int(os.environ.get("AGEGENDER_GPU_SLOTS") or max(count_gpus(), 1))
+    env = {"AGEGENDER_HOME": str(REPO)} | dict(os.environ)
+    provision(PrefectApi(api, prefect_auth()), env, slots, heartbeat, cli.out.print)
+    cli.out.print(f"{api}: provisioned (gpu-slots {slots}, heartbeat {heartbeat} s)")
 
 
 def _print_schedules(status: dict[str, object]) -> None:

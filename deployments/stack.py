@@ -47,7 +47,7 @@ from deployments.prefect_api import PrefectApi
 from deployments.provision import provision
 from deployments.s3 import ensure_bucket, s3_ready
 from deployments.schedules import schedules
-from deployments.services import MLFLOW_PASSWORD_VAR, MLFLOW_USER_VAR, REPO, StackError, health
+from deployments.services import REPO, StackError, health
 from deployments.supervisor import GROUP_STOP, Supervisor, alive, port_open
 
 
@@ -234,9 +234,6 @@ class Stack(Layout):
         (self.run_dir / "worker").mkdir(parents=True, exist_ok=True)
         home = {"PREFECT_HOME": str(self.run_dir / "worker")}
         env = os.environ | self.client_env() | self.auth_env("worker", auth) | home
-        env.setdefault("AGEGENDER_WORKER_IMAGE", "agegender-worker:latest")
-        for var in (MLFLOW_USER_VAR, MLFLOW_PASSWORD_VAR):  # the GPU containers' login, if any
-            env.setdefault(var, "")
         env["AGEGENDER_HOME"] = str(REPO)  # where the local pool's flows run
         provision(self.prefect(auth), env, gpu_slots, self.heartbeat_s, progress)
 

@@ -37,9 +37,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # The PyPI torch wheels for Linux are CUDA builds that bring their CUDA libraries as wheels; the
-# driver comes from the host through the NVIDIA container toolkit. Their own layer: it is large.
+# driver comes from the host through the NVIDIA container toolkit. Their own layer: it is large
+# (about 5.8 GB). A CPU-only image, for hosts without a GPU (docker/README.md, "Images"):
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=""
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+    && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi \
+    && pip install --no-cache-dir \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/agegender \
         --shell /usr/sbin/nologin agegender \

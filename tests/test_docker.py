@@ -12,6 +12,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -35,7 +36,7 @@ SECRETS = (
     "AGEGENDER_MLFLOW_READER_PASSWORD",
 )
 REQUIRED = (*SECRETS, "DATA_DIR", "DOCKER_GID")
-ONE_SHOT = {"s3-init", "mlflow-users"}
+ONE_SHOT = {"s3-init", "mlflow-users", "prefect-init"}
 HADOLINT_THRESHOLD = "style"  # the strictest: our Dockerfiles are clean at every level
 
 
@@ -154,6 +155,7 @@ def test_services(config: dict[str, Any]) -> None:
         "prefect-server",
         "mlflow",
         "mlflow-users",
+        "prefect-init",
         "worker",
     }
 
@@ -209,7 +211,13 @@ def test_dependencies_wait_for_health_and_for_the_bucket(config: dict[str, Any])
             expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
             assert spec["condition"] == expected, f"{name} -> {dep}: {spec}"
     assert set(services["mlflow"]["depends_on"]) == {"postgres", "s3-init"}
-    assert set(services["worker"]["depends_on"]) == {"prefect-server", "mlflow", "mlflow-users"}
+    assert set(services["worker"]["depends_on"]) == {
+        "prefect-server",
+        "mlflow",
+        "mlflow-users",
+        "prefect-init",
+    }
+    assert set(services["prefect-init"]["depends_on"]) == {"prefect-server"}
     assert set(services["mlflow-users"]["depends_on"]) == {"mlflow"}
     assert set(services["s3-init"]["depends_on"]) == {"s3"}
 
@@ -419,6 +427,22 @@ def test_worker_image_installs_prefect_docker() -> None:
 # --- deployments/prefect.yaml against compose.yaml ---------------------------------------------
 
 
+def _deployments(config: dict[str, Any]) -> dict[str, Any]:
+    """prefect.yaml's deployments as compose's prefect-init deploys them: `{{ $VAR }}` filled by
+    Prefect's own templating from that service's environment (deployments.provision's defaults
+    where it sets nothing)."""
+    from prefect.utilities.templating import apply_values
+
+    from deployments.provision import deploy_env
+
+    env = deploy_env(config["services"]["prefect-init"]["environment"])
+    with mock.patch.dict(os.environ, env, clear=True):
+        spec = apply_values(yaml.safe_load(PREFECT_YAML.read_text()), env, remove_notset=False)
+    assert isinstance(spec, dict)
+    assert "{{" not in json.dumps(spec), "a placeholder prefect-init leaves unset"
+    return {d["name"]: d for d in spec["deployments"]}
+
+
 def test_gpu_deployment_runs_in_the_compose_stack(config: dict[str, Any]) -> None:
     """`train-fold-gpu`'s job variables name compose's network and runs volume, as the host
     knows them (`<project>_default`, `<project>_runs`), and request the NVIDIA GPUs."""
@@ -428,21 +452,52 @@ def test_gpu_deployment_runs_in_the_compose_stack(config: dict[str, Any]) -> Non
     assert config["networks"]["default"]["name"] == network
     assert config["volumes"]["runs"]["name"] == runs
 
-    deployments = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
-    pool = deployments["train-fold-gpu"]["work_pool"]
+    pool = _deployments(config)["train-fold-gpu"]["work_pool"]
     assert pool["name"] == "gpu"
     variables = pool["job_variables"]
     assert variables["networks"] == [network]
     volumes = {volume.split(":")[1]: volume.split(":") for volume in variables["volumes"]}
     assert volumes["/runs"][0] == runs
-    assert volumes["/data"] == ["/data", "/data", "ro"]
+    assert volumes["/data"] == [_sentinels()["DATA_DIR"], "/data", "ro"]
     assert variables["image_pull_policy"] == "IfNotPresent"
+    assert variables["auto_remove"] is True  # exited containers would hold the network
     assert variables["container_create_kwargs"]["device_requests"] == [
         {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
     ]
     worker_env = config["services"]["worker"]["environment"]
-    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
-        assert variables["env"][name] == worker_env[name], name
+    assert variables["env"]["MLFLOW_TRACKING_URI"] == worker_env["MLFLOW_TRACKING_URI"]
+    # the API URL (and its auth string) reach the containers from the worker's own settings
+    assert "PREFECT_API_URL" not in variables["env"]
+
+
+def test_gpu_jobs_find_the_stack_by_address_for_workers_on_other_hosts(tmp_path: Path) -> None:
+    """The settings docker/README.md gives for GPU hosts elsewhere reach the deployment
+    prefect-init makes (network, MLflow) and the worker (the Prefect API it polls, which its
+    containers inherit); empty ones fall back to compose's names."""
+    values = _sentinels() | {
+        "LISTEN": "10.0.0.5",
+        "AGEGENDER_JOB_NETWORK": "bridge",
+        "AGEGENDER_JOB_MLFLOW_URI": "http://10.0.0.5:5000",
+        "WORKER_PREFECT_API_URL": "http://10.0.0.5:4200/api",
+        "DATA_DIR": "/srv/datasets",
+    }
+    env_file = _write_env(tmp_path / "elsewhere.env", values)
+    res = _compose(tmp_path, env_file, "config", "--format", "json", check=True)
+    config = json.loads(res.stdout)
+    job = _deployments(config)["train-fold-gpu"]["work_pool"]["job_variables"]
+    assert job["networks"] == ["bridge"]
+    assert job["env"]["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000"
+    assert job["volumes"][0] == "/srv/datasets:/data:ro"
+    worker = config["services"]["worker"]
+    assert worker["environment"]["PREFECT_API_URL"] == "http://10.0.0.5:4200/api"
+    assert {v["target"]: v["source"] for v in worker["volumes"]}["/data"] == "/srv/datasets"
+
+    values |= {"AGEGENDER_JOB_NETWORK": "", "AGEGENDER_JOB_MLFLOW_URI": ""}
+    env_file = _write_env(tmp_path / "empty.env", values)
+    res = _compose(tmp_path, env_file, "config", "--format", "json", check=True)
+    job = _deployments(json.loads(res.stdout))["train-fold-gpu"]["work_pool"]["job_variables"]
+    assert job["networks"] == ["agegender_default"]
+    assert job["env"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
 
 def _under(path: str, root: str) -> bool:
@@ -460,7 +515,7 @@ def test_gpu_containers_see_the_workers_volumes_and_the_defaults_live_in_them(
 
     worker = {v["target"]: v for v in config["services"]["worker"]["volumes"]}
     worker.pop("/var/run/docker.sock")
-    deployments = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    deployments = _deployments(config)
     variables = deployments["train-fold-gpu"]["work_pool"]["job_variables"]
     mounts: dict[str, tuple[str, bool]] = {}
     for volume in variables["volumes"]:
@@ -477,7 +532,10 @@ def test_gpu_containers_see_the_workers_volumes_and_the_defaults_live_in_them(
     read_only = [t for t, (_, ro) in mounts.items() if ro]
     writable = [t for t, (_, ro) in mounts.items() if not ro]
     assert read_only == ["/data"]
-    assert variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
+    # the heartbeat: the worker's setting, which its containers inherit, and the automation's
+    for name in ("worker", "prefect-init"):
+        env = config["services"][name]["environment"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S), name
 
     for name in ("suite", "cross-validate"):
         params = deployments[name]["parameters"]

@@ -234,6 +234,8 @@ def _container_kwargs(stack: Any, template: dict[str, Any], variables: dict[str,
         config = asyncio.run(
             DockerWorkerJobConfiguration.from_template_and_values(template, variables)
         )
+    # the compose worker's own API URL, which Prefect adds to every job's env before this call
+    config.env["PREFECT_API_URL"] = "http://prefect-server:4200/api"
     # docker-py (mypy would take the repository's docker/ folder for it)
     docker = importlib.import_module("docker")
     never_called = docker.DockerClient(base_url="unix:///nonexistent.sock", version="1.43")
