@@ -403,11 +403,12 @@ def test_a_killed_fold_is_crashed_and_resumed_from_its_checkpoint(
             time.sleep(0.5)
         assert checkpoints, "no checkpoint was written" + _logs(compose_stack)
         (first,) = compose_stack.flow_runs(suite)
-        killed = client.containers.list(filters={"label": f"io.prefect.flow-run-id={first['id']}"})
-        assert len(killed) == 1, "the fold's container was not found"
-        if lost == "machine":
+        fold = client.containers.list(filters={"label": f"io.prefect.flow-run-id={first['id']}"})
+        assert len(fold) == 1, "the fold's container was not found"
+        killed = fold
+        if lost == "machine":  # the worker first: alive, it would report the fold's exit itself
             service = ["com.docker.compose.service=worker", "com.docker.compose.oneoff=False"]
-            killed += client.containers.list(filters={"label": service})
+            killed = client.containers.list(filters={"label": service}) + fold
             assert len(killed) == 2
         for c in killed:
             c.kill()
