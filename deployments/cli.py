@@ -143,7 +143,7 @@ def _crash_detection(api: str) -> None:
     """The zombie-flow automation on any Prefect server (the compose stack's, say), for the
     heartbeat period its clients use (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else Prefect's)."""
     reachable("Prefect API", api, "PREFECT_API_URL")
-    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or HEARTBEAT_S)
+    heartbeat = _heartbeat()
     done = ensure_zombie_automation(PrefectApi(api, prefect_auth()), heartbeat)
     cli.out.print(
         f"{api}: automation '{NAME}' {done} (CRASHED after {MISSED * heartbeat} s without a "
@@ -154,12 +154,18 @@ def _crash_detection(api: str) -> None:
     )
 
 
+def _heartbeat() -> int:
+    """The heartbeat period of this server's clients (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else
+    Prefect's), which the crash automation waits three of."""
+    return int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or HEARTBEAT_S)
+
+
 def _provision(api: str) -> None:
     """What `stack up` makes, on any Prefect server (the compose stack's `prefect-init` runs
     this): pools, the GPU limit (AGEGENDER_GPU_SLOTS, else this machine's GPUs), the deployments
     (from the checkout AGEGENDER_HOME) and the crash automation for this heartbeat period."""
     reachable("Prefect API", api, "PREFECT_API_URL")
-    heartbeat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or HEARTBEAT_S)
+    heartbeat = _heartbeat()
     slots = int(os.environ.get("AGEGENDER_GPU_SLOTS") or max(count_gpus(), 1))
     env = {"AGEGENDER_HOME": str(REPO)} | dict(os.environ)
     provision(PrefectApi(api, prefect_auth()), env, slots, heartbeat, cli.out.print)

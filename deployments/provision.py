@@ -40,7 +40,8 @@ def deploy_env(env: Mapping[str, str]) -> dict[str, str]:
     return dict(env) | {k: env.get(k) or v for k, v in DEPLOY_DEFAULTS.items()}
 
 
-def _prefect(args: list[str], env: Mapping[str, str], ok_if: str | None = None) -> None:
+def prefect_cli(args: list[str], env: Mapping[str, str], ok_if: str | None = None) -> None:
+    """`prefect ARGS` from the checkout (AGEGENDER_HOME); one StackError with its output."""
     res = subprocess.run(
         [str(BIN / "prefect"), *args],
         env=dict(env),
@@ -65,12 +66,12 @@ def provision(
     env = deploy_env(env)
     for pool, kind in POOLS.items():
         progress(ensure_pool(api, pool, kind))
-    _prefect(
+    prefect_cli(
         ["global-concurrency-limit", "create", GPU_LIMIT, "--limit", str(gpu_slots)],
         env,
         ok_if="already exists",
     )
     resumed = schedules.active(api)
-    _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)], env)
+    prefect_cli(["--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)], env)
     schedules.resume(api, resumed)
     ensure_zombie_automation(api, heartbeat_s)

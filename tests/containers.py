@@ -60,7 +60,7 @@ class Engine:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        return {"DOCKER_HOST": self.host, "DOCKER_BUILDKIT": "0"}
+        return {"DOCKER_HOST": self.host}
 
     def start(self, timeout: float = 180) -> None:
         dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"

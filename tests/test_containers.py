@@ -13,7 +13,6 @@ reads comes back through the servers' APIs, as a user would read it.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import json
 import os
@@ -21,7 +20,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -35,11 +33,12 @@ import pytest
 import yaml
 
 from agegender.synth.adience import write_synthetic
-from deployments.provision import deploy_env
+from deployments.prefect_api import PrefectApi
+from deployments.provision import deploy_env, prefect_cli
 from deployments.s3 import list_objects
 from tests import containers
 from tests.conftest import REPO, TINY_ARGS
-from tests.test_docker import _compose_binary
+from tests.test_docker import ENV_EXAMPLE, SECRETS, _compose_binary, _read_env, _tool_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 
@@ -104,21 +103,12 @@ class ComposeStack:
         return [str(_compose_binary()), *files, "--env-file", str(self.env_file), *args]
 
     def env(self) -> dict[str, str]:
-        home = self.env_file.parent
-        return {"PATH": os.environ["PATH"], "HOME": str(home), "DOCKER_CONFIG": str(home)} | (
-            self.engine.env()
-        )
+        return _tool_env(self.env_file.parent) | self.engine.env()
 
     def prefect(self, method: str, path: str, body: Any = None) -> Any:
-        auth = base64.b64encode(self.values["PREFECT_API_AUTH_STRING"].encode()).decode()
-        req = urllib.request.Request(
-            f"{self.prefect_api}{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"},
-            method=method,
+        return PrefectApi(self.prefect_api, self.values["PREFECT_API_AUTH_STRING"])(
+            method, path, body
         )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"null")
 
     def mlflow_env(self, user: str = "worker") -> dict[str, str]:
         password = self.values[f"AGEGENDER_MLFLOW_{user.upper()}_PASSWORD"]
@@ -195,14 +185,9 @@ def _record(key: str, value: Any) -> None:
 
 
 def _values(engine: containers.Engine, data: Path) -> dict[str, str]:
-    values = {k: v for k, v in _example().items() if v != "change-me"}
-    for name in (
-        "POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-        "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
-        "AGEGENDER_MLFLOW_WORKER_PASSWORD", "AGEGENDER_MLFLOW_READER_PASSWORD",
-    ):  # fmt: skip
-        values[name] = secrets.token_hex(16)
-    values["PREFECT_API_AUTH_STRING"] = f"agegender:{secrets.token_hex(16)}"
+    values = {k: v for k, v in _read_env(ENV_EXAMPLE).items() if v != "change-me"}
+    values |= {name: secrets.token_hex(16) for name in SECRETS}
+    values["PREFECT_API_AUTH_STRING"] = f"agegender:{secrets.token_hex(16)}"  # user:password
     values |= PORTS | {
         "DATA_DIR": str(data),
         "DOCKER_SOCKET": str(engine.sock),
@@ -210,15 +195,6 @@ def _values(engine: containers.Engine, data: Path) -> dict[str, str]:
         "HEARTBEAT_S": str(HEARTBEAT_S),
     }
     return values
-
-
-def _example() -> dict[str, str]:
-    out = {}
-    for line in (REPO / "docker/.env.example").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out[key.strip()] = value.strip()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -273,20 +249,15 @@ def _deploy_cpu_variant(st: ComposeStack) -> None:
     env = deploy_env(dict(os.environ) | {
         "PREFECT_API_URL": st.prefect_api,
         "PREFECT_API_AUTH_STRING": st.values["PREFECT_API_AUTH_STRING"],
-        "AGEGENDER_WORKER_IMAGE": "agegender-worker:latest",
         "AGEGENDER_JOB_DATA_DIR": str(st.data),
         "MLFLOW_TRACKING_USERNAME": "worker",
         "MLFLOW_TRACKING_PASSWORD": st.values["AGEGENDER_MLFLOW_WORKER_PASSWORD"],
         "AGEGENDER_HOME": str(REPO),
         "PREFECT_HOME": str(st.env_file.parent / "prefect-home"),
     })  # fmt: skip
-    prefect = Path(sys.executable).with_name("prefect")
-    res = subprocess.run(
-        [str(prefect), "--no-prompt", "deploy", "--prefect-file", str(path), "--name",
-         "train-fold-cpu"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
+    prefect_cli(
+        ["--no-prompt", "deploy", "--prefect-file", str(path), "--name", "train-fold-cpu"], env
+    )
 
 
 def test_every_service_is_healthy_and_asks_who_calls(compose_stack: ComposeStack) -> None:
