@@ -16,7 +16,7 @@ from deployments.layout import DATABASES
 from deployments.pools import count_gpus
 from deployments.prefect_api import PrefectApi
 from deployments.provision import provision
-from deployments.services import REPO, StackError, health, mlflow_refused, prefect_refused
+from deployments.services import REPO, StackError, health, mlflow_problem, prefect_refused
 from deployments.stack import Stack
 
 
@@ -57,21 +57,22 @@ def reachable(name: str, url: str, var: str) -> None:
     """Fail fast, naming the server, its problem and the setting that points at it, instead of
     retrying for minutes against nothing; a server that refuses this client's credentials
     names the variables that carry them."""
-    problem = health(url, timeout=10)
-    if problem is not None:
-        raise StackError(
-            f"{name} at {url} is unreachable ({problem}); is it running "
-            f"(`agegender stack status`) and {var} right?"
-        )
     if name == "MLflow":
-        refused = mlflow_refused(url)
+        problem = mlflow_problem(url, var)
     else:  # Prefect's effective setting: it also reads .env and its profiles
-        from prefect.settings import get_current_settings
+        problem = health(url, timeout=10)
+        if problem is not None:
+            problem = (
+                f"{name} at {url} is unreachable ({problem}); is it running "
+                f"(`agegender stack status`) and {var} right?"
+            )
+        else:
+            from prefect.settings import get_current_settings
 
-        secret = get_current_settings().api.auth_string
-        refused = prefect_refused(url, secret.get_secret_value() if secret else None)
-    if refused is not None:
-        raise StackError(refused)
+            secret = get_current_settings().api.auth_string
+            problem = prefect_refused(url, secret.get_secret_value() if secret else None)
+    if problem is not None:
+        raise StackError(problem)
 
 
 def cmd_stack(a: argparse.Namespace) -> None:

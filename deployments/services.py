@@ -124,6 +124,28 @@ def mlflow_refused(uri: str, timeout: float = 10.0) -> str | None:
     return refused("MLflow", uri, creds, names, timeout)
 
 
+_MLFLOW_ANSWERED: set[tuple[str, str | None, str | None]] = set()
+
+
+def mlflow_problem(uri: str, var: str = "MLFLOW_TRACKING_URI", timeout: float = 10.0) -> str | None:
+    """None when MLflow at `uri` answers and takes this client's credentials, else one line
+    naming the server, its problem and the setting to fix. Asked once per process, server and
+    credentials: the command before its flow, then every `Tracker`, would probe again."""
+    key = (uri, os.environ.get(MLFLOW_USER_VAR), os.environ.get(MLFLOW_PASSWORD_VAR))
+    if key in _MLFLOW_ANSWERED:
+        return None
+    problem = health(uri, timeout)
+    if problem is not None:
+        return (
+            f"MLflow at {uri} is unreachable ({problem}); is it running "
+            f"(`agegender stack status`) and {var} right?"
+        )
+    refused = mlflow_refused(uri, timeout)
+    if refused is None:
+        _MLFLOW_ANSWERED.add(key)
+    return refused
+
+
 def prefect_refused(api: str, auth_string: str | None, timeout: float = 10.0) -> str | None:
     """`refused` for a Prefect client with its `api.auth_string` (PREFECT_API_AUTH_STRING,
     which Prefect also reads from `.env` and profiles: the caller passes the effective one)."""

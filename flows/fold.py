@@ -19,14 +19,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
+from prefect.states import Failed
 
-from agegender.train import select_device
+from agegender.cli import EXPECTED
+from agegender.train import RunError, select_device
 from deployments.services import GPU_LIMIT
 from flows.settings import run_tags
 from tasks.folds import FoldJob, train_fold_task
 from tasks.slots import on_device, set_slots
 
 LEASE = 60.0  # the server accepts no shorter lease
+BAD_INPUT = "bad input: "  # a fold flow run's failure message: data or settings, not the worker
 
 
 @flow(name="train_fold", log_prints=True)
@@ -44,10 +47,14 @@ def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any]:
     if device is not None and not job.config.train.device.startswith(device):
         # (cuda:1 already is a cuda device)
         job = job.model_copy(update={"config": on_device(job.config, device)})
-    select_device(job.config.train.device)
-    set_slots(1)
-    with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE):
-        return train_fold_task(job)
+    try:
+        select_device(job.config.train.device)
+        set_slots(1)
+        with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE):
+            return train_fold_task(job)
+    except EXPECTED as exc:  # stays bad on any worker: the suite reports it, not retries it
+        get_run_logger().error(f"{job.name}: {exc}")
+        return Failed(message=f"{BAD_INPUT}{exc}")  # type: ignore[return-value]
 
 
 @task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE)
@@ -55,7 +62,8 @@ def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, A
     """One fold as a flow run of the `train_fold` deployment on a work pool. A run that fails,
     or that the server marked CRASHED (its heartbeats stopped: the worker or its machine died,
     wherever it was; deployments/automations.py), is started again and resumes from its
-    checkpoint."""
+    checkpoint. Bad input (data, settings, a GPU asked of a worker without one) is not: one
+    error naming the fold."""
     log = get_run_logger()
     name, params = job.name, {"job": job.model_dump(mode="json")}
     state = None
@@ -75,6 +83,11 @@ def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, A
                 if state is not None and state.is_final():
                     break
                 time.sleep(2)
+        message = (state and state.message) or ""
+        if state is not None and state.is_failed() and message.startswith(BAD_INPUT):
+            raise RunError(
+                f"{name} (flow run {run.name} of {deployment}): {message[len(BAD_INPUT) :]}"
+            )
         if state is not None and state.is_completed():
             log.info(f"{name}: flow run {run.name} ({run.id}) completed")
             return {

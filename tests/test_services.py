@@ -13,14 +13,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from deployments.services import DEFAULTS, apply_defaults, health
+from deployments.services import DEFAULTS, MLFLOW_USER_VAR, apply_defaults, health, mlflow_problem
 from tests.conftest import REPO
+
+HITS: list[str] = []  # the paths asked of the server, in order
 
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        # /api/health answers 200, /sick/health 503, anything else 404
-        code = {"/api/health": 200, "/sick/health": 503}.get(self.path, 404)
+        # /api/health and an MLflow at /ml answer 200, /sick/health 503, anything else 404
+        HITS.append(self.path)
+        ok = ("/api/health", "/ml/health", "/ml/api/2.0/mlflow/experiments/search?max_results=1")
+        code = 200 if self.path in ok else {"/sick/health": 503}.get(self.path, 404)
         self.send_response(code)
         self.end_headers()
         self.wfile.write(b"true")
@@ -47,6 +51,28 @@ def test_health_is_none_when_healthy_else_says_what_is_wrong(server: str) -> Non
     refused = health("http://127.0.0.1:9", timeout=5)
     assert "refused" in str(refused).lower()
     assert str(health("127.0.0.1:5000")).startswith("unknown url type")  # no http://
+
+
+def test_mlflow_is_probed_once_per_process_server_and_credentials(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command checks MLflow before its flow, then every Tracker would again: once is
+    enough while the answer was yes; a server that did not answer is asked again."""
+    monkeypatch.delenv(MLFLOW_USER_VAR, raising=False)
+    HITS.clear()
+    for _ in range(3):
+        assert mlflow_problem(f"{server}/ml") is None
+    assert HITS == ["/ml/health", "/ml/api/2.0/mlflow/experiments/search?max_results=1"]
+    monkeypatch.setenv(MLFLOW_USER_VAR, "someone-else")  # other credentials: asked again
+    assert mlflow_problem(f"{server}/ml") is None
+    assert len(HITS) == 4
+    for _ in range(2):
+        problem = mlflow_problem(f"{server}/sick", "MLFLOW_TRACKING_URI")
+        assert problem == (
+            f"MLflow at {server}/sick is unreachable (HTTP 503 Service Unavailable); is it "
+            "running (`agegender stack status`) and MLFLOW_TRACKING_URI right?"
+        )
+    assert HITS[4:] == ["/sick/health", "/sick/health"]
 
 
 def test_defaults_fill_only_what_the_user_did_not_set() -> None:

@@ -501,6 +501,36 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
     assert [m.step for m in history] == list(range(1, len(history) + 1))  # no epoch lost
 
 
+def test_a_remote_folds_bad_input_is_one_error_line_and_not_retried(
+    stack: Any, learn_cache: Path, tmp_path: Path
+) -> None:
+    """A GPU asked of the stack's worker (this machine has none) fails the fold's flow run as
+    bad input: the suite ends in one line naming the fold, after one flow run, not its retries."""
+    proc = suite_cli(
+        stack,
+        learn_cache,
+        tmp_path,
+        "suite.name=stack-bad-input",
+        "suite.variants=[gender]",
+        "suite.folds=[1]",
+        "suite.mode=deployments",
+        "suite.retries=2",
+        *TINY_ARGS,
+        "train.device=cuda",
+    )
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out[-3000:]
+    assert "gender-fold1 (flow run" in errors[0], errors
+    assert "CUDA" in errors[0], errors
+    assert "Traceback" not in out, out[-3000:]
+    runs = flow_runs(stack, {"flow_runs": {"name": {"any_": ["gender-fold1"]}}})
+    mine = [r for r in runs if "stack-bad-input" in json.dumps(r["tags"])]
+    assert [r["state_type"] for r in mine] == ["FAILED"], mine
+    assert mine[0]["state"]["message"].startswith("bad input: ")
+
+
 def test_bad_credentials_and_unreachable_servers_are_clear_errors(
     stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
 ) -> None:

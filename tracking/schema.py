@@ -197,9 +197,9 @@ def device_tags(requested: str, fallback: str | None) -> dict[str, str]:
 
 def trained_tags(summary: dict[str, Any]) -> dict[str, str]:
     """Where and how a finished training ran: the device, how its steps ran (`train.step`: one
-    CUDA graph a step, compiled, ..., and anything that did not go as planned), the code's
-    commit."""
-    tags = {"git_commit": git_commit(), "device": str(summary["device"])}
+    CUDA graph a step, compiled, ..., and anything that did not go as planned). The code's
+    commit was tagged when the run opened."""
+    tags = {"device": str(summary["device"])}
     if "step" in summary:  # results written before the graph step have none
         tags["step"] = str(summary["step"])[:4000]
     return tags

@@ -26,7 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from deployments.services import health, mlflow_refused
+from deployments.services import mlflow_problem
 from tracking import TrackingError
 from tracking.schema import (
     DATASET_CONTEXT,
@@ -473,16 +473,11 @@ def store_uri(run_root: Path) -> str:
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast, naming the server, instead of retrying for minutes against nothing."""
-    problem = health(uri, timeout)
+    """Fail fast, naming the server, instead of retrying for minutes against nothing (once per
+    process: `deployments.services.mlflow_problem`)."""
+    problem = mlflow_problem(uri, timeout=timeout)
     if problem is not None:
-        raise TrackingError(
-            f"MLflow at {uri} is unreachable ({problem}); is the tracking server running "
-            "(`agegender stack status`) and MLFLOW_TRACKING_URI right?"
-        )
-    refused = mlflow_refused(uri, timeout)  # an authenticated server, wrong or no credentials
-    if refused is not None:
-        raise TrackingError(refused)
+        raise TrackingError(problem)
 
 
 def _epoch_metrics(record: Mapping[str, Any], timestamp: int) -> list[Metric]:
