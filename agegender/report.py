@@ -192,11 +192,12 @@ def summarize(
     n_folds = max((len(f) for f in folds.values()), default=0)
 
     lines = _header(title, synthetic, n_folds)
+    narrow = list(lines)
     tests: list[dict[str, Any]] = []
-    for number, suffix in enumerate(("_10crop", ""), start=1):
-        if not any(m + suffix in vals[v] for v in order for m in METRICS):
-            continue
+    suffixes = [s for s in ("_10crop", "") if any(m + s in vals[v] for v in order for m in METRICS)]
+    for number, suffix in suffixes_numbered(suffixes):
         lines += _crop_table(number, suffix, vals, order, ours, synthetic)
+        narrow += _crop_table(number, suffix, vals, order, ours, synthetic, narrow=True)
         if not synthetic:
             tests += _published_tests(number, suffix, vals, order)
     pairs = _pairs(vals)
@@ -209,10 +210,12 @@ def summarize(
     for t, p in zip(tests, adjusted, strict=True):
         t["p_holm"] = p
     m_tests = sum(np.isfinite(t["diff"].p) for t in tests)
-    lines += _published_section([t for t in tests if t["table"] != "variants"], n_folds, m_tests)
-    lines += _variants_section([t for t in tests if t["table"] == "variants"], primary, m_tests)
+    tail = _published_section([t for t in tests if t["table"] != "variants"], n_folds, m_tests)
+    tail += _variants_section([t for t in tests if t["table"] == "variants"], primary, m_tests)
     return {
-        "markdown": "\n".join(lines),
+        "markdown": "\n".join(lines + tail),
+        "narrow_markdown": "\n".join(narrow + tail),
+        "protocol_markdown": protocol_markdown(order, ours, suffixes),
         "tests": [{k: v for k, v in t.items() if k != "diff"} | t["diff"].as_dict() for t in tests],
         "synthetic": synthetic,
         "protocol": [list(r) for r in ours],
@@ -258,24 +261,31 @@ def _crop_table(
     order: list[str],
     ours: list[Row],
     synthetic: bool,
+    narrow: bool = False,
 ) -> list[str]:
-    """One table per crop mode, protocol included, since ours compare to theirs only within one."""
+    """One table per crop mode, protocol included, since ours compare to theirs only within one.
+    `narrow`: without the protocol and the variants' descriptions (`protocol_markdown` holds
+    them), for a page that cuts wide tables off."""
     theirs = _theirs(suffix)
     lines = [
         f"## Table {number}. Ours, {CROPS[suffix]}"
         + ("" if synthetic else f", vs {theirs.name} ({theirs.source})"),
         "",
-        "| model | trained as | age exact | age 1-off | gender |",
-        "|---|---|---|---|---|",
+        "| model | age exact | age 1-off | gender |" if narrow else MODEL_HEAD,
+        "|---|---|---|---|" if narrow else "|---|---|---|---|---|",
     ]
     for v in order:
-        lines.append(
-            f"| ours: {v} | {variant_description(v)} | "
-            + " | ".join(_cells(vals[v], v, suffix))
-            + " |"
-        )
+        described = "" if narrow else f" {variant_description(v)} |"
+        lines.append(f"| ours: {v} |{described} " + " | ".join(_cells(vals[v], v, suffix)) + " |")
     if not synthetic:
-        lines += _published_rows(theirs)
+        published = _published_rows(theirs)
+        lines += (
+            ["|".join(r.split("|")[:2] + r.split("|")[3:]) for r in published]
+            if narrow
+            else published
+        )
+    if narrow:
+        return [*lines, ""]
     lines += ["", "| protocol | ours | Levi & Hassner | |", "|---|---|---|---|"]
     for key, mine, their, same in [
         *ours,
@@ -283,6 +293,29 @@ def _crop_table(
     ]:
         lines.append(f"| {key} | {mine} | {their} | {same} |")
     return [*lines, ""]
+
+
+MODEL_HEAD = "| model | trained as | age exact | age 1-off | gender |"
+
+
+def protocol_markdown(order: list[str], ours: list[Row], suffixes: list[str]) -> str:
+    """The variants and the protocol, ours next to theirs, once for all tables: the part of the
+    summary that `narrow` tables leave out."""
+    lines = ["## Variants", "", *(f"- **{v}**: {variant_description(v)}" for v in order), ""]
+    lines += ["## Protocol", "", "| setting | ours | Levi & Hassner | |", "|---|---|---|---|"]
+    crops = [
+        ("crop mode", CROPS[s], CROP_THEIRS[s], f"Table {n}")
+        for n, s in suffixes_numbered(suffixes)
+    ]
+    lines += [
+        f"| {key} | {mine} | {their} | {same} |" for key, mine, their, same in [*ours, *crops]
+    ]
+    return "\n".join(lines)
+
+
+def suffixes_numbered(suffixes: list[str]) -> list[tuple[int, str]]:
+    """(table number, crop suffix) as `summarize` numbers its tables."""
+    return [(n, s) for n, s in enumerate(("_10crop", ""), start=1) if s in suffixes]
 
 
 def _cells(values: dict[str, list[float]], variant: str, suffix: str) -> list[str]:

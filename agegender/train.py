@@ -431,6 +431,12 @@ def selection_score(metric: str, val: dict[str, Any]) -> float:
     return float(value)
 
 
+def selected_value(metric: str, score: float) -> float:
+    """The metric as measured, from its `selection_score` (which negates a loss so that higher
+    is always better): what a description shows."""
+    return -score if metric == "loss" else score
+
+
 def _plain_rates(state: dict[str, Any], rates: list[float]) -> dict[str, Any]:
     """An optimiser's state with its learning rates as numbers, the ones the next step takes
     (`rates`, the scheduler's), as the eager loop leaves them: a graph step's groups read theirs

@@ -120,7 +120,7 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
     }
     summary = compare_task(aggregates, suite, configs, cache.image_size, synthetic, run_root)
     champions: dict[str, dict[str, Any]] = {v: c for v, c in registered.items() if c}
-    publish(suite.name, run_root, summary["markdown"], aggregates, parents, champions)
+    publish(tracker, summary, aggregates, parents, champions)
     return {
         "summary": summary,
         "parents": parents,

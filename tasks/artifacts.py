@@ -3,19 +3,19 @@
 `publish` is called from the flow's body, not as a task: an artifact made inside a task run
 belongs to that task run, and the UI lists it under "Task runs" instead of the flow run's own.
 
-The comparison tables (markdown), each variant's folds (a table: one row per fold, then mean
-and sample std) and links to each variant's MLflow parent run and its registered champion.
-A local (SQLite) store has no web address: its links point where the printed `mlflow ui`
-command serves it (`LOCAL_UI`), and their descriptions say to run that command first.
+The comparison tables (markdown, narrow: Prefect's page cuts wide tables off), the variants
+and protocol beside them, each variant's folds (a table: one row per fold, then mean and sample
+std) and links to each variant's MLflow parent run and its registered champion (`Tracker`'s
+URLs, in MLflow's model-training layout). A local store (SQLite) has no web address: its links
+point where the printed `mlflow ui` command serves it (`Tracker.ui_base`,
+AGEGENDER_MLFLOW_UI_PORT), and their descriptions say to run that command first.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 from prefect.artifacts import (
@@ -27,7 +27,6 @@ from prefect.artifacts import (
 from agegender.metrics import sample_std
 from tracking.store import Tracker
 
-LOCAL_UI = "http://127.0.0.1:5000"  # where Tracker.ui_command()'s `mlflow ui` listens
 DIGITS = 4  # table values: enough to tell folds apart, short enough to read
 
 
@@ -38,34 +37,24 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-+", "-", key).strip("-")
 
 
-def ui_base(tracker: Tracker) -> str:
-    return LOCAL_UI if tracker.local else tracker.uri.rstrip("/")
-
-
-def run_url(tracker: Tracker, run_id: str) -> str:
-    """A run's page in the MLflow UI."""
-    return f"{ui_base(tracker)}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
-
-
-def version_url(tracker: Tracker, name: str, version: str) -> str:
-    """A registered model version's page in the MLflow UI."""
-    return f"{ui_base(tracker)}/#/models/{quote(name)}/versions/{version}"
-
-
 def fold_table(aggregate: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per fold with its test metrics (averaged over seeds, as the statistics see
-    them), then the mean and the sample std (ddof=1) over the folds."""
+    them), then the mean and the sample std (ddof=1) over the folds. Short column names (the
+    description says they are test metrics; `seeds` only where a fold ran more than once), so
+    that Prefect's page shows the whole table."""
     values: Mapping[str, list[float]] = aggregate["values"]
-    sizes: Mapping[str, list[float]] = aggregate.get("sizes", {})
+    sizes = dict(aggregate.get("sizes", {}))
+    if all(s == 1 for s in sizes.get("seeds", [])):
+        sizes.pop("seeds", None)
     names = sorted(values)
     rows: list[dict[str, Any]] = []
     for i, fold in enumerate(aggregate["folds"]):
         row: dict[str, Any] = {"fold": str(fold)}
-        row |= {f"test_{m}": round(values[m][i], DIGITS) for m in names}
+        row |= {m: round(values[m][i], DIGITS) for m in names}
         row |= {k: int(sizes[k][i]) for k in ("n_test", "seeds") if k in sizes}
         rows.append(row)
     for label, stat in (("mean", lambda v: float(np.mean(v))), ("std", sample_std)):
-        row = {"fold": label} | {f"test_{m}": _round(stat(values[m])) for m in names}
+        row = {"fold": label} | {m: _round(stat(values[m])) for m in names}
         rows.append(row | {k: "" for k in ("n_test", "seeds") if k in sizes})
     return rows
 
@@ -76,23 +65,29 @@ def _round(value: float) -> float | str:
 
 
 def publish(
-    suite: str,
-    run_root: str,
-    summary_markdown: str,
+    tracker: Tracker,
+    summary: Mapping[str, Any],
     aggregates: Mapping[str, Mapping[str, Any]],
     parents: Mapping[str, str],
     champions: Mapping[str, Mapping[str, Any]],
 ) -> list[str]:
-    """The suite's artifacts, on the calling flow run; the keys made, in order."""
-    tracker = Tracker(suite, Path(run_root))
+    """The suite's artifacts (the suite is `tracker`'s experiment), on the calling flow run;
+    the keys made, in order."""
+    suite = tracker.experiment
     local = ""
-    if tracker.local:
-        local = f" (local store: run `{tracker.ui_command()}` first)"
+    if tracker.local_store:
+        local = f" (local store: run `{tracker.serve_command()}` first, then open the link)"
     keys = [artifact_key("suite", suite, "summary")]
     create_markdown_artifact(
-        summary_markdown,
+        str(summary["narrow_markdown"]),
         key=keys[-1],
         description=f"Suite `{suite}`: the comparison tables, as in MLflow's `summary` run{local}",
+    )
+    keys.append(artifact_key("suite", suite, "protocol"))
+    create_markdown_artifact(
+        str(summary["protocol_markdown"]),
+        key=keys[-1],
+        description=f"Suite `{suite}`: the variants, and the protocol next to Levi & Hassner's",
     )
     for variant, aggregate in aggregates.items():
         keys.append(artifact_key(suite, variant, "folds"))
@@ -104,7 +99,7 @@ def publish(
     for variant, parent in parents.items():
         keys.append(artifact_key(suite, variant, "mlflow-run"))
         create_link_artifact(
-            run_url(tracker, parent),
+            tracker.run_url(parent),
             link_text=f"{variant}: MLflow parent run {parent}",
             key=keys[-1],
             description=f"`{variant}`: its folds, aggregates and model in MLflow{local}",
@@ -113,7 +108,7 @@ def publish(
         name, version = str(champion["name"]), str(champion["version"])
         keys.append(artifact_key(suite, variant, "champion"))
         create_link_artifact(
-            version_url(tracker, name, version),
+            tracker.version_url(name, version),
             link_text=f"{name} version {version} (fold {champion['fold']}), {champion['uri']}",
             key=keys[-1],
             description=f"`{variant}`: the registered champion{local}",

@@ -22,7 +22,7 @@ from agegender.metrics import sample_std
 from agegender.report import variant_table
 from agegender.train import adience_fold
 from tasks.training import TrackedRun, retry_unless_bad_input, train_tracked
-from tracking.schema import RunRecord, fold_tags
+from tracking.schema import NOTE, RunRecord, fold_tags, results_tags
 from tracking.store import Tracker
 
 
@@ -105,7 +105,8 @@ def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> d
     }
     metrics = {f"test_{k}_mean": float(np.mean(v)) for k, v in values.items()}
     metrics |= {f"test_{k}_std": sample_std(v) for k, v in values.items() if len(v) > 1}
-    tracker.log(parent_id, metrics=metrics | {"folds": len(folds)})
+    note = tracker.get(parent_id).tags.get(NOTE, "")
+    tracker.log(parent_id, metrics=metrics, tags=results_tags(note, folds, variant_table(values)))
     with tempfile.TemporaryDirectory() as tmp:
         main = {f"test_{k}": v for k, v in values.items() if "10crop" not in k}
         plots.fold_bars(main, Path(tmp) / "fold_bars.png", f"{variant}: test metrics per fold")

@@ -2,12 +2,12 @@
 
 "Best" is the fold whose selected epoch scored highest on its own validation part (the metric
 that picked the epoch, `train.select_metric`), never on a test fold: choosing by test accuracy
-would be the seed's leakage again. The model is logged to the variant's parent run as a pyfunc
-(`tracking.serving`: checkpoint, preprocessing and code together; an MLflow 3 logged model with
-a signature and an input example), registered, with descriptions, as a version of
-`agegender-<variant>`, and given the alias `champion`, so `models:/agegender-multitask@champion`
-is what `agegender predict` and `mlflow models serve` use. A rerun whose best fold is the same
-reuses that version.
+would be the seed's leakage again. The model is logged to that fold's run as a pyfunc
+(`tracking.serving`: checkpoint, preprocessing and code together; an MLflow 3 logged model
+`<variant>-fold<k>` with a signature and an input example), registered from that run, with
+descriptions and its parent run's id as a tag, as a version of `agegender-<variant>`, and given
+the alias `champion`, so `models:/agegender-multitask@champion` is what `agegender predict` and
+`mlflow models serve` use. A rerun whose best fold is the same reuses that version.
 """
 
 from __future__ import annotations
@@ -21,9 +21,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from agegender.predict import Predictor
-from agegender.train import RunError, selection_score
+from agegender.train import RunError, selected_value, selection_score
 from tracking import TrackingError
-from tracking.schema import RunRecord, champion_descriptions, champion_tags, of_fold_run
+from tracking.schema import (
+    RunRecord,
+    champion_descriptions,
+    champion_tags,
+    model_name,
+    of_fold_run,
+)
 from tracking.store import Tracker
 
 ALIAS = "champion"
@@ -47,11 +53,12 @@ def _score(tracker: Tracker, run: RunRecord) -> float | None:
             return None
 
 
-def _selected_by(run: RunRecord) -> str:
-    """What the champion was chosen by: the validation score of each fold's tested weights."""
+def _selected_by(run: RunRecord) -> tuple[str, str]:
+    """What the champion was chosen by (the validation score of each fold's tested weights),
+    and that metric's name."""
     metric = run.params.get("train.select_metric", "loss")
     tested = run.params.get("train.test_at", "best_val")
-    return f"val {metric}" + (" of the final checkpoint" if tested == "final" else "")
+    return f"val {metric}" + (" of the final checkpoint" if tested == "final" else ""), metric
 
 
 @task(task_run_name="register-{variant}", cache_policy=NO_CACHE)
@@ -70,11 +77,11 @@ def register_champion_task(
     best = max(scored, key=lambda r: scores[r.run_id] or 0.0)
     fold, run_id = best.fold, best.run_id
     name = registered_name(variant)
-    same = [v for v in tracker.versions(name, parent_id) if of_fold_run(v, run_id)]
+    same = [v for v in tracker.versions(name, run_id) if of_fold_run(v, run_id)]
     if same:
         version = same[0].version
     else:
-        selected_by = _selected_by(best)
+        selected_by, metric = _selected_by(best)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = tracker.download(f"runs:/{run_id}/best.pt", Path(tmp))
             predictor = Predictor.load(checkpoint, "cpu")
@@ -82,17 +89,18 @@ def register_champion_task(
                 "variant": variant,
                 "fold": fold,
                 "fold_run_id": run_id,
+                "parent_run_id": parent_id,
                 "task": best.tags.get("task", ""),
                 "selected_by": selected_by,
                 "preprocessing": predictor.preprocessing(),
             }
-            artifact_path = f"model-fold{fold}"
+            logged = model_name(variant, fold)
             heads = tuple(predictor.labels)
-            tracker.log_pyfunc(parent_id, checkpoint, artifact_path, metadata, heads)
-        score = scores[run_id] or 0.0
-        tags = champion_tags(variant, suite, best, score, selected_by)
-        texts = champion_descriptions(variant, suite, best, score, selected_by, len(scored))
-        version = tracker.register(parent_id, artifact_path, name, tags, texts)
+            model_id = tracker.log_pyfunc(run_id, checkpoint, logged, metadata, heads)
+        value = selected_value(metric, scores[run_id] or 0.0)
+        tags = champion_tags(variant, suite, best, value, selected_by, parent_id)
+        texts = champion_descriptions(variant, suite, best, value, selected_by, len(scored))
+        version = tracker.register(run_id, logged, name, tags, texts, model_id)
     tracker.set_alias(name, ALIAS, version)
     uri = f"models:/{name}@{ALIAS}"
     log.info(f"{variant}: fold {fold} (best validation) is {name} version {version}, {uri}")

@@ -46,7 +46,9 @@ def checkpoint(small_synth: SynthResult, tmp_path_factory: pytest.TempPathFactor
     return train_fold(root / "cache", 0, load_config(None, TINY), root / "run").out_dir / "best.pt"
 
 
-def test_the_experiment_opens_as_model_training(tmp_path: Path) -> None:
+def test_the_experiment_opens_as_model_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kind = experiment_tags()["mlflow.experimentKind"]
     # the value is the UI's own name for model training ("Machine learning"), not a guess
     bundle = "".join(p.read_text(errors="replace") for p in UI_BUNDLE.glob("main.*.js"))
@@ -69,6 +71,13 @@ def test_the_experiment_opens_as_model_training(tmp_path: Path) -> None:
     assert url == (
         f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}?workflowType=machine_learning"
     )
+    # a SQLite store named by MLFLOW_TRACKING_URI is served the same way (no `open sqlite:...`),
+    # on the port the setting names
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
+    monkeypatch.setenv("AGEGENDER_MLFLOW_UI_PORT", "5123")
+    named = Tracker("kinds", tmp_path)
+    assert named.ui_command().startswith(f"mlflow ui --backend-store-uri '{tracker.uri}'")
+    assert "--port 5123, then open http://127.0.0.1:5123/#/experiments/" in named.ui_command()
 
 
 def test_runs_carry_mlflows_source_tags(tmp_path: Path) -> None:
@@ -136,13 +145,13 @@ def test_the_champion_is_a_logged_model_with_a_signature_and_descriptions(
         "multitask", "suite-x", fold, 0.75, "val age_acc", 5
     )
     version = tracker.register(
-        parent, "model-fold2", "lm-multitask", {}, (model_text, version_text)
+        parent, "model-fold2", "lm-multitask", {}, (model_text, version_text), model_id
     )
     v = client.get_model_version("lm-multitask", version)
     assert v.source == logged.artifact_location  # a local store; `models:/<id>` on a server
     listed = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
     assert listed == [{"name": "lm-multitask", "version": version}]
-    assert v.run_id == parent
+    assert v.run_id == parent  # the run that logged the model (a champion's: its fold run)
     assert v.description == version_text
     for words in ("suite-x", "fold 2", "val age_acc = 0.750000", "best of 5 folds"):
         assert words in v.description, words
@@ -150,7 +159,7 @@ def test_the_champion_is_a_logged_model_with_a_signature_and_descriptions(
     assert registered.description == model_text
     assert variant_description("multitask") in registered.description
     # registering again is the same version
-    assert tracker.register(parent, "model-fold2", "lm-multitask", {}) == version
+    assert tracker.register(parent, "model-fold2", "lm-multitask", {}, None, model_id) == version
 
     # the registered version loads and answers the input example's kind of request
     local = tracker.download(f"models:/lm-multitask/{version}", tmp_path / "dl")
@@ -221,13 +230,15 @@ def test_the_suites_runs_and_champions_on_the_stack(
         registered = client.get_registered_model(name)
         assert variant_description(variant) in registered.description
         version = client.get_model_version_by_alias(name, "champion")
-        # the version is the logged model, which the parent run made
+        # the version is the logged model `<variant>-fold<k>`, which its fold run made
         source = str(version.source)
         assert source.startswith("models:/m-"), source
         model_id = source.removeprefix("models:/")
         logged = client.get_logged_model(model_id)
-        assert logged.source_run_id == parent_id
-        outputs = client.get_run(parent_id).outputs
+        assert logged.source_run_id == version.run_id == version.tags["fold_run_id"]
+        assert logged.name == f"{variant}-fold{version.tags['fold']}"
+        assert version.tags["parent_run_id"] == parent_id
+        outputs = client.get_run(version.run_id).outputs
         assert outputs is not None
         assert model_id in [o.model_id for o in outputs.model_outputs]
         listed = json.loads(logged.tags["mlflow.modelVersions"])

@@ -55,7 +55,7 @@ def test_prefect_ui_shows_the_suites_artifacts(
     run, by_key = _artifacts(stack, stack_suite["flow_run_id"])
     assert re.fullmatch(rf"{STACK_SUITE}-\d{{4}}-\d\d-\d\d-\d{{4}}", run.name), run.name
     assert f"suite:{STACK_SUITE}" in run.tags, run.tags
-    want = {artifact_key("suite", STACK_SUITE, "summary")} | {
+    want = {artifact_key("suite", STACK_SUITE, what) for what in ("summary", "protocol")} | {
         artifact_key(STACK_SUITE, v, what)
         for v in VARIANTS
         for what in ("folds", "mlflow-run", "champion")
@@ -69,11 +69,15 @@ def test_prefect_ui_shows_the_suites_artifacts(
         link = LINK.match(str(by_key[artifact_key(STACK_SUITE, v, "mlflow-run")].data))
         assert link is not None
         parent = stack_suite["parents"][v]
-        assert link["url"] == f"{base}/#/experiments/{experiment}/runs/{parent}"
+        ml = "?workflowType=machine_learning"
+        assert link["url"] == f"{base}/#/experiments/{experiment}/runs/{parent}{ml}"
         link = LINK.match(str(by_key[artifact_key(STACK_SUITE, v, "champion")].data))
         assert link is not None
-        name, version = link["url"].removeprefix(f"{base}/#/models/").split("/versions/")
-        assert mlflow.get_model_version(name, version).run_id == parent
+        name, version = (
+            link["url"].removeprefix(f"{base}/#/models/").removesuffix(ml).split("/versions/")
+        )
+        registered = mlflow.get_model_version(name, version)
+        assert mlflow.get_run(str(registered.run_id)).data.tags["mlflow.parentRunId"] == parent
         assert str(mlflow.get_model_version_by_alias(name, "champion").version) == version
 
     # what the multitask table must show: its folds' test accuracy as MLflow holds it
@@ -83,7 +87,7 @@ def test_prefect_ui_shows_the_suites_artifacts(
         [experiment], f"tags.mlflow.parentRunId = '{stack_suite['parents']['multitask']}'"
     )
     logged = {r.data.tags["fold"]: r.data.metrics["test_age_acc"] for r in folds}
-    shown = {r["fold"]: r["test_age_acc"] for r in rows if r["fold"] in logged}
+    shown = {r["fold"]: r["age_acc"] for r in rows if r["fold"] in logged}
     assert shown == {f: round(v, 4) for f, v in logged.items()}
 
     ui = stack.prefect_api.removesuffix("/api")
@@ -103,12 +107,12 @@ def test_prefect_ui_shows_the_suites_artifacts(
         full_page_screenshot(page, shots[0])  # the page scrolls inside: grow the viewport
 
         page.get_by_text(table_key, exact=True).first.click()
-        expect(body).to_contain_text("test_age_acc", timeout=TIMEOUT_MS)
+        expect(body).to_contain_text("age_acc", timeout=TIMEOUT_MS)
         lines = page.locator("tbody tr")
         expect(lines).to_have_count(len(rows), timeout=TIMEOUT_MS)
         for i, row in enumerate(rows):  # fold 0..4, mean, std: the values as JSON has them
             expect(lines.nth(i)).to_contain_text(row["fold"], timeout=TIMEOUT_MS)
-            expect(lines.nth(i)).to_contain_text(_js(row["test_age_acc"]), timeout=TIMEOUT_MS)
+            expect(lines.nth(i)).to_contain_text(_js(row["age_acc"]), timeout=TIMEOUT_MS)
         full_page_screenshot(page, shots[1])
     for shot in shots:
         assert shot.stat().st_size > 10_000, f"{shot}: {shot.stat().st_size} bytes"

@@ -67,7 +67,7 @@ def test_each_variant_has_a_champion_chosen_on_validation(
     client = MlflowClient(stack.mlflow_url)
     for variant, parent_id in stack_suite["parents"].items():
         version = client.get_model_version_by_alias(f"agegender-{variant}", "champion")
-        assert version.run_id == parent_id
+        assert version.tags["parent_run_id"] == parent_id
         folds = client.search_runs(
             [stack_suite["experiment_id"]],
             f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
@@ -75,6 +75,7 @@ def test_each_variant_has_a_champion_chosen_on_validation(
         assert len(folds) == 5
         best = max(folds, key=lambda r: r.data.metrics["selection_score"])
         assert version.tags["fold_run_id"] == best.info.run_id, variant
+        assert version.run_id == best.info.run_id, variant  # the version's source run
 
 
 def test_a_served_champion_answers_json(

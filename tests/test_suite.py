@@ -261,13 +261,14 @@ def test_suite_pretrains_once_and_links_the_pretraining_run(
     folds = _runs(run_root, "fold")
     best = max(folds, key=lambda r: r.data.metrics["selection_score"])
     assert best.data.metrics["selection_score"] == -best.data.metrics["selected_val_loss"]
-    assert (champion.run_id, champion.tags["fold_run_id"]) == (parent.info.run_id, best.info.run_id)
+    assert (champion.run_id, champion.tags["fold_run_id"]) == (best.info.run_id, best.info.run_id)
+    assert champion.tags["parent_run_id"] == parent.info.run_id
     assert champion.tags["fold"] == best.data.tags["fold"]
     assert champion.tags["selected_by"] == "val loss of the final checkpoint"
-    model_name = f"model-fold{best.data.tags['fold']}"
-    # (an MLflow 3 logged model of the parent run: its files are the version's source)
+    model_name = f"multitask_pretrained-fold{best.data.tags['fold']}"
+    # (an MLflow 3 logged model of the fold run: its files are the version's source)
     models = client.search_logged_models([parent.info.experiment_id], f"name = '{model_name}'")
-    assert [m.source_run_id for m in models] == [parent.info.run_id]
+    assert [m.source_run_id for m in models] == [best.info.run_id]
     assert champion.source == models[0].artifact_location
     mlmodel = mlflow.artifacts.download_artifacts(
         f"{champion.source}/MLmodel", dst_path=str(tmp_path), tracking_uri=client.tracking_uri

@@ -210,18 +210,26 @@ def registered_tag(uri: str) -> dict[str, str]:
 
 
 def champion_tags(
-    variant: str, suite: str, fold_run: RunRecord, score: float, selected_by: str
+    variant: str, suite: str, fold_run: RunRecord, value: float, selected_by: str, parent_id: str
 ) -> dict[str, str]:
-    """A champion model version: which fold run it is and why it was chosen."""
+    """A champion model version: which fold run it is (the version's own run), its variant's
+    parent run, and why it was chosen (`value`: the validation metric as measured)."""
     tags = {
         "variant": variant,
         "suite": suite,
         "fold": str(fold_run.fold),
         "fold_run_id": fold_run.run_id,
-        "selection_score": f"{score:.6f}",
+        "parent_run_id": parent_id,
+        "selected_value": f"{value:.6f}",
         "selected_by": selected_by,
     }
     return tags | {f"test_{k}": f"{v:.4f}" for k, v in fold_run.test_metrics().items()}
+
+
+def model_name(variant: str, fold: int) -> str:
+    """A champion's logged model: its variant and fold (`multitask-fold0`), so the experiment's
+    Models list tells the variants' models apart."""
+    return f"{variant}-fold{fold}"
 
 
 def of_fold_run(version: VersionRecord, run_id: str) -> bool:
@@ -272,6 +280,17 @@ def parent_note(suite: str, variant: str, config: Config, seeds: Sequence[int]) 
     return {NOTE: text}
 
 
+RESULTS = "Test metrics over the folds:"
+
+
+def results_tags(note: str, folds: Sequence[str], table: str) -> dict[str, str]:
+    """A parent run once its folds are aggregated: which folds (a tag, not a constant metric
+    that the UI would chart) and its results table in its description, where the run page
+    shows it first (a rerun replaces the table)."""
+    base = note.split(RESULTS)[0].rstrip()
+    return {"folds": ", ".join(folds), NOTE: f"{base}\n\n{RESULTS}\n\n{table}\n"}
+
+
 def summary_note(suite: str) -> dict[str, str]:
     return {
         NOTE: f"Suite `{suite}`: the variants compared with each other and with Levi & Hassner "
@@ -287,7 +306,7 @@ def pretrain_note(source: str, trained_on: str) -> dict[str, str]:
 
 
 def champion_descriptions(
-    variant: str, suite: str, fold_run: RunRecord, score: float, selected_by: str, folds: int
+    variant: str, suite: str, fold_run: RunRecord, value: float, selected_by: str, folds: int
 ) -> tuple[str, str]:
     """(the registered model's description, the version's): what was chosen and why."""
     from agegender.report import variant_description
@@ -300,7 +319,7 @@ def champion_descriptions(
     tests = ", ".join(f"{k} {v:.4f}" for k, v in sorted(fold_run.test_metrics().items()))
     version = (
         f"Suite `{suite}`, variant `{variant}`, fold {fold_run.fold} (run {fold_run.run_id}): "
-        f"chosen by {selected_by} = {score:.6f}, the best of {folds} folds. "
+        f"chosen by {selected_by} = {value:.6f}, the best of {folds} folds. "
         f"Its test fold: {tests or 'no metrics'}."
     )
     return model, version

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
@@ -51,6 +52,10 @@ SERVING_REQUIREMENTS = (
     "opencv-python-headless",
 )
 _FINAL = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
+# The URL parameter that picks the MLflow UI's model-training layout (MLflow 3.17's JS bundle,
+# mlflow/server/js/build/static/js: else the browser's own choice, GenAI by default).
+WORKFLOW = "workflowType=machine_learning"
+UI_PORT_VAR = "AGEGENDER_MLFLOW_UI_PORT"
 
 
 class Tracker:
@@ -66,6 +71,7 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment = experiment or ""
         self.experiment_id = ""
         if experiment is not None:
             self.experiment_id = self._retry(lambda: self._experiment(experiment, run_root))
@@ -96,21 +102,40 @@ class Tracker:
             self.client.create_experiment(name, artifact_location=location, tags=experiment_tags())
         )
 
-    def ui_url(self, base: str) -> str:
-        """The experiment's runs table. MLflow 3.17's UI picks its GenAI or model-training
-        views by the user's workflow switch (GenAI on a fresh browser), not by the experiment's
-        kind, so the link says `workflowType=machine_learning`."""
-        return (
-            f"{base.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
-        )
+    def ui_base(self) -> str:
+        """Where the MLflow UI serves this store: the tracking server itself, or (any other
+        store: SQLite, a folder) where `ui_command`'s `mlflow ui` listens (`ui_port`)."""
+        if self.local_store:
+            return f"http://127.0.0.1:{ui_port()}"
+        return self.uri.rstrip("/")
+
+    def ui_url(self, route: str = "") -> str:
+        """A page of the MLflow UI (`route`: e.g. `/runs/ID` under the experiment). MLflow
+        3.17's UI picks its GenAI or model-training layout by the browser's workflow switch
+        (GenAI on a fresh browser), not by the experiment's kind, so every link we print says
+        `workflowType=machine_learning`."""
+        return f"{self.ui_base()}/#{route}?{WORKFLOW}"
+
+    def experiment_url(self) -> str:
+        """The experiment's runs table."""
+        return self.ui_url(f"/experiments/{self.experiment_id}")
+
+    def run_url(self, run_id: str) -> str:
+        return self.ui_url(f"/experiments/{self.experiment_id}/runs/{run_id}")
+
+    def version_url(self, name: str, version: str) -> str:
+        return self.ui_url(f"/models/{quote(name)}/versions/{version}")
 
     def ui_command(self) -> str:
-        if self.local:
-            return (
-                f"mlflow ui --backend-store-uri '{self.uri}' --host 127.0.0.1 --port 5000"
-                f", then open {self.ui_url('http://127.0.0.1:5000')}"
-            )
-        return f"open {self.ui_url(self.uri)}"
+        """How to open the experiment: `mlflow ui` on the store, then the address (any store
+        but a tracking server); a tracking server's address as it is."""
+        if self.local_store:
+            return f"{self.serve_command()}, then open {self.experiment_url()}"
+        return f"open {self.experiment_url()}"
+
+    def serve_command(self) -> str:
+        """The `mlflow ui` command that serves a local store where `ui_base` points."""
+        return f"mlflow ui --backend-store-uri '{self.uri}' --host 127.0.0.1 --port {ui_port()}"
 
     def find(self, tags: Mapping[str, str], finished_only: bool = True) -> RunRecord | None:
         """The newest run carrying all `tags` (and FINISHED unless asked otherwise)."""
@@ -290,10 +315,11 @@ class Tracker:
         name: str,
         tags: Mapping[str, str],
         descriptions: tuple[str, str] | None = None,
+        model_id: str | None = None,
     ) -> str:
-        """A version of registered model `name` (once per run and path): the run's logged model
-        `artifact_path` (`log_pyfunc`) if it has one, else its artifact folder of that name.
-        `descriptions`: the registered model's and the version's."""
+        """A version of registered model `name` from run `run_id` (once per run and source):
+        the logged model `model_id` (`log_pyfunc`'s) if given, else the run's artifact folder
+        `artifact_path`. `descriptions`: the registered model's and the version's."""
         model_text, version_text = descriptions or (None, None)
         models = self._retry(lambda: self.client.search_registered_models(f"name = '{name}'"))
         if not models:
@@ -303,7 +329,6 @@ class Tracker:
         # A logged model is the source: `models:/<id>` on a server; in a local store its files'
         # place (MLflow 3.17's stores resolve `models:/<id>` through the process-wide tracking
         # URI, not this client's).
-        model_id = self._logged_model(run_id, artifact_path)
         source = f"runs:/{run_id}/{artifact_path}"
         if model_id and not self.local_store:
             source = f"models:/{model_id}"
@@ -340,21 +365,6 @@ class Tracker:
         if not any(m.get("name") == name and str(m.get("version")) == version for m in listed):
             value = json.dumps([*listed, {"name": name, "version": version}])
             self._retry(lambda: self.client.set_logged_model_tags(model_id, {key: value}))
-
-    def _logged_model(self, run_id: str, name: str) -> str | None:
-        """The newest READY logged model `name` of the run, if any (`status` cannot be
-        filtered on in MLflow 3.17's search: it is checked here)."""
-        experiment = self._retry(lambda: self.client.get_run(run_id)).info.experiment_id
-        query = f"source_run_id = '{run_id}' AND name = '{name}'"
-        found = self._retry(
-            lambda: self.client.search_logged_models(
-                [experiment],
-                query,
-                order_by=[{"field_name": "creation_timestamp", "ascending": False}],
-            )
-        )
-        ready = [m for m in found if str(getattr(m.status, "value", m.status)) == "READY"]
-        return str(ready[0].model_id) if ready else None
 
     def log_pyfunc(
         self,
@@ -464,6 +474,12 @@ class Tracker:
             lambda: download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri)
         )
         return Path(local)
+
+
+def ui_port() -> int:
+    """The port of `mlflow ui` on a local store: the printed command and every link agree on
+    it (AGEGENDER_MLFLOW_UI_PORT, default 5000, MLflow's own)."""
+    return int(os.environ.get(UI_PORT_VAR) or 5000)
 
 
 def store_uri(run_root: Path) -> str:
