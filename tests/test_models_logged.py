@@ -69,8 +69,16 @@ def test_the_experiment_opens_as_model_training(
     # the printed command lands on the runs table of this experiment
     url = tracker.ui_command().split(", then open ")[1]
     assert url == (
-        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}?workflowType=machine_learning"
+        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
+        "?workflowType=machine_learning&viewStateShareKey=agegender-results"
     )
+    # ... in our view (MLflow's shared view state: the test metrics as columns), which a view
+    # someone shared under that key in the UI does not lose
+    view = json.loads(client.get_experiment(old).tags["mlflow.sharedViewState.agegender-results"])
+    assert "metrics.`test_age_acc_mean`" in view["selectedColumns"]
+    client.set_experiment_tag(chosen, "mlflow.sharedViewState.agegender-results", "{}")
+    Tracker("chosen", tmp_path)
+    assert client.get_experiment(chosen).tags["mlflow.sharedViewState.agegender-results"] == "{}"
     # a SQLite store named by MLFLOW_TRACKING_URI is served the same way (no `open sqlite:...`),
     # on the port the setting names
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
@@ -78,6 +86,9 @@ def test_the_experiment_opens_as_model_training(
     named = Tracker("kinds", tmp_path)
     assert named.ui_command().startswith(f"mlflow ui --backend-store-uri '{tracker.uri}'")
     assert "--port 5123, then open http://127.0.0.1:5123/#/experiments/" in named.ui_command()
+    monkeypatch.setenv("AGEGENDER_MLFLOW_UI_PORT", "50OO")
+    with pytest.raises(ValueError, match=r"AGEGENDER_MLFLOW_UI_PORT='50OO': not a port number"):
+        named.ui_command()
 
 
 def test_runs_carry_mlflows_source_tags(tmp_path: Path) -> None:

@@ -225,6 +225,10 @@ def test_the_links_open_model_training_pages(local_suite: dict[str, Any], tmp_pa
                 header = page.get_by_role("columnheader", name="Run Name").first
                 expect(header).to_be_visible(timeout=TIMEOUT_MS)
                 expect(page.get_by_role("link", name="age", exact=True).first).to_be_visible()
+                # our shared view: the test metrics are columns, not under "Columns"
+                for column in ("test_age_acc_mean", "test_age_acc_std"):
+                    mean = page.get_by_role("columnheader", name=column, exact=True)
+                    expect(mean.first).to_be_visible(timeout=TIMEOUT_MS)
             elif name == "champion-version":  # its source run is the fold run
                 expect(body).to_contain_text("Source Run:", timeout=TIMEOUT_MS)
                 source = page.get_by_role("link", name=fold_run.info.run_name, exact=True)

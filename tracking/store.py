@@ -31,7 +31,7 @@ from deployments.services import mlflow_problem
 from tracking import TrackingError
 from tracking.schema import (
     DATASET_CONTEXT,
-    EXPERIMENT_KIND,
+    VIEW_KEY,
     DataInput,
     RunRecord,
     VersionRecord,
@@ -89,12 +89,13 @@ class Tracker:
         raise AssertionError("unreachable")
 
     def _experiment(self, name: str, run_root: Path) -> str:
-        """The experiment, created as model training (`experiment_tags`); one made before the
-        tag existed (or by hand) gets it, unless someone chose another kind in the UI."""
+        """The experiment, created as model training with our runs view (`experiment_tags`);
+        one made before those tags existed (or by hand) gets those it lacks: a kind or a view
+        someone chose in the UI stays."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
-            if EXPERIMENT_KIND not in found.tags:
-                for key, value in experiment_tags().items():
+            for key, value in experiment_tags().items():
+                if key not in found.tags:
                     self.client.set_experiment_tag(found.experiment_id, key, value)
             return str(found.experiment_id)
         location = (run_root / "mlartifacts" / name).as_uri() if self.local else None
@@ -117,8 +118,10 @@ class Tracker:
         return f"{self.ui_base()}/#{route}?{WORKFLOW}"
 
     def experiment_url(self) -> str:
-        """The experiment's runs table."""
-        return self.ui_url(f"/experiments/{self.experiment_id}")
+        """The experiment's runs table, in our view (`tracking.schema.RUNS_VIEW`: the test
+        metrics as columns)."""
+        view = f"&viewStateShareKey={VIEW_KEY}"
+        return self.ui_url(f"/experiments/{self.experiment_id}/runs") + view
 
     def run_url(self, run_id: str) -> str:
         return self.ui_url(f"/experiments/{self.experiment_id}/runs/{run_id}")
@@ -479,7 +482,10 @@ class Tracker:
 def ui_port() -> int:
     """The port of `mlflow ui` on a local store: the printed command and every link agree on
     it (AGEGENDER_MLFLOW_UI_PORT, default 5000, MLflow's own)."""
-    return int(os.environ.get(UI_PORT_VAR) or 5000)
+    value = os.environ.get(UI_PORT_VAR) or "5000"
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ValueError(f"{UI_PORT_VAR}={value!r}: not a port number (1 to 65535)")
+    return int(value)
 
 
 def store_uri(run_root: Path) -> str:
