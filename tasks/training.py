@@ -22,9 +22,9 @@ from agegender.cli import EXPECTED
 from agegender.config import Config, flatten
 from agegender.train import TrainSet, epoch_line, train
 from tasks.slots import fold_device, on_device, slot
-from tracking import TrackingError
 from tracking.schema import DataInput, data_inputs, device_tags, git_commit, trained_tags
 from tracking.store import Tracker
+from tracking.writer import RunWriter
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
@@ -70,6 +70,7 @@ class Trained:
 
 
 RUN_ID_FILE = "mlflow_run_id"  # in `out`: the run a resumed training continues
+WRITER_WAIT_S = 30.0  # for the writer's queue at the end, before blocking calls take over
 
 
 def train_tracked(
@@ -102,29 +103,27 @@ def train_tracked(
         run_id = open_run(run, tags, flatten(cfg.model_dump(mode="json")))
         log.info(f"{run.title}: MLflow run {run_id}")
 
-        lagging = [False]  # an epoch MLflow did not take yet: caught up with a later one
+        # epochs and system samples go through a writer thread: training never waits for
+        # MLflow; what it cannot send follows from history.json (`catch_up`) once the store
+        # answers, and at the end
+        writer = RunWriter(
+            run.tracker, run_id, lambda: catch_up(run.tracker, run_id, run.out), log.warning
+        )
 
         def epoch_done(record: dict[str, Any]) -> None:
-            """Log the epoch live; a tracking server that stays away does not stop training:
-            the epochs it missed follow with the next one it takes, or at the end."""
             log.info(f"{run.title}: {epoch_line(record)}")
-            try:
-                if lagging[0]:  # history.json holds this epoch already
-                    catch_up(run.tracker, run_id, run.out)
-                else:
-                    run.tracker.log_history(run_id, [record])
-                lagging[0] = False
-            except TrackingError as exc:
-                if not lagging[0]:
-                    log.warning(f"{run.title}: epoch {record['epoch']} not logged yet ({exc})")
-                lagging[0] = True
+            writer.epoch(record)
 
         try:
-            with run.tracker.system_metrics(run_id):
+            with writer.system_metrics():
                 result = train(ts, cfg, run.out, resume=True, log=epoch_done)
         except BaseException as exc:
+            writer.close(WRITER_WAIT_S)  # the rest is in history.json: a retry logs it
             run.tracker.finish(run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
             raise
+    left = writer.close(WRITER_WAIT_S)
+    if left:
+        log.warning(f"{run.title}: MLflow did not take {left} live; logging it now")
     s = result.summary
     test = scalar_metrics(s["test"])
     log.info(
@@ -132,6 +131,7 @@ def train_tracked(
         + ", ".join(f"{k} {v:.3f}" for k, v in test.items() if "10crop" not in k)
     )
     try:
+        writer.send_left()
         run.tracker.log(run_id, tags=trained_tags(s))
         log_training(run.tracker, run_id, run.out, s, run.title, run.checkpoint_folder)
         run.tracker.log_inputs(run_id, inputs_of(ts, s))
@@ -165,17 +165,19 @@ def open_run(run: TrackedRun, tags: dict[str, str], params: dict[str, Any]) -> s
     return run_id
 
 
-def catch_up(tracker: Tracker, run_id: str, out: Path) -> None:
+def catch_up(tracker: Tracker, run_id: str, out: Path) -> set[int]:
     """Log the epochs of `out`'s history.json that the run lacks (trained before a resume into
-    a new run, or killed between the checkpoint and the epoch's log line)."""
+    a new run, killed between the checkpoint and the epoch's log line, or not taken by the
+    writer while the store was away); the epochs the run then holds."""
     path = out / "history.json"
     if not path.is_file():
-        return
+        return set()
     history = json.loads(path.read_text())
     have = tracker.logged_steps(run_id, "iteration") if history else set()
     missing = [h for h in history if int(h["epoch"]) not in have]
     if missing:
         tracker.log_history(run_id, missing)
+    return have | {int(h["epoch"]) for h in history}
 
 
 def inputs_of(ts: TrainSet, s: dict[str, Any]) -> list[DataInput]:
@@ -199,6 +201,7 @@ def log_training(
     yet, learning curves and confusion matrices, and its files as artifacts (params are logged
     when it starts)."""
     history = json.loads((out / "history.json").read_text())
+    catch_up(tracker, run_id, out)
     tracker.log(
         run_id,
         metrics={f"test_{k}": v for k, v in scalar_metrics(s["test"]).items()}
@@ -213,7 +216,6 @@ def log_training(
             "n_test": s["sizes"]["test"],
         },
     )
-    catch_up(tracker, run_id, out)
     plots.learning_curves(history, out / "learning_curves.png", title)
     for head, labels in s["classes"].items():
         if f"{head}_confusion" in s["test"]:

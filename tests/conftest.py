@@ -7,6 +7,8 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,17 @@ from deployments.stack import Stack
 from deployments.supervisor import startup_timeout
 
 REPO = Path(__file__).resolve().parents[1]
+# many short epochs on `tiny_cache` (85 training images, batches of 16: 6 iterations an epoch),
+# so that a fold trains long enough to be watched
+SHORT_EPOCHS = [
+    "data.crop=48",
+    "data.batch_size=16",
+    "model.norm=batchnorm",
+    "optim.name=adam",
+    "optim.weight_decay=0",
+    "train.patience=null",
+    "train.tencrop=false",
+]
 SHARED = Path(os.environ.get("AGEGENDER_SHARED", REPO.parent / "shared")) / "adience"
 
 
@@ -58,6 +71,14 @@ def small_synth(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
     return write_synthetic(
         tmp_path_factory.mktemp("synth"), size=64, per_fold=24, seed=3, workers=1
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(small_synth: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`small_synth` cached at 56 px (48 px crops): quick folds of many short epochs."""
+    root = tmp_path_factory.mktemp("live-cache")
+    build_cache(small_synth.out, root / "cache", config=CacheConfig(image_size=56, workers=1))
+    return root / "cache"
 
 
 @pytest.fixture(scope="session")
@@ -301,11 +322,14 @@ def stack_suite(
 @contextlib.contextmanager
 def serving(
     cmd: list[str], env: dict[str, str], cwd: Path, log: Path, probe: str
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     """A server process started and waited for until `probe` answers 200 (a loaded machine takes
-    minutes: `startup_timeout`), then stopped."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=cwd)
+    minutes: `startup_timeout`), then stopped with the processes it started (its own session:
+    `mlflow server` runs uvicorn as a child); the process is yielded (a test may kill it)."""
+    with log.open("a") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=out, cwd=cwd, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + startup_timeout()
         while True:
@@ -318,11 +342,33 @@ def serving(
             except OSError:
                 pass
             time.sleep(1)
-        yield
+        yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mlflow_serving(root: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A plain `mlflow server` (SQLite, local artifacts it serves) on `port`, as a team would run
+    one; started again on the same `root` and port, it is the same server back."""
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server"]
+    cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    cmd += ["--artifacts-destination", (root / "artifacts").as_uri()]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with serving(cmd, env, root, root / "server.log", f"http://127.0.0.1:{port}/health") as proc:
+        yield proc

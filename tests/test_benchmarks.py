@@ -46,6 +46,11 @@ BENCHMARKS = [
         "--photos 4 --width 320 --height 240 --crop 48 --image-size 56",
         ["baseline: one photo, one face at a time", "ratio"],
     ),
+    (
+        "tracking_outage.py",
+        "--iterations 24 --repeat 1",
+        ["epochs ended while down", "'once': True}, {'epochs': 4, 'once': True}", "ratio"],
+    ),
 ]
 
 

@@ -9,9 +9,7 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,38 +21,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import expect
 
-from agegender.cache import build_cache, open_cache
-from agegender.config import CacheConfig
-from agegender.synth.adience import SynthResult
+from agegender.cache import open_cache
 from tasks.training import RUN_ID_FILE, TrackedRun, catch_up, open_run
-from tests.conftest import REPO, serving, suite_argv
+from tests.conftest import REPO, SHORT_EPOCHS, free_port, mlflow_serving, suite_argv
 from tracking.store import Tracker
 
-# many short epochs (85 training images, batches of 16: 6 iterations an epoch), so that the fold
-# trains long enough to be watched
-TINY = [
-    "data.crop=48",
-    "data.batch_size=16",
-    "model.norm=batchnorm",
-    "optim.name=adam",
-    "optim.weight_decay=0",
-    "train.patience=null",
-    "train.tencrop=false",
-]
 SAMPLING_S = "1"  # MLflow's system-metrics interval for these folds (its default is 10 s)
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(small_synth: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("live-cache")
-    build_cache(small_synth.out, root / "cache", config=CacheConfig(image_size=56, workers=1))
-    return root / "cache"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -73,21 +45,14 @@ def _api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A plain `mlflow server` (SQLite, local artifacts it serves), as a team would run one."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server"]
-    cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
-    cmd += ["--artifacts-destination", (root / "artifacts").as_uri()]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    url = f"http://127.0.0.1:{port}"
-    with serving(cmd, env, root, root / "server.log", url + "/health"):
-        yield url
+    port = free_port()
+    with mlflow_serving(tmp_path_factory.mktemp("mlflow-server"), port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def _suite(cache: Path, run_root: Path, *extra: str) -> list[str]:
     one_fold = ["suite.variants=[gender]", "suite.folds=[0]", "suite.register_champions=false"]
-    return suite_argv(cache, run_root, *one_fold, *TINY, *extra)
+    return suite_argv(cache, run_root, *one_fold, *SHORT_EPOCHS, *extra)
 
 
 def _env(**extra: str) -> dict[str, str]:

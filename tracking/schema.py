@@ -23,6 +23,8 @@ SOURCE_NAME = "mlflow.source.name"
 SOURCE_TYPE = "mlflow.source.type"
 GIT_COMMIT = "mlflow.source.git.commit"
 EXPERIMENT_KIND = "mlflow.experimentKind"
+# system samples a full writer queue dropped during a long outage (`tracking.writer`)
+SYSTEM_METRICS_GAP = "system_metrics_gap"
 # The UI's ExperimentKind for model training ("Machine learning"), from MLflow 3.17's JS bundle
 # (mlflow/server/js/build/static/js/main.*.js); without it the UI may treat it as GenAI.
 MODEL_TRAINING = "custom_model_development"

@@ -8,14 +8,12 @@ SQLite store and a local artifact folder under the suite's run directory.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -237,7 +235,7 @@ class Tracker:
         All carry the time of this call: an epoch logged as it ends (live curves) its real
         time, epochs logged late (e.g. before a resume point) the catch-up's."""
         now = int(time.time() * 1000)
-        metrics = [m for h in history for m in _epoch_metrics(h, now)]
+        metrics = [m for h in history for m in epoch_metrics(h, now)]
         self._batches(run_id, metrics, [], [])
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
@@ -263,31 +261,14 @@ class Tracker:
         if datasets:
             self._retry(lambda: self.client.log_inputs(run_id, datasets))
 
-    @contextmanager
-    def system_metrics(self, run_id: str) -> Iterator[None]:
-        """MLflow's system-metrics monitor (CPU, memory, disk, network; GPUs through
-        nvidia-ml-py) on `run_id` while the block runs: a thread of its own per run, no global
-        active run. It samples every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's
-        setting, default 10 s); AGEGENDER_SYSTEM_METRICS=0 turns it off."""
-        if os.environ.get("AGEGENDER_SYSTEM_METRICS", "1").lower() in ("0", "false", "no"):
-            yield
-            return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def log_metrics(self, run_id: str, metrics: list[Metric], attempts: int = 8) -> None:
+        """Metrics as they are (their own steps and times: `tracking.writer`'s queue);
+        `attempts=1` for a caller that retries itself."""
+        self._batches(run_id, metrics, [], [], attempts)
 
-        for name in ("mlflow.system_metrics", "mlflow.system_metrics.system_metrics_monitor"):
-            logging.getLogger(name).setLevel(logging.WARNING)  # its start/stop lines per run
-        monitor = SystemMetricsMonitor(  # type: ignore[no-untyped-call]
-            run_id,
-            resume_logging=True,  # a reopened run continues its steps
-            tracking_uri=self.uri,
-        )
-        monitor.start()  # type: ignore[no-untyped-call]
-        try:
-            yield
-        finally:
-            monitor.finish()  # type: ignore[no-untyped-call]
-
-    def _batches(self, run_id: str, m: list[Metric], p: list[Param], t: list[RunTag]) -> None:
+    def _batches(
+        self, run_id: str, m: list[Metric], p: list[Param], t: list[RunTag], attempts: int = 8
+    ) -> None:
         """log_batch within the REST API's limits (1000 metrics, 100 params, 100 tags)."""
         for i in range(max(len(m) // 1000, len(p) // 100, len(t) // 100) + 1):
             mb, pb, tb = (
@@ -300,7 +281,7 @@ class Tracker:
                 self.client.log_batch(run_id, mb, pb, tb)
 
             if mb or pb or tb:
-                self._retry(call)
+                self._retry(call, attempts)
 
     def artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
         self._retry(lambda: self.client.log_artifact(run_id, str(path), folder))
@@ -502,7 +483,15 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
         raise TrackingError(problem)
 
 
-def _epoch_metrics(record: Mapping[str, Any], timestamp: int) -> list[Metric]:
+def retry_would_help(exc: BaseException) -> bool:
+    """False for what `Tracker._retry` gives up on at once (no such run, a bad value): the
+    store's answer, or its cause's; anything else (a server away, a locked SQLite file) is
+    transient."""
+    cause = exc if isinstance(exc, MlflowException) else exc.__cause__
+    return not (isinstance(cause, MlflowException) and cause.error_code in _FINAL)
+
+
+def epoch_metrics(record: Mapping[str, Any], timestamp: int) -> list[Metric]:
     step = int(record["epoch"])
     return [
         Metric(k, float(v), timestamp, step)
