@@ -18,7 +18,6 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the tests' server and outage helpers
@@ -26,7 +25,7 @@ sys.path.insert(0, str(REPO))  # the tests' server and outage helpers
 from agegender.cache import build_cache  # noqa: E402
 from agegender.config import CacheConfig  # noqa: E402
 from agegender.synth.adience import write_synthetic  # noqa: E402
-from tests.outage import Fold, Server, tracked_fold  # noqa: E402
+from tests.outage import Fold, Server, report, tracked_fold  # noqa: E402
 
 
 def main() -> None:
@@ -48,33 +47,12 @@ def main() -> None:
             for i in range(a.repeat):
                 bases.append(tracked_fold(server, root / "cache", root / f"base{i}", args, False))
                 hits.append(tracked_fold(server, root / "cache", root / f"outage{i}", args, True))
-            held = [_epochs_held(server.url, f) for f in (*bases, *hits)]
+            epochs = len(bases[0].ends)
+            print(f"cpu, {a.iterations} iterations, {epochs} epochs a run, best of {a.repeat}")
+            for line in report(bases, hits, server.url):
+                print(line)
         finally:
             server.close()
-    b, o = max(f.speed() for f in bases), max(f.speed() for f in hits)
-    print(f"cpu, {a.iterations} iterations, {len(bases[0].ends)} epochs a run, best of {a.repeat}")
-    each = [[round(f.speed(), 1) for f in arm] for arm in (bases, hits)]
-    print(f"baseline (server up)         : {b:8.1f} images/s {each[0]}")
-    print(f"outage (killed after epoch 1): {o:8.1f} images/s {each[1]}")
-    for hit in hits:
-        assert hit.killed is not None
-        assert hit.back is not None
-        during = sum(hit.killed < t < hit.back for t in hit.ends)
-        longest = max(b - a for a, b in zip(hit.ends, hit.ends[1:], strict=False))
-        print(
-            f"  server down {hit.back - hit.killed:.1f} s, {during} epochs ended while down, "
-            f"longest epoch {longest:.1f} s"
-        )
-    print(f"epochs held once: {held}")
-    print(f"ratio outage / baseline      : {o / b:.3f}")
-
-
-def _epochs_held(url: str, fold: Fold) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
-    assert fold.trained is not None
-    steps = [m.step for m in MlflowClient(url).get_metric_history(fold.trained.run_id, "val_loss")]
-    return {"epochs": len(fold.ends), "once": sorted(steps) == list(range(1, len(fold.ends) + 1))}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 from prefect.logging import disable_run_logger
@@ -150,3 +151,36 @@ def _outage(
         time.sleep(0.05)
     server.start()
     fold.back = time.monotonic()
+
+
+def report(bases: list[Fold], hits: list[Fold], url: str) -> list[str]:
+    """`benchmarks/tracking_outage.py`'s figures (each arm's best speed, what each outage
+    spanned, the epochs each run holds once, the ratio), also printed by the outage test, which
+    is the benchmark's smoke run."""
+    b, o = max(f.speed() for f in bases), max(f.speed() for f in hits)
+    each = [[round(f.speed(), 1) for f in arm] for arm in (bases, hits)]
+    lines = [
+        f"baseline (server up)         : {b:8.1f} images/s {each[0]}",
+        f"outage (killed after epoch 1): {o:8.1f} images/s {each[1]}",
+    ]
+    for hit in hits:
+        assert hit.killed is not None
+        assert hit.back is not None
+        during = sum(hit.killed < t < hit.back for t in hit.ends)
+        longest = max(b - a for a, b in zip(hit.ends, hit.ends[1:], strict=False))
+        lines.append(
+            f"  server down {hit.back - hit.killed:.1f} s, {during} epochs ended while down, "
+            f"longest epoch {longest:.1f} s"
+        )
+    held = [_epochs_held(url, f) for f in (*bases, *hits)]
+    lines.append(f"epochs held once: {held}")
+    lines.append(f"ratio outage / baseline      : {o / b:.3f}")
+    return lines
+
+
+def _epochs_held(url: str, fold: Fold) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    assert fold.trained is not None
+    steps = [m.step for m in MlflowClient(url).get_metric_history(fold.trained.run_id, "val_loss")]
+    return {"epochs": len(fold.ends), "once": sorted(steps) == list(range(1, len(fold.ends) + 1))}

@@ -23,7 +23,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
 from tasks.training import catch_up
-from tests.outage import Server, tracked_fold
+from tests.outage import Server, report, tracked_fold
 from tracking.schema import SYSTEM_METRICS_GAP
 from tracking.store import Tracker
 from tracking.writer import RunWriter
@@ -178,8 +178,11 @@ def test_parallel_folds_on_a_locked_sqlite_store_lose_no_epoch(
 def test_a_fold_whose_tracking_server_is_killed_keeps_training_and_logs_everything_once(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
+    """Also the smoke run of `benchmarks/tracking_outage.py` (its figures, from the same code,
+    with a baseline fold on the same server; the speeds are printed, never asserted)."""
     server = Server(tmp_path / "server")
     try:
+        base = tracked_fold(server, tiny_cache, tmp_path / "base", ["train.iterations=60"], False)
         fold = tracked_fold(
             server,
             tiny_cache,
@@ -194,8 +197,15 @@ def test_a_fold_whose_tracking_server_is_killed_keeps_training_and_logs_everythi
         run = client.get_run(fold.trained.run_id)
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
         histories = {k: client.get_metric_history(run.info.run_id, k) for k in run.data.metrics}
+        figures = report([base], [fold], server.url)
     finally:
         server.close()
+    print("\n".join(figures))
+    assert (
+        figures[-2]
+        == "epochs held once: [{'epochs': 10, 'once': True}, {'epochs': 10, 'once': True}]"
+    )
+    assert figures[-1].startswith("ratio outage / baseline")
     assert fold.killed is not None
     assert fold.back is not None
     # training was never held up: epochs kept ending while the server was away
