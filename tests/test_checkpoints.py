@@ -127,8 +127,9 @@ def test_a_registered_pyfunc_model_loads_and_a_tampered_one_is_refused(
     uris = {}
     for name, checkpoint in (("good", run / "best.pt"), ("tampered", tampered)):
         run_id = tracker.start(name, {})
-        tracker.log_pyfunc(run_id, checkpoint, "model", {})
-        uris[name] = f"models:/ckpt-{name}/{tracker.register(run_id, 'model', f'ckpt-{name}', {})}"
+        model_id = tracker.log_pyfunc(run_id, checkpoint, "model", {})
+        version = tracker.register(run_id, "model", f"ckpt-{name}", {}, None, model_id)
+        uris[name] = f"models:/ckpt-{name}/{version}"
     model = mlflow.pyfunc.load_model(str(tracker.download(uris["good"], tmp_path / "good")))
     image = next(small_synth.out.glob("aligned/*/*.jpg")).read_bytes()
     request = pd.DataFrame({"image": [base64.b64encode(image).decode()], "detect": [False]})
