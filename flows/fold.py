@@ -16,7 +16,7 @@ from typing import Any
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.states import Failed
@@ -33,7 +33,7 @@ BAD_INPUT = "bad input: "  # a fold flow run's failure message: data or settings
 
 
 @flow(name="train_fold", log_prints=True)
-def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any]:
+def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any] | State[Any]:
     """One fold of a suite, trained (or skipped when an identical run finished) and logged as
     a child of its variant's MLflow parent run.
 
@@ -53,8 +53,7 @@ def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any]:
         with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE):
             return train_fold_task(job)
     except EXPECTED as exc:  # stays bad on any worker: the suite reports it, not retries it
-        get_run_logger().error(f"{job.name}: {exc}")
-        return Failed(message=f"{BAD_INPUT}{exc}")  # type: ignore[return-value]
+        return Failed(message=f"{BAD_INPUT}{exc}")
 
 
 @task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE)

@@ -4,6 +4,7 @@ This machine has no GPU, which is exactly the case these tests need."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from prefect.client.schemas.objects import State
 
 from agegender.config import Config, TrainConfig
 from agegender.train import DeviceError
@@ -74,7 +76,8 @@ def test_pretraining_asked_for_cuda_without_one_stops_with_one_line(
 def test_the_gpu_deployment_requires_cuda() -> None:
     """A fold flow run of `train-fold-gpu` in a container without a GPU fails at once: the
     deployment's `device: cuda` overrides the job's `auto`, and the check comes before any
-    Prefect call or training (so the flow's function is called directly here)."""
+    Prefect call or training (so the flow's function is called directly here), as bad input:
+    the flow run fails with `bad input: ...`, which the suite reports instead of retrying."""
     from flows.fold import train_fold_flow
 
     doc = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
@@ -89,8 +92,11 @@ def test_the_gpu_deployment_requires_cuda() -> None:
         suite="s",
         parent_id="p",
     )
-    with pytest.raises(DeviceError, match=r"train.device=cuda, but this machine .* no CUDA"):
-        train_fold_flow.fn(job, **gpu["parameters"])
+    state = train_fold_flow.fn(job, **gpu["parameters"])
+    assert isinstance(state, State)
+    assert state.is_failed(), state
+    message = str(state.message)
+    assert re.fullmatch(r"bad input: train.device=cuda, but this machine .* no CUDA.*", message)
 
 
 def test_fold_device_only_lets_auto_fall_back() -> None:
