@@ -21,9 +21,8 @@ from mlflow.tracking import MlflowClient
 from agegender.cache import build_cache
 from agegender.config import CacheConfig, load_config
 from agegender.synth.adience import SynthResult
-from tests.conftest import REPO, TINY_TRAIN, serving
+from tests.conftest import REPO, TINY_TRAIN, free_port, serving
 from tests.test_mlflow_ui import TIMEOUT_MS, browser_page
-from tests.test_serving import _free_port
 from tracking.store import UI_PORT_VAR, Tracker
 
 SUITE = "Artifacts_Check"  # not a valid artifact key as it is: the keys must be made valid
@@ -46,7 +45,7 @@ def local_suite(
     from flows.suite import suite_flow
 
     tmp_path = tmp_path_factory.mktemp("artifacts")
-    port = str(_free_port())
+    port = str(free_port())
     saved = os.environ.get(UI_PORT_VAR)
     os.environ[UI_PORT_VAR] = port
     build_cache(small_synth.out, tmp_path / "cache", config=CacheConfig(image_size=56))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -24,16 +23,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from agegender.labels import AGE_GROUPS
-from tests.conftest import REPO, client_env, serving
+from tests.conftest import REPO, client_env, free_port, serving
 
 pytestmark = pytest.mark.integration
 MODEL = "models:/agegender-multitask@champion"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -50,7 +43,7 @@ def _post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
 @pytest.fixture(scope="module")
 def served(stack: Any, stack_suite: dict[str, Any], tmp_path_factory: Any) -> Iterator[str]:
     """`mlflow models serve -m models:/agegender-multitask@champion`, in the project's env."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = ["mlflow", "models", "serve", "-m", MODEL, "--env-manager", "local"]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
