@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
 
 from agegender.adience import Row, Table, metadata_digest, read_metadata
 from agegender.config import CacheConfig
+from agegender.images import MAX_PIXELS, ImageRefused, open_image, to_rgb
 from agegender.parallel import Progress, map_chunks, torch_threads
 from agegender.provenance import synthetic_marker
 from agegender.sources import FaceRecord, SourceData, read_source
@@ -146,12 +146,15 @@ def aligned_dir(data_root: Path) -> Path:
     )
 
 
-def decode_image(path: Path | str, size: int, draft: bool = True) -> UInt8Array:
-    """size x size RGB uint8: JPEG decoded at reduced scale, then `square_resize`."""
-    with Image.open(path) as im:
+def decode_image(
+    path: Path | str, size: int, draft: bool = True, max_pixels: int = MAX_PIXELS
+) -> UInt8Array:
+    """size x size RGB uint8: JPEG decoded at reduced scale, then `square_resize`; an image of
+    more than `max_pixels` is refused from its header (`ImageRefused`), as `predict` does."""
+    with open_image(str(path), max_pixels) as im:
         if draft and im.format == "JPEG":
             im.draft("RGB", (size, size))  # DCT scaling, never below the requested size
-        rgb = np.array(im.convert("RGB"))  # writable, as torch.from_numpy wants
+        rgb = to_rgb(im)
     return square_resize(rgb, size)
 
 
@@ -221,6 +224,8 @@ def _decode_into(
         try:
             out[slot] = decode_image(path, size, draft)
             results.append((slot, None))
+        except ImageRefused as exc:  # opened, but not decoded: say why, and the limit
+            results.append((slot, f"not decoded: {exc}"))
         except Exception as exc:  # any unreadable image is reported, never fatal
             results.append((slot, f"cannot decode: {type(exc).__name__}: {exc}"))
     return results

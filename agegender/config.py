@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agegender.labels import AgePolicy
-from agegender.presets import PresetError, preset_data
+from agegender.presets import PresetError, load_yaml, preset_data, yaml_problem
 
 Protocol = Literal["subject_disjoint", "levi_hassner"]
 
@@ -281,7 +281,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{p}' is a value, not a section")
         try:
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            node[leaf] = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse the value ({exc})") from None
     return data
@@ -289,11 +289,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml(path.read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})") from None
+        raise ConfigError(f"{path}, {yaml_problem(exc)}") from None
     if loaded is not None and not isinstance(loaded, dict):
         kind = type(loaded).__name__
         raise ConfigError(f"{path}: expected a mapping of sections, got a {kind}")

@@ -28,12 +28,12 @@ from PIL import Image, ImageOps
 from agegender.cache import decode_image, square_resize
 from agegender.config import Config
 from agegender.detect import Box, FaceDetector, crop_face
+from agegender.images import MAX_PIXELS, ImageRefused, open_image, to_rgb
 from agegender.models import LeviHassner, build_model, to_input
 from agegender.train import RunError, load_checkpoint, select_device
 from agegender.transforms import Normalize, center_crop, ten_crops
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-MAX_PIXELS = 50_000_000  # a 50 MP photo is plausible; beyond that, a decompression bomb
 DETECT_SIDE = 2048  # JPEGs are decoded at reduced scale down to this longer side for detection
 UInt8 = npt.NDArray[np.uint8]
 
@@ -149,16 +149,9 @@ def collect_paths(inputs: Sequence[Path | str]) -> list[str]:
 def _open(source: str | io.BytesIO, max_pixels: int) -> Image.Image:
     """An opened image whose size was checked before any pixel is decoded."""
     try:
-        im = Image.open(source)
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"too many pixels ({exc})") from None
+        return open_image(source, max_pixels)
     except (OSError, SyntaxError) as exc:
         raise ValueError(f"not an image PIL can read ({type(exc).__name__}: {exc})") from None
-    w, h = im.size
-    if w * h > max_pixels:
-        im.close()
-        raise ValueError(f"{w} x {h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
-    return im
 
 
 def _decode(im: Image.Image) -> tuple[UInt8, float]:
@@ -170,7 +163,9 @@ def _decode(im: Image.Image) -> tuple[UInt8, float]:
                 k = DETECT_SIDE / max(im.size)
                 im.draft("RGB", (round(im.size[0] * k), round(im.size[1] * k)))
             scale = w / im.size[0]
-            rgb = np.array(ImageOps.exif_transpose(im).convert("RGB"))
+            rgb = to_rgb(ImageOps.exif_transpose(im))
+    except ImageRefused:
+        raise
     except Exception as exc:  # truncated or corrupt data shows only when decoding
         raise ValueError(f"cannot decode ({type(exc).__name__}: {exc})") from None
     return rgb, scale
@@ -182,7 +177,9 @@ def load_photo(path: str, size: int, max_pixels: int = MAX_PIXELS) -> UInt8:
         raise ValueError("file not found")
     _open(path, max_pixels).close()
     try:
-        return decode_image(path, size)
+        return decode_image(path, size, max_pixels=max_pixels)
+    except ImageRefused:
+        raise
     except Exception as exc:  # truncated or corrupt data shows only when decoding
         raise ValueError(f"cannot decode ({type(exc).__name__}: {exc})") from None
 

@@ -159,6 +159,46 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice."""
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping: PyYAML keeps the last, so a
+    second `train:` block would silently drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            mark = key_node.start_mark
+            if key in seen:
+                raise DuplicateKeyError(
+                    None,
+                    None,
+                    f"duplicate key '{key}' (first at line {seen[key]}): the second would "
+                    "silently replace the first; merge them into one",
+                    mark,
+                )
+            seen[key] = mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys (`_UniqueKeys`)."""
+    return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: no arbitrary objects
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line, `line N: what` (PyYAML's own text spans several lines)."""
+    what = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None
+    what = " ".join(str(what or exc).split())
+    if not isinstance(exc, DuplicateKeyError):
+        what = f"not valid YAML/JSON: {what}"
+    mark = exc.problem_mark if isinstance(exc, yaml.MarkedYAMLError) else None
+    return f"line {mark.line + 1}: {what}" if mark is not None else what
+
+
 class PresetError(ValueError):
     """A preset that is neither a known name nor a readable YAML/JSON file."""
 
@@ -176,9 +216,11 @@ def preset_data(name: str) -> dict[str, Any]:
                 f"preset {name!r}: not one of {', '.join(PRESETS)} and not a YAML/JSON file"
             )
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            loaded = load_yaml(path.read_text())
+        except OSError as exc:
             raise PresetError(f"preset {name}: cannot read it ({exc})") from None
+        except yaml.YAMLError as exc:
+            raise PresetError(f"preset {name}, {yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise PresetError(f"preset {name}: expected a mapping of config sections")
         data = loaded

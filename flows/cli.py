@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import get_args
 
 from agegender import cli
+from agegender.cache import read_manifest
 from agegender.config import (
     Config,
     ConfigError,
@@ -155,6 +156,8 @@ def cmd_suite(a: argparse.Namespace) -> None:
         select_device(base.train.device)
     if a.data_root is None and a.cache is None:
         raise ValueError("give --data-root (an Adience download) or --cache (a prepared cache)")
+    if a.data_root is None:
+        _cache_has_size(a.cache, suite)
     _servers(a.run_root)
     from flows.suite import run_suite  # Prefect starts only for this command
 
@@ -173,6 +176,18 @@ def cmd_suite(a: argparse.Namespace) -> None:
         markup=False,
         soft_wrap=True,
     )
+
+
+def _cache_has_size(cache: Path, suite: SuiteRun) -> None:
+    """A `suite.image_size` that was given must be the prepared cache's: without --data-root
+    nothing rebuilds it, and the folds would train on the cache's size instead."""
+    built = (read_manifest(cache) or {}).get("settings", {}).get("image_size")
+    if "image_size" in suite.model_fields_set and built not in (None, suite.image_size):
+        raise ConfigError(
+            f"suite.image_size={suite.image_size}, but the cache {cache} was built at {built} px "
+            f"and without --data-root nothing rebuilds it: add --data-root DIR to rebuild it at "
+            f"{suite.image_size} px, or drop suite.image_size to train at {built} px"
+        )
 
 
 def ui_hint(command: str, bin_dir: Path = Path(sys.executable).parent) -> str:

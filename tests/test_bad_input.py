@@ -252,6 +252,11 @@ def flow_runs(
             *("suite", "--cache", small, "--run-root", root / "fold"),
             *("suite.variants=[multitask]", "suite.folds=[1]", "data.crop=48"),
         ],
+        "suite, an image size the cache was not built at": [
+            *("suite", "--cache", small, "--run-root", root / "size"),
+            *("suite.image_size=56", "suite.variants=[multitask]", "suite.folds=[1]"),
+            "data.crop=48",
+        ],
         "debug": ["--debug", *pretrain("debug", "celeba", celeba)],
     }
     with ThreadPoolExecutor(2) as pool:
@@ -270,6 +275,11 @@ CHECKS: dict[str, Callable[[Path], list[str]]] = {
     ],
     "suite, header-only fold": lambda r: [f"{r / 'adience' / 'fold_2_data.txt'}, line 2"],
     "suite, a fold that cannot train": lambda r: ["data.crop=48", "32 px"],
+    # refused before any flow runs: without it, the folds would train on the cache's 32 px
+    "suite, an image size the cache was not built at": lambda r: [
+        f"suite.image_size=56, but the cache {r / 'cache-32px'} was built at 32 px",
+        "add --data-root DIR to rebuild it at 56 px, or drop suite.image_size",
+    ],
 }
 
 

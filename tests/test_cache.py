@@ -3,6 +3,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,27 @@ def data(small_synth: SynthResult, tmp_path: Path) -> Path:
 
 def _images(root: Path) -> list[Path]:
     return sorted((root / "aligned").rglob("*.jpg"))
+
+
+def _png(width: int, height: int, depth: int, color: int, rows: list[bytes]) -> bytes:
+    """A PNG written by hand, for what Pillow does not write: 16-bit RGB, and a header that
+    declares more rows than the data holds (`rows`: each row's bytes, filter byte included)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
+    idat = zlib.compress(b"".join(rows))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def _row_of(cache_dir: Path, path: Path) -> int:
+    paths = open_cache(cache_dir).table.paths
+    return next(i for i, p in enumerate(paths) if p.endswith(path.name))
 
 
 def test_build_then_rebuild_decodes_nothing(data: Path, tmp_path: Path) -> None:
@@ -72,6 +95,55 @@ def test_bad_images_are_reported_and_the_rest_cached(data: Path, tmp_path: Path)
     kept = [p for p in read_metadata(data).paths if Path(p).name not in bad]
     assert list(cache.table.paths) == kept
     assert cache.images[cache.slots].any(axis=(1, 2, 3)).all()  # every indexed image was written
+
+
+def test_deep_images_decode_as_their_8_bit_originals(data: Path, tmp_path: Path) -> None:
+    """16-bit greys (PNG: Pillow's I;16; PGM: I) give their 8-bit originals' pixels, not white;
+    16-bit RGB too; a 32-bit float image has no known scale and is reported. (Each file keeps
+    its listed .jpg name: Pillow reads the content.)"""
+    with Image.open(_images(data)[0]) as im:
+        rgb8 = np.asarray(im.convert("RGB"))
+    grey8 = np.asarray(Image.fromarray(rgb8).convert("L"))
+    grey, grey16, pgm16, rgb, rgb16, floats = _images(data)[1:7]
+    Image.fromarray(grey8).save(grey, format="PNG")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(grey16, format="PNG")
+    height, width = grey8.shape
+    pgm16.write_bytes(b"P5 %d %d 65535\n" % (width, height) + (grey8.astype(">u2") * 257).tobytes())
+    Image.fromarray(rgb8).save(rgb, format="PNG")
+    rows = [b"\0" + (line.astype(">u2") * 257).tobytes() for line in rgb8]
+    rgb16.write_bytes(_png(width, height, 16, 2, rows))
+    Image.fromarray(grey8.astype(np.float32)).save(floats, format="TIFF")
+
+    res = build_cache(data, tmp_path / "cache", config=SMALL)
+    cache = open_cache(tmp_path / "cache")
+    for deep, original in ((grey16, grey), (pgm16, grey), (rgb16, rgb)):
+        with Image.open(deep) as im:
+            assert im.mode in ("I;16", "I;16B", "I", "RGB"), im.mode
+        got = cache.image(_row_of(tmp_path / "cache", deep))
+        np.testing.assert_array_equal(got, cache.image(_row_of(tmp_path / "cache", original)))
+    assert cache.image(_row_of(tmp_path / "cache", grey)).mean() < 200  # a face, not white
+    problems = {Path(p.path).name: p.problem for p in res.problems}
+    assert problems == {
+        floats.name: "not decoded: 32-bit float pixels (mode F): no known 8-bit scale; save it "
+        "with 8 or 16 bits per channel"
+    }
+
+
+def test_an_image_over_the_pixel_limit_is_reported_before_decoding(
+    data: Path, tmp_path: Path
+) -> None:
+    """`predict`'s limit: a 1-bit PNG whose header declares 10000 x 6000 (60 MP, 180 MB once
+    RGB) is refused from its header. Its data holds 10 rows only: decoding it would fail on
+    truncated data, so the limit's row shows that nothing was decoded."""
+    huge = _images(data)[3]
+    huge.write_bytes(_png(10_000, 6_000, 1, 0, [bytes(1 + 10_000 // 8)] * 10))
+    res = build_cache(data, tmp_path / "cache", config=SMALL)
+    expected = "not decoded: 10000 x 6000 = 60,000,000 pixels, over the limit of 50,000,000"
+    assert {(Path(p.path).name, p.problem) for p in res.problems} == {(huge.name, expected)}
+    with (tmp_path / "cache" / "report.tsv").open() as f:
+        report = {(Path(r["path"]).name, r["problem"]) for r in csv.DictReader(f, delimiter="\t")}
+    assert report == {(huge.name, expected)}
+    assert res.images == len(_images(data)) - 1  # the rest prepared
 
 
 def test_changed_dataset_redecodes_only_what_changed(data: Path, tmp_path: Path) -> None:

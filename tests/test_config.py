@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,24 @@ def test_bad_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_key_given_twice_is_refused_naming_the_line(tmp_path: Path) -> None:
+    """YAML keeps the last of a repeated key: a second `train:` block would drop the first."""
+    path = tmp_path / "c.yaml"
+    at = re.escape(str(path))
+    path.write_text("train:\n  epochs: 3\nsuite:\n  slots: 1\ntrain:\n  seed: 4\n")
+    twice = "line 5: duplicate key 'train' (first at line 1): the second would silently replace"
+    with pytest.raises(ConfigError, match=f"^{at}, {re.escape(twice)}"):
+        load_suite_config(path)
+    path.write_text("train:\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match=f"^{at}, line 3: duplicate key 'epochs'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"^preset {at}, line 3: duplicate key 'epochs'"):
+        load_config(preset=str(path))
+    path.write_text("train:\n  epochs: 3\n bad: [\n")  # a syntax error: one line too
+    with pytest.raises(ConfigError, match=f"^{at}, line 3: not valid YAML/JSON: [^\n]*$"):
+        load_config(path)
 
 
 def test_suite_section() -> None:

@@ -16,7 +16,7 @@ from agegender.config import load_config
 from agegender.detect import FaceDetector
 from agegender.evaluate import predict
 from agegender.labels import AGE_GROUPS
-from agegender.predict import Predictor, collect_paths, predict_paths
+from agegender.predict import Predictor, collect_paths, predict_paths, prepare_bytes
 from agegender.train import prepare_run, train_fold
 from tests.conftest import run_cli
 
@@ -112,6 +112,38 @@ def test_bad_files_get_a_row_and_the_batch_goes_on(
     assert bad.returncode == 2
     assert "--model" in bad.stderr
     assert "no such checkpoint" in bad.stderr
+
+
+def test_a_16_bit_grey_photo_predicts_as_its_8_bit_original(
+    learn_cache: Path, trained: Path, tmp_path: Path
+) -> None:
+    """A face saved as a 16-bit grey PNG (x257) gets its 8-bit original's answer, not a white
+    image's, through the training decode (`--no-detect`) and the served model's (bytes)."""
+    face = sorted((learn_cache.parent / "adience" / "aligned").rglob("*.jpg"))[0]
+    with Image.open(face) as im:
+        grey = np.asarray(im.convert("L"))
+    paths = {"grey8": tmp_path / "grey8.png", "grey16": tmp_path / "grey16.png"}
+    paths["white"] = tmp_path / "white.png"
+    Image.fromarray(grey).save(paths["grey8"])
+    Image.fromarray(grey.astype(np.uint16) * 257).save(paths["grey16"])
+    Image.fromarray(np.full_like(grey, 255)).save(paths["white"])
+    predictor = Predictor.load(trained, "cpu")
+    rows = list(predict_paths(predictor, [str(p) for p in paths.values()]))
+    probs = {
+        name: np.array(list(r["age_probs"].values())) for name, r in zip(paths, rows, strict=True)
+    }
+    assert [r["error"] for r in rows] == [None] * 3
+    np.testing.assert_allclose(probs["grey16"], probs["grey8"], atol=1e-6)
+    assert np.abs(probs["grey16"] - probs["white"]).max() > 1e-4
+
+    size = predictor.image_size
+    served = {n: prepare_bytes(n, paths[n].read_bytes(), size, None) for n in ("grey8", "grey16")}
+    np.testing.assert_array_equal(served["grey16"].faces[0][1], served["grey8"].faces[0][1])
+    floats = tmp_path / "float.tif"
+    Image.fromarray(grey.astype(np.float32)).save(floats)
+    refused = prepare_bytes("float", floats.read_bytes(), size, None)
+    assert (refused.status, refused.faces) == ("error", [])
+    assert str(refused.error).startswith("32-bit float pixels (mode F)")
 
 
 def test_every_face_gets_a_row_and_a_photo_without_one_says_so(
