@@ -79,7 +79,7 @@ def test_a_key_given_twice_is_refused_naming_the_line(tmp_path: Path) -> None:
     """YAML keeps the last of a repeated key: a second `train:` block would drop the first."""
     path = tmp_path / "c.yaml"
     at = re.escape(str(path))
-    path.write_text("train:\n  epochs: 3\nsuite:\n  slots: 1\ntrain:\n  seed: 4\n")
+    path.write_text("train:\n  epochs: 3\nsuite:\n  variants: [age]\ntrain:\n  seed: 4\n")
     twice = "line 5: duplicate key 'train' (first at line 1): the second would silently replace"
     with pytest.raises(ConfigError, match=f"^{at}, {re.escape(twice)}"):
         load_suite_config(path)
