@@ -93,7 +93,7 @@ class Stack(Layout):
         """The run dir closed to other users (0700 folders, 0600 files: its databases hold
         the worker's MLflow password, and its secrets and logs are there), older ones too;
         PostgreSQL's group may pass through it when the server runs as its own user. How
-        many modes were changed."""
+        many were open to others."""
         user = postgres.pg_user() if self.db == "postgres" else None
         return make_private(self.run_dir, user.pw_gid if user else None)
 

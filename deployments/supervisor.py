@@ -155,7 +155,7 @@ def make_private(root: Path, group: int | None = None) -> int:
     """`root` and everything under it closed to other users: group and other bits off each
     folder and file (links are not followed), for what an older version left open. `group`:
     the one group that may pass through `root` itself (PostgreSQL's, when it runs as another
-    user). Returns how many modes it changed."""
+    user). Returns how many were open to others."""
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if group is not None and root.stat().st_gid != group:
         os.chown(root, -1, group)
@@ -165,10 +165,10 @@ def make_private(root: Path, group: int | None = None) -> int:
         for name in [*folders, *files]
     ]
     changed = 0
-    for path in [str(root), *paths]:
+    for path in [str(root), *paths]:  # a server may remove one meanwhile
         try:
             st = os.lstat(path)
-        except FileNotFoundError:  # a server removed it meanwhile
+        except FileNotFoundError:
             continue
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             continue  # links, sockets (PostgreSQL's): nothing to read through them
@@ -178,6 +178,8 @@ def make_private(root: Path, group: int | None = None) -> int:
             continue
         try:
             os.chmod(path, want)
+        except FileNotFoundError:
+            continue
         except PermissionError:
             raise StackError(
                 f"{path} is open to other users (mode {mode:04o}) and not ours to change; run "
