@@ -100,7 +100,7 @@ def mlflow_auth_env(stack: Layout, auth: Auth) -> dict[str, str]:
     only), a CSRF key of this stack's own, and workspaces, whose creation right (a grant of
     USE) is what keeps the reader from creating experiments."""
     config = stack.run_dir / "mlflow" / "basic_auth.ini"
-    config.parent.mkdir(parents=True, exist_ok=True)
+    config.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     text = (
         "[mlflow]\n"
         "default_permission = READ\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ AUTH_SECRET_VARS = (
     READER_PASSWORD_VAR,
 )
 AUTH_VARS = (*AUTH_SECRET_VARS, MLFLOW_ADMIN_USER_VAR, WORKER_USER_VAR, READER_USER_VAR)
-MLFLOW_MIN_PASSWORD = 12  # MLflow's own rule for its users' passwords
+MIN_PASSWORD = 12  # MLflow's own rule for its users' passwords; Prefect's password too
 S3_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 # never passed on to a service that does not need it (each gets its own: `deployments.commands`)
@@ -59,16 +60,42 @@ class Auth:
     reader: tuple[str, str]
 
 
+def private_env_file(env_file: Path) -> None:
+    """A `.env` that other users may read (`cp .env.example .env` leaves it 0644) is made 0600
+    before it is read, with one note on stderr; one we cannot change is an error."""
+    mode = env_file.stat().st_mode & 0o777
+    if not mode & 0o077:
+        return
+    try:
+        os.chmod(env_file, 0o600)
+    except OSError as exc:
+        raise StackError(
+            f"{env_file} holds secrets and is open to other users (mode {mode:04o}), and it "
+            f"is not ours to change ({exc.strerror}); run `chmod 600 {env_file}` as its owner"
+        ) from None
+    print(
+        f"note: {env_file} was open to other users (mode {mode:04o}); made it private "
+        f"(`chmod 600 {env_file}`)",
+        file=sys.stderr,
+    )
+
+
 def env_values(keys: tuple[str, ...], env_file: Path = ENV_FILE) -> dict[str, str]:
     """Each of `keys` set (not empty) in the environment, else in `.env` (KEY=VALUE lines)."""
     values = {k: os.environ[k] for k in keys if os.environ.get(k)}
     if len(values) < len(keys) and env_file.is_file():
+        private_env_file(env_file)
         for line in env_file.read_text().splitlines():
             key, sep, value = line.strip().removeprefix("export ").partition("=")
             key, value = key.strip(), value.strip().strip("'\"")
             if sep and key in keys and key not in values and value:
                 values[key] = value
     return values
+
+
+def origin(key: str, env_file: Path = ENV_FILE) -> str:
+    """Where `env_values` took `key` from, for an error that says what to change."""
+    return "the environment" if os.environ.get(key) else str(env_file)
 
 
 def prefect_auth(env_file: Path = ENV_FILE) -> str | None:
@@ -90,15 +117,21 @@ def auth_settings(env_file: Path = ENV_FILE) -> Auth:
     user, _, password = prefect.partition(":")
     if prefect and not (user and password):
         problems.append(f"{PREFECT_AUTH_VAR} must be user:password")
+    elif prefect and len(password) < MIN_PASSWORD:
+        problems.append(
+            f"{PREFECT_AUTH_VAR}'s password is shorter than {MIN_PASSWORD} characters (set in "
+            f"{origin(PREFECT_AUTH_VAR, env_file)})"
+        )
     names = {
         "admin": (values.get(MLFLOW_ADMIN_USER_VAR, "admin"), MLFLOW_ADMIN_PASSWORD_VAR),
         "worker": (values.get(WORKER_USER_VAR, "worker"), WORKER_PASSWORD_VAR),
         "reader": (values.get(READER_USER_VAR, "reader"), READER_PASSWORD_VAR),
     }
     for _name, var in names.values():
-        if var in values and len(values[var]) < MLFLOW_MIN_PASSWORD:
+        if var in values and len(values[var]) < MIN_PASSWORD:
             problems.append(
-                f"{var} is shorter than {MLFLOW_MIN_PASSWORD} characters (MLflow's rule)"
+                f"{var} is shorter than {MIN_PASSWORD} characters (MLflow's rule; set in "
+                f"{origin(var, env_file)})"
             )
     if len({n for n, _ in names.values()}) < len(names):
         problems.append(
@@ -128,7 +161,7 @@ def credentials(env_file: Path = ENV_FILE) -> dict[str, str]:
 def own_secret(path: Path) -> str:
     """A random secret of the stack's own (made once, kept in the run dir with mode 0600)."""
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(24) + "\n")

@@ -48,7 +48,14 @@ from deployments.provision import provision
 from deployments.s3 import ensure_bucket, s3_ready
 from deployments.schedules import schedules
 from deployments.services import REPO, StackError, health
-from deployments.supervisor import GROUP_STOP, Supervisor, alive, port_open
+from deployments.supervisor import (
+    GROUP_STOP,
+    PRIVATE_UMASK,
+    Supervisor,
+    alive,
+    make_private,
+    port_open,
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,14 @@ class Stack(Layout):
 
     def log(self, name: str) -> Path:
         return self.supervisor.log(name)
+
+    def make_private(self) -> int:
+        """The run dir closed to other users (0700 folders, 0600 files: its databases hold
+        the worker's MLflow password, and its secrets and logs are there), older ones too;
+        PostgreSQL's group may pass through it when the server runs as its own user. How
+        many were open to others."""
+        user = postgres.pg_user() if self.db == "postgres" else None
+        return make_private(self.run_dir, user.pw_gid if user else None)
 
     def save_state(self, pids: Mapping[str, int]) -> None:
         """stack.json: the PIDs and how this stack was started (what `Stack.at` reads back)."""
@@ -126,16 +141,19 @@ class Stack(Layout):
                 f"{name}: port {where.host}:{where.port} is already in use (another stack? "
                 "`agegender stack down`, or choose other ports)"
             )
-        self.log(name).parent.mkdir(parents=True, exist_ok=True)
+        self.make_private()
         user = None
         if name == "postgres":
             postgres.init(self.pg_data)
             user = postgres.pg_user()
         else:
-            (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+            (self.run_dir / name).mkdir(mode=0o700, parents=True, exist_ok=True)
         argv, env = self.command(name, creds, auth)
         cwd = self.pg_data if name == "postgres" else REPO
-        proc = self.supervisor.launch(name, argv, env, cwd, user)
+        # the worker's flow runs write the user's results with the user's umask (its own
+        # folder here stays 0700)
+        umask = -1 if name == "worker" else PRIVATE_UMASK
+        proc = self.supervisor.launch(name, argv, env, cwd, user, umask)
         self.save_state(pids | {name: proc.pid})
         api = self.prefect(auth)
         try:
@@ -198,6 +216,9 @@ class Stack(Layout):
         workers run on other machines."""
         auth = self.check_auth()
         creds = credentials()
+        opened = self.make_private()  # a run dir of an older version: its modes fixed
+        if opened:
+            progress(f"{self.run_dir}: {opened} folders and files closed to other users")
         for name in self.services[:-1]:  # the worker comes after the pools and deployments
             started = time.monotonic()
             self.start(name, creds, auth)
@@ -212,6 +233,7 @@ class Stack(Layout):
         if worker:
             self.start("worker", creds, auth)
             progress("worker online on pool 'local'")
+        self.make_private()  # what `prefect deploy` wrote in the worker's folder
         return self.client_env()
 
     def _mlflow_users(self, auth: Auth) -> str:
@@ -231,7 +253,7 @@ class Stack(Layout):
         one) and the deployments of prefect.yaml."""
         gpu_slots = gpu_slots or max(count_gpus(), 1)
         auth = self.read_auth(auth)
-        (self.run_dir / "worker").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "worker").mkdir(mode=0o700, parents=True, exist_ok=True)
         home = {"PREFECT_HOME": str(self.run_dir / "worker")}
         env = os.environ | self.client_env() | self.auth_env("worker", auth) | home
         env["AGEGENDER_HOME"] = str(REPO)  # where the local pool's flows run

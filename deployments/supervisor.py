@@ -1,6 +1,8 @@
 """Process supervision for the native stack: each service in its own process group, its PID in
 `RUN_DIR/stack.json`, its output in `RUN_DIR/logs/NAME.log`; started services are waited for
-by their health check (never a fixed sleep) and stopped by exactly the group we started.
+by their health check (never a fixed sleep) and stopped by exactly the group we started. The
+run dir holds databases, passwords and logs: it and what its servers write are their user's
+alone (`make_private`, `PRIVATE_UMASK`).
 
 Weighed against supervisord and friends: they bring a daemon of their own, a config format and
 an RPC port to secure, and still need our health checks and PostgreSQL's user switch; this
@@ -8,10 +10,12 @@ file is what the stack needs and no more."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +32,11 @@ STARTUP_S = 600.0  # generous: a loaded 2-core machine takes minutes, an idle on
 Signal = tuple[Callable[[int, int], None], int]
 # how a group is asked to stop before SIGKILL: the whole group, politely then firmly
 GROUP_STOP: Sequence[Signal] = ((os.killpg, signal.SIGTERM), (os.killpg, signal.SIGINT))
+
+
+# what a server we start writes is its user's alone: databases (with the worker's MLflow
+# password in the GPU deployment's job variables), its data, our logs
+PRIVATE_UMASK = 0o077
 
 
 def startup_timeout() -> float:
@@ -67,9 +76,10 @@ class Supervisor:
 
     def save(self, pids: Mapping[str, int], about: Mapping[str, Any]) -> None:
         """The PIDs and what the stack says of itself (how it was started, its URLs)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         state = {"pids": dict(pids), **about}
-        self.state_file.write_text(json.dumps(state, indent=1))
+        with private_file(self.state_file, os.O_TRUNC) as f:
+            f.write(json.dumps(state, indent=1).encode())
 
     def log(self, name: str) -> Path:
         return self.run_dir / "logs" / f"{name}.log"
@@ -81,10 +91,12 @@ class Supervisor:
         env: Mapping[str, str],
         cwd: Path,
         user: struct_passwd | None = None,
+        umask: int = PRIVATE_UMASK,
     ) -> subprocess.Popen[bytes]:
-        """`argv` in a process group of its own, its output appended to its log."""
-        self.log(name).parent.mkdir(parents=True, exist_ok=True)
-        with self.log(name).open("ab") as log:
+        """`argv` in a process group of its own, its output appended to its log (0600), what
+        it writes under `umask` (-1: ours)."""
+        self.log(name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with private_file(self.log(name), os.O_APPEND) as log:
             return subprocess.Popen(
                 argv,
                 env=dict(env),
@@ -93,6 +105,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                umask=umask,
                 **as_user(user),
             )
 
@@ -131,6 +144,49 @@ class Supervisor:
             if not alive(pid):
                 break
         return True
+
+
+def private_file(path: Path, flags: int) -> io.BufferedWriter:
+    """`path` opened for writing (binary), created 0600: it may say what its server logs."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600), "wb")
+
+
+def make_private(root: Path, group: int | None = None) -> int:
+    """`root` and everything under it closed to other users: group and other bits off each
+    folder and file (links are not followed), for what an older version left open. `group`:
+    the one group that may pass through `root` itself (PostgreSQL's, when it runs as another
+    user). Returns how many were open to others."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if group is not None and root.stat().st_gid != group:
+        os.chown(root, -1, group)
+    paths = [
+        os.path.join(folder, name)
+        for folder, folders, files in os.walk(root)
+        for name in [*folders, *files]
+    ]
+    changed = 0
+    for path in [str(root), *paths]:  # a server may remove one meanwhile
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            continue  # links, sockets (PostgreSQL's): nothing to read through them
+        mode = stat.S_IMODE(st.st_mode)
+        want = mode & ~0o077 | (0o010 if path == str(root) and group is not None else 0)
+        if mode == want:
+            continue
+        try:
+            os.chmod(path, want)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise StackError(
+                f"{path} is open to other users (mode {mode:04o}) and not ours to change; run "
+                f"`chmod -R go-rwx {root}` as its owner"
+            ) from None
+        changed += bool(mode & ~want)  # closed (not PostgreSQL's group let through)
+    return changed
 
 
 def alive(pid: int) -> bool:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +265,39 @@ def processes_of(flow_run_id: str) -> list[int]:
         if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in env:
             found.append(int(proc.name))
     return found
+
+
+# run as `nobody`: which of the given paths it opens (a file) or lists (a folder)
+_OPENS = """
+import json, os, sys
+opened = []
+for path in json.load(sys.stdin):
+    try:
+        os.listdir(path) if os.path.isdir(path) else open(path, "rb").close()
+    except OSError:
+        continue
+    opened.append(path)
+print(json.dumps(opened))
+"""
+
+
+def opened_by_nobody(paths: Iterable[Path]) -> list[str]:
+    """Which of `paths` the user `nobody` reads (a file) or lists (a folder): what any other
+    local user could see. The tests run as root, which may become it (`setpriv`)."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another local user (`nobody`) needs root")
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+    res = subprocess.run(
+        [*as_nobody, sys.executable, "-c", _OPENS],
+        input=json.dumps([str(p) for p in paths]),
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    opened: list[str] = json.loads(res.stdout)
+    return opened
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

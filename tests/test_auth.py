@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from deployments.credentials import AUTH_VARS, Auth, auth_settings
+from deployments.credentials import AUTH_VARS, Auth, auth_settings, credentials
 from deployments.layout import Ports
 from deployments.mlflow_users import MlflowAdmin, UsersError
 from deployments.s3 import list_objects
 from deployments.services import StackError, basic_auth
 from deployments.stack import Stack
-from tests.conftest import REPO
+from tests.conftest import REPO, opened_by_nobody
 
 pytestmark = pytest.mark.integration
 
@@ -361,6 +361,60 @@ def test_auth_settings_name_what_is_missing(tmp_path: Path) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_a_short_prefect_password_is_refused_naming_where_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect's auth string needs a password of 12 characters, as MLflow's users do: shorter
+    is one error naming the variable and where it was set (.env, else the environment)."""
+    for key in AUTH_VARS:
+        monkeypatch.delenv(key, raising=False)
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "PREFECT_API_AUTH_STRING=agegender:short\n"
+        + "".join(f"{k}={k.lower()}-{'x' * 12}\n" for k in AUTH_VARS[1:4])
+    )
+    said = []
+    for where in (str(env_file), "the environment"):
+        with pytest.raises(StackError) as info:
+            auth_settings(env_file)
+        said.append(str(info.value))
+        assert said[-1] == (
+            "authentication: PREFECT_API_AUTH_STRING's password is shorter than 12 characters "
+            f"(set in {where}) (set them in the environment or in {env_file}; see .env.example)"
+        )
+        monkeypatch.setenv("PREFECT_API_AUTH_STRING", "agegender:" + "p" * 11)
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "agegender:" + "p" * 12)
+    assert auth_settings(env_file).prefect == "agegender:" + "p" * 12
+
+
+def test_a_dotenv_open_to_other_users_is_made_private_with_one_note(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cp .env.example .env` leaves `.env` 0644, readable by any local user: the first command
+    that reads it makes it 0600 and says so in one line; `nobody` read it before, not after."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    parent = Path(tempfile.mkdtemp(prefix="agegender-test-env-"))
+    parent.chmod(0o711)  # others may pass through, as through any home folder
+    env_file = parent / ".env"
+    try:
+        shutil.copy(REPO / ".env.example", env_file)
+        env_file.chmod(0o644)  # what `cp` gives from a checkout's 0644 file
+        assert opened_by_nobody([env_file]) == [str(env_file)]
+        capfd.readouterr()
+        assert credentials(env_file)["AWS_ACCESS_KEY_ID"] == "change-me"
+        assert capfd.readouterr().err.splitlines() == [
+            f"note: {env_file} was open to other users (mode 0644); made it private "
+            f"(`chmod 600 {env_file}`)"
+        ]
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        assert opened_by_nobody([env_file]) == []
+        credentials(env_file)  # private now: read without a word
+        assert capfd.readouterr().err == ""
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def test_s3_relay_passes_signed_requests_only(

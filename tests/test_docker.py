@@ -257,13 +257,15 @@ def test_mlflow_server_command(config: dict[str, Any]) -> None:
         return value
 
     assert arg("--artifacts-destination").startswith("s3://mlflow/")
-    # psycopg2, the driver in the image: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
-    assert arg("--backend-store-uri").startswith("postgresql+psycopg2://")
-    assert arg("--backend-store-uri").endswith("@postgres:5432/mlflow")
     hosts = arg("--allowed-hosts").split(",")
     assert {"mlflow", "mlflow:*", "localhost:*", "127.0.0.1:*"} <= set(hosts)
     assert "*" not in hosts
     env = mlflow["environment"]
+    # `--backend-store-uri` from the environment (its password off the command line);
+    # psycopg2, the driver in the image: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
+    assert "--backend-store-uri" not in command
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert env["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow")
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
@@ -327,6 +329,19 @@ def test_secrets_come_only_from_variables(config: dict[str, Any]) -> None:
         if name in SECRETS:
             assert value in resolved, f"{name} is never used"
             assert example[name] not in resolved
+
+
+def test_no_command_line_holds_a_secret(config: dict[str, Any]) -> None:
+    """What a container runs is on the host's process list (`ps -ef`, any user): no command,
+    entrypoint or healthcheck holds a secret's value; they come through the environment or
+    a config file."""
+    sentinels = {name: _sentinels()[name] for name in SECRETS}
+    for name, service in config["services"].items():
+        check = service.get("healthcheck") or {}
+        argv = [*(service.get("command") or []), *(service.get("entrypoint") or [])]
+        shown = json.dumps([*argv, *(check.get("test") or [])])
+        leaked = [secret for secret, value in sentinels.items() if value in shown]
+        assert leaked == [], f"{name}'s command line holds {leaked}"
 
 
 def test_environment_secrets_are_interpolated_in_the_raw_file() -> None:

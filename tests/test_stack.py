@@ -8,9 +8,12 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,8 +27,10 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from deployments.automations import NAME as ZOMBIES
+from deployments.layout import Ports
 from deployments.s3 import ensure_bucket
 from deployments.services import StackError
+from deployments.stack import Stack
 from deployments.supervisor import alive, tail
 from tests.conftest import (
     REPO,
@@ -33,6 +38,7 @@ from tests.conftest import (
     TINY_ARGS,
     client_env,
     flow_runs,
+    opened_by_nobody,
     prefect_api,
     processes_of,
     scale_out_params,
@@ -595,3 +601,61 @@ def test_bad_credentials_and_unreachable_servers_are_clear_errors(
     )
     assert res.returncode == 2
     assert "S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY not set" in res.stderr
+
+
+def _shown(run_dir: Path) -> list[Path]:
+    """The run dir, every folder and file in it (as its owner sees them)."""
+    return [run_dir, *run_dir.rglob("*")]
+
+
+def test_no_other_user_reads_the_stack_run_dir(stack: Any) -> None:
+    """Its databases (the GPU deployment's job variables hold the worker's MLflow password),
+    the PostgreSQL password, logs and S3's data are the stack user's alone: `nobody` opens
+    none of them, even where the run dir itself is opened to passers-by (o+x), because each
+    file and folder the servers wrote is private too (their umask 077)."""
+    run_dir = stack.run_dir
+    stores = ["postgres-password"] if stack.db == "postgres" else ["prefect/prefect.db"]
+    secrets = [run_dir / f for f in ["stack.json", *stores]] + list(run_dir.glob("logs/*.log"))
+    assert len(secrets) >= len(stack.services) + 2, secrets
+    assert {f: f.stat().st_mode & 0o777 for f in secrets} == dict.fromkeys(secrets, 0o600)
+    assert opened_by_nobody(_shown(run_dir)) == []
+    mode = run_dir.stat().st_mode & 0o777
+    run_dir.chmod(mode | 0o011)
+    try:
+        assert opened_by_nobody(_shown(run_dir)) == []
+    finally:
+        run_dir.chmod(mode)
+
+
+def test_stack_up_closes_an_older_run_dir_to_other_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run dir an older version left open (0755 folders, 0644 databases and logs): `stack up`
+    closes it, saying so in one line, before it starts anything (here nothing starts: S3's
+    port is taken); `nobody` then opens none of it."""
+    parent = Path(tempfile.mkdtemp(prefix="agegender-test-old-"))
+    parent.chmod(0o711)  # others may pass through, as through any home folder
+    run_dir = parent / "stack"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k" * 12)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s" * 16)
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            ports = Ports.shifted(151).__dict__ | {"s3": taken.getsockname()[1]}
+            old = {"stack.json": json.dumps({"pids": {}, "db": "sqlite", "ports": ports})}
+            for name in ("prefect/prefect.db", "mlflow/mlflow.db", "mlflow/mlflow_auth.db"):
+                old[name] = "a database"
+            old["logs/mlflow.log"] = "a log"
+            for name, text in old.items():
+                (run_dir / name).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                (run_dir / name).write_text(text)
+                (run_dir / name).chmod(0o644)
+            shown = _shown(run_dir)
+            assert len(opened_by_nobody(shown)) == len(shown) == 9  # what was open
+            said: list[str] = []
+            with pytest.raises(StackError, match=f"s3: port 127.0.0.1:{ports['s3']} is already"):
+                Stack.at(run_dir).up(progress=said.append)
+        assert said == [f"{run_dir}: 9 folders and files closed to other users"]
+        assert opened_by_nobody(shown) == []
+        assert {p: p.stat().st_mode & 0o077 for p in shown} == dict.fromkeys(shown, 0)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
