@@ -69,7 +69,7 @@ def read_while_away(client: SyncPrefectClient, run: FlowRun) -> FlowRun:
         try:
             return client.read_flow_run(run.id)
         except Exception:
-            problem = prefect_lost(str(client.api_url))
+            problem = prefect_lost(str(client.api_url).rstrip("/"))
             if problem is None:
                 raise
             if time.monotonic() - lost_at > GIVE_UP_S:
