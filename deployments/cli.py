@@ -128,6 +128,8 @@ def cmd_stack(a: argparse.Namespace) -> None:
             cli.out.print(
                 f"{name:10} {state:8} pid {s['pid'] or '-':<8} {s['url']}", highlight=False
             )
+        if "prefect_error" in status:
+            cli.out.print(f"no pools, workers or runs: {status['prefect_error']}", highlight=False)
         for pool, info in status.get("pools", {}).items():
             workers = status["workers"].get(pool, [])
             cli.out.print(

@@ -19,7 +19,7 @@ from deployments.credentials import (
     Auth,
     own_secret,
 )
-from deployments.layout import LOCAL, S3_GATEWAY, Layout
+from deployments.layout import LOCAL, S3_GATEWAY, WORKER_NAME, Layout
 from deployments.services import apply_defaults
 
 BIN = Path(sys.executable).parent  # the programs of this environment: weed, mlflow, prefect
@@ -145,8 +145,10 @@ def prefect(stack: Layout, auth: Auth | None, env: dict[str, str]) -> Command:
 
 
 def worker(stack: Layout, auth: Auth | None, env: dict[str, str]) -> Command:
-    """A process worker on the `local` pool, a client of the stack like any other."""
+    """A process worker on the `local` pool, a client of the stack like any other, under a
+    known name: the stack's health check reads that entry of the pool, not any worker's."""
     argv = [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"]
+    argv += ["--name", WORKER_NAME]
     home = {"PREFECT_HOME": str(stack.run_dir / "worker")}
     return argv, env | stack.client_env() | stack.auth_env("worker", auth) | home
 

@@ -22,6 +22,8 @@ from deployments.services import (
 )
 
 SERVICES = ("s3", "mlflow", "prefect", "worker")
+# the stack's own worker in its pool: its health is this entry's, not any worker's in the pool
+WORKER_NAME = "agegender-stack-worker"
 DATABASES = ("sqlite", "postgres")  # where Prefect and MLflow keep their data
 LOCAL = "127.0.0.1"  # where what only the stack itself talks to listens (PostgreSQL, SeaweedFS)
 S3_GATEWAY = "s3-gateway"  # S3 relayed to the --listen address (SeaweedFS itself stays local)

@@ -51,11 +51,12 @@ def apply_defaults(env: MutableMapping[str, str] = os.environ) -> None:
         env.setdefault(key, value)
 
 
-def health(url: str, timeout: float = 10.0) -> str | None:
-    """None when the server at `url` (MLflow's root, Prefect's `/api`) answers `url/health`
+def health(url: str, timeout: float = 10.0, path: str = "health") -> str | None:
+    """None when the server at `url` (MLflow's root, Prefect's `/api`) answers `url/path`
     with 200; else what went wrong ("HTTP 503 Service Unavailable", "[Errno 111] Connection
-    refused", "timed out"), for an error that names the server. One request, no retries."""
-    probe = url.rstrip("/") + "/health"
+    refused", "timed out"), for an error that names the server. One request, no retries.
+    (`path="ready"`: Prefect's readiness, which also asks its database.)"""
+    probe = url.rstrip("/") + "/" + path
     try:
         with urllib.request.urlopen(probe, timeout=timeout) as r:
             return None if r.status == 200 else f"HTTP {r.status} {r.reason}"
@@ -65,6 +66,32 @@ def health(url: str, timeout: float = 10.0) -> str | None:
         return str(exc.reason)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         return str(exc) or type(exc).__name__
+
+
+# how long a Prefect server may stay away (down, or up without its database) before a client
+# waiting on it gives up with one line naming it: long enough for a busy machine's slow answer
+PREFECT_LOST_S = 20.0
+RECOVER = (
+    "`agegender stack status` shows which service is down; `agegender stack down` then "
+    "`agegender stack up` starts the stack again; then rerun this command (folds that finished "
+    "are skipped, the others resume from their checkpoints)"
+)
+
+
+def prefect_lost(api: str, timeout: float = 5.0) -> str | None:
+    """None while the Prefect server at `api` answers its health check and has its database
+    (`/ready`); else one line naming what went away (the server, or its database: the stack's
+    PostgreSQL) and what to run. Health and readiness need no credentials."""
+    problem = health(api, timeout)
+    if problem is not None:
+        return f"Prefect API at {api} went away ({problem}); {RECOVER}"
+    problem = health(api, timeout, path="ready")
+    if problem is not None:
+        return (
+            f"Prefect API at {api} lost its database ({problem} from /ready: with `stack up "
+            f"--db postgres`, the stack's PostgreSQL is down); {RECOVER}"
+        )
+    return None
 
 
 # the client side of the servers' authentication (`agegender stack up --listen`): Prefect's own

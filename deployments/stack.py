@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,15 @@ from deployments.credentials import (
     credentials,
     prefect_auth,
 )
-from deployments.layout import DATABASES, LOCAL, S3_GATEWAY, Layout, Ports, check_listen
+from deployments.layout import (
+    DATABASES,
+    LOCAL,
+    S3_GATEWAY,
+    WORKER_NAME,
+    Layout,
+    Ports,
+    check_listen,
+)
 from deployments.mlflow_users import UsersError, ensure_users
 from deployments.pools import count_gpus
 from deployments.prefect_api import PrefectApi
@@ -153,11 +162,13 @@ class Stack(Layout):
         # the worker's flow runs write the user's results with the user's umask (its own
         # folder here stays 0700)
         umask = -1 if name == "worker" else PRIVATE_UMASK
+        launched = time.time()
         proc = self.supervisor.launch(name, argv, env, cwd, user, umask)
         self.save_state(pids | {name: proc.pid})
         api = self.prefect(auth)
         try:
-            self.supervisor.wait_healthy(name, lambda: self.healthy(name, creds, api), proc)
+            check = lambda: self.healthy(name, creds, api, since=launched)  # noqa: E731
+            self.supervisor.wait_healthy(name, check, proc)
             if name == "postgres":
                 password = self.pg_password()
                 port = self.ports.postgres
@@ -168,25 +179,45 @@ class Stack(Layout):
         return proc.pid
 
     def healthy(
-        self, name: str, creds: Mapping[str, str] | None = None, api: PrefectApi | None = None
+        self,
+        name: str,
+        creds: Mapping[str, str] | None = None,
+        api: PrefectApi | None = None,
+        since: float | None = None,
     ) -> bool:
-        """The service's health check (S3: a signed request with `creds`, else its port; the
-        worker: online in its pool, asked through `api`, else with the auth string read now)."""
+        """The service's health check (S3: a signed request with `creds`, else its port;
+        Prefect: its health and its database; the worker: our own worker's process alive and
+        its own entry online in its pool, asked through `api`, else with the auth string read
+        now; `since`: that entry's heartbeat no older than this time, as a start needs)."""
         where = self.addresses.get(name)
         if where is None:  # the worker
-            return self._worker_online(api or self.prefect())
+            return self._worker_online(api or self.prefect(), since)
         if name in ("s3", S3_GATEWAY):
             return s3_ready(where.url, creds) if creds else port_open(where.host, where.port)
         if name == "postgres":
             return postgres.pg_ready(where.host, where.port)
-        return health(where.url, timeout=2.0) is None  # MLflow's root, Prefect's /api
+        if health(where.url, timeout=2.0) is not None:  # MLflow's root, Prefect's /api
+            return False
+        # Prefect answers /health without its database: /ready asks it (a dead PostgreSQL)
+        return name != "prefect" or health(where.url, timeout=2.0, path="ready") is None
 
-    def _worker_online(self, api: PrefectApi) -> bool:
+    def _worker_online(self, api: PrefectApi, since: float | None = None) -> bool:
+        """Our worker (the PID we started) runs and its own entry is ONLINE: a dead worker's
+        entry stays ONLINE until its heartbeat times out, and other workers may share the pool;
+        `since` (a start): its last heartbeat came after this time, not a predecessor's."""
+        pid = self.supervisor.pids().get("worker")
+        if pid is None or not alive(pid):
+            return False
         try:
             workers = api("POST", "/work_pools/local/workers/filter", {})
         except StackError:
             return False
-        return any(w.get("status") == "ONLINE" for w in workers)
+        return any(
+            w.get("name") == WORKER_NAME
+            and w.get("status") == "ONLINE"
+            and (since is None or _timestamp(w.get("last_heartbeat_time")) >= since)
+            for w in workers
+        )
 
     def stop(self, name: str, grace: float = 15.0) -> bool:
         """Stop exactly the process group this stack started for `name`."""
@@ -264,6 +295,8 @@ class Stack(Layout):
         return [n for n in reversed(self.services) if self.stop(n)]
 
     def status(self) -> dict[str, Any]:
+        """Each service's state, whatever else is down (the table is always there); what the
+        Prefect server holds when it answers, else `prefect_error` says why not."""
         pids = self.supervisor.pids()
         api = self.prefect()  # the auth string read once for every call below
         out: dict[str, Any] = {
@@ -279,26 +312,53 @@ class Stack(Layout):
             out["services"][name] = {
                 "pid": pid,
                 "running": bool(pid and alive(pid)),
-                "healthy": self.healthy(name, api=api),
+                "healthy": self._checked(name, api),
                 "url": where.url if where else "",
                 "log": str(self.log(name)),
             }
-        if out["services"]["prefect"]["healthy"]:
-            out["pools"] = {
-                p["name"]: {"type": p["type"], "status": p.get("status")}
-                for p in api("POST", "/work_pools/filter", {})
-            }
-            out["workers"] = {
-                pool: [w["name"] for w in api("POST", f"/work_pools/{pool}/workers/filter", {})]
-                for pool in out["pools"]
-            }
-            out["deployments"] = [d["name"] for d in api("POST", "/deployments/filter", {})]
-            body = {"sort": "START_TIME_DESC", "limit": 5}
-            runs = api("POST", "/flow_runs/filter", body)
-            out["schedules"] = schedules(api)
-            out["crash_detection"] = crash_detection(api)
-            out["last_runs"] = [
-                {"name": r["name"], "state": r.get("state_type"), "start": r.get("start_time")}
-                for r in runs
-            ]
+        if not out["services"]["prefect"]["healthy"]:
+            problem = health(self.prefect_api) or health(self.prefect_api, path="ready")
+            out["prefect_error"] = f"Prefect API at {self.prefect_api}: {problem or 'unhealthy'}"
+            return out
+        try:
+            out |= self._prefect_status(api)
+        except StackError as exc:  # it went away meanwhile: the table above still stands
+            out["prefect_error"] = str(exc)
         return out
+
+    def _checked(self, name: str, api: PrefectApi) -> bool:
+        """`healthy`, where a check that cannot run (no PostgreSQL install) means not healthy."""
+        try:
+            return self.healthy(name, api=api)
+        except StackError:
+            return False
+
+    def _prefect_status(self, api: PrefectApi) -> dict[str, Any]:
+        """What the Prefect server holds: pools, workers, deployments, schedules, last runs."""
+        out: dict[str, Any] = {}
+        out["pools"] = {
+            p["name"]: {"type": p["type"], "status": p.get("status")}
+            for p in api("POST", "/work_pools/filter", {})
+        }
+        out["workers"] = {
+            pool: [w["name"] for w in api("POST", f"/work_pools/{pool}/workers/filter", {})]
+            for pool in out["pools"]
+        }
+        out["deployments"] = [d["name"] for d in api("POST", "/deployments/filter", {})]
+        body = {"sort": "START_TIME_DESC", "limit": 5}
+        runs = api("POST", "/flow_runs/filter", body)
+        out["schedules"] = schedules(api)
+        out["crash_detection"] = crash_detection(api)
+        out["last_runs"] = [
+            {"name": r["name"], "state": r.get("state_type"), "start": r.get("start_time")}
+            for r in runs
+        ]
+        return out
+
+
+def _timestamp(iso: object) -> float:
+    """Seconds since the epoch of a Prefect timestamp (0 when absent or unreadable)."""
+    try:
+        return datetime.fromisoformat(str(iso)).timestamp() if iso else 0.0
+    except ValueError:
+        return 0.0

@@ -16,6 +16,8 @@ import os
 import re
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +35,12 @@ from agegender.config import (
 )
 from agegender.train import select_device
 from deployments import cli as ops_cli
-from deployments.services import EPHEMERAL_STARTUP_VAR, StackError
+from deployments.services import (
+    EPHEMERAL_STARTUP_VAR,
+    PREFECT_LOST_S,
+    StackError,
+    prefect_lost,
+)
 from flows.settings import SuiteRun
 from tracking import TrackingError
 
@@ -107,10 +114,51 @@ def flow_command(
 
     @functools.wraps(func)
     def run(a: argparse.Namespace) -> None:
-        with prefect_console(a.debug), _prefect_started():
+        with prefect_console(a.debug), _prefect_started(), watch_prefect():
             func(a)
 
     return run
+
+
+WATCH_S = 5.0  # how often a flow command asks its Prefect server whether it is still there
+
+
+@contextmanager
+def watch_prefect(api: str | None = None) -> Iterator[None]:
+    """While a flow command runs on a Prefect server (PREFECT_API_URL), ask every `WATCH_S` s
+    whether the server and its database are there; gone for `PREFECT_LOST_S` s, the command
+    ends at once in one `error:` line naming what went away and what to run (exit 2).
+
+    Without its server a flow can neither report nor finish: Prefect's client would retry for
+    minutes, then print a traceback per call. Ending the process is safe: folds keep their
+    checkpoints and MLflow runs, and a rerun skips or resumes them. Bound: the loss is seen
+    within `WATCH_S` + two 5 s probes, and the command ends `PREFECT_LOST_S` + the same later:
+    under a minute (50 s)."""
+    api = api or os.environ.get("PREFECT_API_URL")
+    if not api:  # the ephemeral server lives and dies with this process
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        lost_at = None
+        while not done.wait(WATCH_S):
+            problem = prefect_lost(api)
+            if problem is None:
+                lost_at = None
+                continue
+            lost_at = lost_at or time.monotonic()
+            if time.monotonic() - lost_at >= PREFECT_LOST_S and not done.is_set():
+                cli._error(problem)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
+
+    threading.Thread(target=watch, name="watch-prefect", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _servers(run_root: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
@@ -23,13 +24,16 @@ from prefect.states import Failed
 
 from agegender.cli import EXPECTED
 from agegender.train import RunError, select_device
-from deployments.services import GPU_LIMIT
+from deployments.services import GPU_LIMIT, PREFECT_LOST_S, StackError, prefect_lost
 from flows.settings import run_tags
 from tasks.folds import FoldJob, train_fold_task
 from tasks.slots import on_device, set_slots
 
 LEASE = 60.0  # the server accepts no shorter lease
 BAD_INPUT = "bad input: "  # a fold flow run's failure message: data or settings, not the worker
+# a suite waiting on a lost server gives up after this long; the command's own watch
+# (flows/cli.py: watch_prefect, PREFECT_LOST_S) ends it sooner, without the flow's tracebacks
+GIVE_UP_S = 3 * PREFECT_LOST_S
 
 
 @flow(name="train_fold", log_prints=True)
@@ -56,6 +60,23 @@ def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any] |
         return Failed(message=f"{BAD_INPUT}{exc}")
 
 
+def read_while_away(client: SyncPrefectClient, run: FlowRun) -> FlowRun:
+    """The flow run as the server has it now. A read that fails while the server is away (down,
+    or up without its database: a dead PostgreSQL answers HTTP 500) waits for it, then ends
+    in one StackError naming what went away; a failure with the server healthy is raised."""
+    lost_at = time.monotonic()
+    while True:
+        try:
+            return client.read_flow_run(run.id)
+        except Exception:
+            problem = prefect_lost(str(client.api_url).rstrip("/"))
+            if problem is None:
+                raise
+            if time.monotonic() - lost_at > GIVE_UP_S:
+                raise StackError(problem) from None
+            time.sleep(2)
+
+
 @task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE)
 def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, Any]:
     """One fold as a flow run of the `train_fold` deployment on a work pool. A run that fails,
@@ -77,7 +98,7 @@ def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, A
         assert isinstance(run, FlowRun)  # the sync call returns the run, not a coroutine
         with get_client(sync_client=True) as client:
             while True:
-                run = client.read_flow_run(run.id)
+                run = read_while_away(client, run)
                 state = run.state
                 if state is not None and state.is_final():
                     break

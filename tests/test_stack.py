@@ -659,3 +659,112 @@ def test_stack_up_closes_an_older_run_dir_to_other_users(monkeypatch: pytest.Mon
         assert {p: p.stat().st_mode & 0o077 for p in shown} == dict.fromkeys(shown, 0)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_a_killed_worker_is_down_in_status_at_once(stack: Any, stack_creds: dict[str, str]) -> None:
+    """Its pool entry stays ONLINE until its heartbeat times out: `stack status` and the
+    start's health check read our own worker's process and entry instead."""
+    pid = stack.supervisor.pids()["worker"]
+    try:
+        os.killpg(pid, signal.SIGKILL)
+        while alive(pid):
+            time.sleep(0.1)
+        res = _status(stack, "--json")
+        assert res.returncode == 0, res.stderr
+        status = json.loads(res.stdout)
+        assert status["services"]["worker"]["pid"] == pid
+        assert status["services"]["worker"]["running"] is False
+        assert status["services"]["worker"]["healthy"] is False
+        # the dead one's entry, still listed (layout.WORKER_NAME)
+        assert "agegender-stack-worker" in status["workers"]["local"]
+        text = _status(stack)
+        assert re.search(r"^worker +stopped ", text.stdout, re.M), text.stdout
+    finally:
+        stack.stop("worker")
+        stack.start("worker", stack_creds)
+    assert stack.healthy("worker")
+    assert stack.supervisor.pids()["worker"] != pid
+
+
+def _pg_kill_restore(stack: Any, creds: dict[str, str]) -> None:
+    """The shared stack as the tests after need it: PostgreSQL started again, and each server
+    that did not come back on its own restarted."""
+    stack.stop("postgres")
+    stack.start("postgres", creds)
+    for name in ("mlflow", "prefect", "worker"):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not stack.healthy(name):
+            time.sleep(1)
+        if not stack.healthy(name):
+            stack.stop(name)
+            stack.start(name, creds)
+
+
+def test_postgresql_killed_mid_suite_is_one_error_line_and_status_shows_it(
+    stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
+) -> None:
+    if stack.db != "postgres":
+        pytest.skip("the stack runs on SQLite (AGEGENDER_TEST_DB)")
+    proc = suite_cli(
+        stack,
+        learn_cache,
+        tmp_path,
+        "suite.name=stack-pg-lost",
+        "suite.variants=[gender]",
+        "suite.folds=[0]",
+        "suite.mode=deployments",
+        "train.iterations=150",
+        *TINY_ARGS,
+    )
+    fold: list[int] = []
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not list(tmp_path.glob("stack-pg-lost/*/*/last.pt")):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        (run,) = flow_runs(
+            stack,
+            {
+                "flow_runs": {
+                    "tags": {"all_": ["suite:stack-pg-lost"]},
+                    "name": {"any_": ["gender-fold0"]},
+                }
+            },
+        )
+        fold = processes_of(run["id"])
+        os.killpg(stack.supervisor.pids()["postgres"], signal.SIGKILL)  # with its backends
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=300)
+        took = time.monotonic() - killed
+        print(f"the suite ended {took:.1f} s after PostgreSQL was killed")
+        assert proc.returncode == 2, out[-3000:]
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, out[-3000:]
+        assert f"Prefect API at {stack.prefect_api} lost its database" in errors[0]
+        assert "PostgreSQL is down" in errors[0]
+        assert "`agegender stack status`" in errors[0]
+        assert "`agegender stack up`" in errors[0]
+        assert "Traceback" not in out, out[-3000:]
+        # the status table, with PostgreSQL down and Prefect without its database
+        res = _status(stack, "--json")
+        assert res.returncode == 0, res.stderr
+        status = json.loads(res.stdout)
+        assert status["services"]["postgres"]["running"] is False
+        assert status["services"]["postgres"]["healthy"] is False
+        assert status["services"]["prefect"]["running"] is True
+        assert status["services"]["prefect"]["healthy"] is False
+        assert "HTTP 503" in status["prefect_error"]
+        text = _status(stack)
+        assert text.returncode == 0, text.stderr
+        assert re.search(r"^postgres +stopped ", text.stdout, re.M), text.stdout
+        assert re.search(r"^mlflow +healthy ", text.stdout, re.M), text.stdout
+        assert "no pools, workers or runs: Prefect API at" in text.stdout
+        assert "Traceback" not in text.stdout + text.stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+        for pid in fold:  # the fold, still training on the worker: stopped (nothing reads it)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _pg_kill_restore(stack, stack_creds)
