@@ -7,6 +7,11 @@ one slot per GPU) while it trains; a worker that dies loses its lease after `LEA
 its slot comes back, and the server marks its flow run CRASHED once its heartbeats stop
 (deployments/automations.py), so the waiting suite starts the fold again. What is logged to
 MLflow is exactly what the in-process task logs.
+
+A fold's flow run tags itself `STARTED` once it holds its slot, before it touches the fold, and
+ends with a message that says what it did (`TRAINED` or `SKIPPED`): the suite counts a retry
+only for a run that started its fold (runs lost while they waited for a slot are started again
+up to `suite.requeues` times) and counts trained and skipped folds as in-process mode does.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.concurrency.sync import concurrency
+from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
-from prefect.states import Failed
+from prefect.states import Completed, Failed
 
 from agegender.cli import EXPECTED
 from agegender.train import RunError, select_device
 from deployments.services import GPU_LIMIT, PREFECT_LOST_S, StackError, prefect_lost
-from flows.settings import run_tags
+from flows.settings import REQUEUES, run_tags
 from tasks.folds import FoldJob, train_fold_task
 from tasks.slots import on_device, set_slots
 
@@ -34,6 +40,21 @@ BAD_INPUT = "bad input: "  # a fold flow run's failure message: data or settings
 # a suite waiting on a lost server gives up after this long; the command's own watch
 # (flows/cli.py: watch_prefect, PREFECT_LOST_S) ends it sooner, without the flow's tracebacks
 GIVE_UP_S = 3 * PREFECT_LOST_S
+STARTED = "fold:started"  # the tag of a fold's flow run that got its slot and started the fold
+TRAINED, SKIPPED = "trained", "already finished"  # how a completed fold flow run's message starts
+
+
+def tag_this_run(*tags: str) -> None:
+    """Add tags to the running flow run (a deployment's run was created by whoever triggered
+    it, before the suite's name was known; a fold's says it started)."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(ctx.flow_run.id)
+        want = list(dict.fromkeys([*run.tags, *tags]))
+        if want != list(run.tags):
+            client.update_flow_run(run.id, tags=want)
 
 
 @flow(name="train_fold", log_prints=True)
@@ -55,9 +76,12 @@ def train_fold_flow(job: FoldJob, device: str | None = None) -> dict[str, Any] |
         select_device(job.config.train.device)
         set_slots(1)
         with concurrency(GPU_LIMIT, occupy=1, lease_duration=LEASE):
-            return train_fold_task(job)
+            tag_this_run(STARTED)  # before the fold: a run without it never trained
+            got = train_fold_task(job)
     except EXPECTED as exc:  # stays bad on any worker: the suite reports it, not retries it
         return Failed(message=f"{BAD_INPUT}{exc}")
+    did = TRAINED if got["trained"] else SKIPPED
+    return Completed(message=f"{did} (MLflow run {got['run_id']})", data=got)
 
 
 def read_while_away(client: SyncPrefectClient, run: FlowRun) -> FlowRun:
@@ -78,16 +102,21 @@ def read_while_away(client: SyncPrefectClient, run: FlowRun) -> FlowRun:
 
 
 @task(task_run_name="{job.variant}-fold{job.fold}", cache_policy=NO_CACHE)
-def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, Any]:
+def remote_fold_task(
+    deployment: str, retries: int, job: FoldJob, requeues: int = REQUEUES
+) -> dict[str, Any]:
     """One fold as a flow run of the `train_fold` deployment on a work pool. A run that fails,
     or that the server marked CRASHED (its heartbeats stopped: the worker or its machine died,
     wherever it was; deployments/automations.py), is started again and resumes from its
-    checkpoint. Bad input (data, settings, a GPU asked of a worker without one) is not: one
-    error naming the fold."""
+    checkpoint: `retries` times if it had started the fold, `requeues` times if it ended before
+    (it waited for a slot: the fold lost nothing). Bad input (data, settings, a GPU asked of a
+    worker without one) is not: one error naming the fold. Returns whether the fold trained
+    or was skipped as already finished, as the flow run's final message says."""
     log = get_run_logger()
     name, params = job.name, {"job": job.model_dump(mode="json")}
     state = None
-    for attempt in range(retries + 1):
+    tries = lost = 0  # flow runs that ended after / before they started the fold
+    while True:
         run = run_deployment(
             deployment,
             parameters=params,
@@ -109,12 +138,32 @@ def remote_fold_task(deployment: str, retries: int, job: FoldJob) -> dict[str, A
                 f"{name} (flow run {run.name} of {deployment}): {message[len(BAD_INPUT) :]}"
             )
         if state is not None and state.is_completed():
-            log.info(f"{name}: flow run {run.name} ({run.id}) completed")
+            log.info(f"{name}: flow run {run.name} ({run.id}) completed: {message}")
             return {
                 "variant": job.variant,
                 "fold": job.fold,
                 "flow_run_id": str(run.id),
-                "trained": True,
+                "trained": not message.startswith(SKIPPED),  # a worker without it: as before
             }
-        log.warning(f"{name}: flow run {run.id} ended {state and state.name} (try {attempt + 1})")
-    raise RuntimeError(f"{name}: {retries + 1} flow runs of {deployment} failed ({state})")
+        why = f"{name}: flow run {run.name} ({run.id}) of {deployment} ended {state and state.name}"
+        why += f" ({message})" if message else ""
+        if STARTED not in run.tags:
+            lost += 1
+            if lost > requeues:
+                raise RunError(
+                    f"{why}: {lost} of its flow runs ended before the fold started, more than "
+                    f"suite.requeues={requeues}; check that the pool's workers run folds "
+                    "(`agegender stack status`, the worker's log)"
+                )
+            log.warning(
+                f"{why} before the fold started (it waited for a slot): started again, "
+                f"not counted as a retry ({lost} of suite.requeues={requeues})"
+            )
+            continue
+        tries += 1
+        if tries > retries:
+            raise RunError(
+                f"{why}: {tries} of its flow runs failed after the fold started, more than "
+                f"suite.retries={retries}; their logs are in the Prefect UI"
+            )
+        log.warning(f"{why}: started again, resuming (retry {tries} of {retries})")

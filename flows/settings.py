@@ -20,6 +20,14 @@ class SuiteRun(SuiteConfig):
     """A suite and how to run it."""
 
     retries: int = Field(1, ge=0, description="a failed fold is retried, resuming its checkpoint")
+    requeues: int = Field(
+        3,
+        ge=0,
+        description="deployments mode: a fold's flow run that ended before the fold started "
+        "(its worker died while it waited for a slot) is started again without spending a "
+        "retry, at most this many times per fold, so that workers that never start folds "
+        "still end the suite",
+    )
     mode: Mode = Field(
         "tasks",
         description="tasks: folds in this process; deployments: each fold a flow run of "
@@ -34,6 +42,7 @@ class SuiteRun(SuiteConfig):
 
 
 RETRIES: int = SuiteRun.model_fields["retries"].default
+REQUEUES: int = SuiteRun.model_fields["requeues"].default
 
 
 def run_tags(suite: str, variant: str | None = None) -> list[str]:

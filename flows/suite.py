@@ -14,14 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger
-from prefect.context import FlowRunContext
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agegender.cache import open_cache
 from agegender.config import Config, Variant, flatten
-from flows.fold import remote_fold_task
+from flows.fold import remote_fold_task, tag_this_run
 from flows.settings import SuiteRun, run_tags
 from tasks.artifacts import publish
 from tasks.cache import prepare_cache_task
@@ -90,7 +89,7 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
             )
             if suite.mode == "deployments":
                 remote = remote_fold_task.with_options(tags=labels)
-                futures.append(remote.submit(suite.deployment, suite.retries, job))
+                futures.append(remote.submit(suite.deployment, suite.retries, job, suite.requeues))
             else:
                 local = train_fold_task.with_options(retries=suite.retries, tags=labels)
                 futures.append(local.submit(job))
@@ -162,19 +161,6 @@ def cross_validate_run_name() -> str:
     return f"{_suite_name(params.get('suite'))}-{params.get('variant', 'multitask')}-{_stamp()}"
 
 
-def _tag_this_run(*tags: str) -> None:
-    """Add tags to the running flow run: a deployment's run was created by whoever triggered
-    it, before the suite's name was known."""
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(ctx.flow_run.id)
-        want = list(dict.fromkeys([*run.tags, *tags]))
-        if want != list(run.tags):
-            client.update_flow_run(run.id, tags=want)
-
-
 @flow(name="suite", flow_run_name=suite_run_name, log_prints=True)
 def suite_flow(
     cache_dir: str = "runs/suite/cache",
@@ -197,7 +183,7 @@ def suite_flow(
         data_root: an Adience download to build the cache from; null = the cache is ready.
     """
     s, base = suite or SuiteRun(), config or Config()
-    _tag_this_run(*run_tags(s.name))
+    tag_this_run(*run_tags(s.name))
     set_slots(s.slots)
     if data_root is not None:
         prepare_cache_task(data_root, cache_dir, s.image_size)
@@ -225,7 +211,7 @@ def cross_validate(
         run_root: checkpoints, results and (without MLFLOW_TRACKING_URI) the local MLflow store.
     """
     s = SuiteRun.model_validate((suite or {}) | {"variants": [variant]})
-    _tag_this_run(*run_tags(s.name, variant))
+    tag_this_run(*run_tags(s.name, variant))
     set_slots(s.slots)
     return _run(s, config or Config(), cache_dir, run_root)
 

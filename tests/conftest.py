@@ -220,19 +220,25 @@ def client_env(st: Stack) -> dict[str, str]:
     return env | st.client_env() | st.auth_env()
 
 
-def flow_runs(stack: Any, body: dict[str, Any]) -> Any:
-    """Flow runs matching a filter, straight from the Prefect REST API."""
+def prefect_post(stack: Any, path: str, body: dict[str, Any]) -> Any:
+    """A POST to the stack's Prefect REST API (its auth string if it asks); None for no body."""
     headers = {"Content-Type": "application/json"}
     if stack.auth:
         headers |= basic_auth(stack.auth_env()["PREFECT_API_AUTH_STRING"])
     req = urllib.request.Request(
-        f"{stack.prefect_api}/flow_runs/filter",
+        f"{stack.prefect_api}{path}",
         data=json.dumps(body).encode(),
         headers=headers,
         method="POST",
     )
     with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+        data = r.read()
+    return json.loads(data) if data else None
+
+
+def flow_runs(stack: Any, body: dict[str, Any]) -> Any:
+    """Flow runs matching a filter, straight from the Prefect REST API."""
+    return prefect_post(stack, "/flow_runs/filter", body)
 
 
 def suite_argv(cache: Path, run_root: Path, *extra: str) -> list[str]:

@@ -29,7 +29,7 @@ from prefect.deployments import run_deployment
 from deployments.automations import NAME as ZOMBIES
 from deployments.layout import Ports
 from deployments.s3 import ensure_bucket
-from deployments.services import StackError
+from deployments.services import GPU_LIMIT, StackError
 from deployments.stack import Stack
 from deployments.supervisor import alive, tail
 from tests.conftest import (
@@ -40,6 +40,7 @@ from tests.conftest import (
     flow_runs,
     opened_by_nobody,
     prefect_api,
+    prefect_post,
     processes_of,
     scale_out_params,
     suite_cli,
@@ -444,6 +445,19 @@ def _worker_elsewhere(stack: Any, creds: dict[str, str]) -> subprocess.Popen[byt
         )
 
 
+def _no_stray_suite_and_a_worker(
+    stack: Any, creds: dict[str, str], proc: subprocess.Popen[str]
+) -> None:
+    """After a test that killed workers, whatever failed: the suite stopped, the stack's worker
+    running again."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=60)
+    worker = stack.supervisor.pids().get("worker")
+    if worker is None or not alive(worker):
+        stack.start("worker", creds)
+
+
 def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
     stack: Any, stack_creds: dict[str, str], learn_cache: Path, tmp_path: Path
 ) -> None:
@@ -485,12 +499,7 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
     finally:  # whatever failed: no stray worker or suite, and the stack's worker back
         with contextlib.suppress(ProcessLookupError):
             os.killpg(elsewhere.pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=60)
-        worker = stack.supervisor.pids().get("worker")
-        if worker is None or not alive(worker):
-            stack.start("worker", stack_creds)
+        _no_stray_suite_and_a_worker(stack, stack_creds, proc)
     assert proc.returncode == 0, out[-3000:]
     log = stack.log("worker").read_text()
     assert "multitask fold 0: resuming from its checkpoint" in log
@@ -505,6 +514,145 @@ def test_a_worker_killed_mid_fold_is_crashed_by_its_heartbeats_and_resumed(
     assert fold_run.info.status == "FINISHED"
     history = client.get_metric_history(fold_run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(1, len(history) + 1))  # no epoch lost
+
+
+def _hold_slot(stack: Any) -> str:
+    """This test takes the `gpu-slots` slot (as a fold would), so that folds queue behind it;
+    the lease id, to give it back."""
+    body = {"names": [GPU_LIMIT], "slots": 1, "mode": "concurrency", "lease_duration": 1800}
+    deadline = time.monotonic() + 300  # an earlier test's fold may still hold it
+    while True:
+        try:
+            return str(
+                prefect_post(stack, "/v2/concurrency_limits/increment-with-lease", body)["lease_id"]
+            )
+        except urllib.error.HTTPError as exc:
+            if exc.code != 423 or time.monotonic() > deadline:
+                raise
+        time.sleep(2)
+
+
+def _give_back(stack: Any, lease: str) -> None:
+    prefect_post(stack, "/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease})
+
+
+def _heartbeats(stack: Any, flow_run_id: str) -> list[Any]:
+    """The heartbeat events the server has of a flow run (the crash automation's clock)."""
+    body = {
+        "filter": {
+            "event": {"name": ["prefect.flow-run.heartbeat"]},
+            "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+        },
+        "limit": 1,
+    }
+    return list(prefect_post(stack, "/events/filter", body)["events"])
+
+
+QUEUED = [
+    "suite.name=stack-queued",
+    "suite.variants=[gender]",
+    "suite.folds=[0, 1]",
+    "suite.mode=deployments",
+    "suite.retries=0",  # no retry to spend: a fold that waited must not need one
+    "train.iterations=8",
+    *TINY_ARGS,
+]
+QUEUED_RUNS = {"flow_runs": {"name": {"any_": ["gender-fold0", "gender-fold1"]}}}
+
+
+@pytest.fixture(scope="module")
+def queued_folds_lost(
+    stack: Any,
+    stack_creds: dict[str, str],
+    learn_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """A suite in deployments mode whose two folds wait behind a slot (this test holds it),
+    SIGKILLed with their worker before either starts (as when the worker's machine is lost);
+    the worker started again and the slot given back, the server's automation crashes the two
+    flow runs (their heartbeats stopped) and the suite goes on."""
+    run_root = tmp_path_factory.mktemp("stack-queued")
+    lease = _hold_slot(stack)
+    proc = suite_cli(stack, learn_cache, run_root, *QUEUED)
+    try:
+        deadline = time.monotonic() + 400
+        waiting: list[Any] = []
+        while len(waiting) < 2:  # both running, waiting for the slot, their heartbeat sent
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, (waiting, tail(stack.log("worker")))
+            runs = flow_runs(stack, QUEUED_RUNS)
+            waiting = [
+                r for r in runs if r["state_type"] == "RUNNING" and _heartbeats(stack, r["id"])
+            ]
+            time.sleep(1)
+        folds = [pid for r in waiting for pid in processes_of(r["id"])]
+        assert len(folds) >= 2, "the folds' processes were not found"
+        worker = stack.supervisor.pids()["worker"]
+        os.killpg(worker, signal.SIGKILL)
+        for pid in folds:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while alive(worker):
+            time.sleep(0.2)
+        _give_back(stack, lease)
+        stack.start("worker", stack_creds)
+        out, _ = proc.communicate(timeout=900)
+    finally:  # whatever failed: the slot given back, no stray suite, the stack's worker back
+        _give_back(stack, lease)
+        _no_stray_suite_and_a_worker(stack, stack_creds, proc)
+    return {"returncode": proc.returncode, "out": out, "run_root": run_root}
+
+
+def _queued_fold_runs(stack: Any) -> dict[str, list[Any]]:
+    """run name -> its flow runs in order; of the stack-queued suite only."""
+    runs = [r for r in flow_runs(stack, QUEUED_RUNS) if "suite:stack-queued" in r["tags"]]
+    runs.sort(key=lambda r: r["expected_start_time"])
+    return {n: [r for r in runs if r["name"] == n] for n in ("gender-fold0", "gender-fold1")}
+
+
+def test_folds_lost_while_waiting_for_a_slot_spend_no_retry(
+    stack: Any, queued_folds_lost: dict[str, Any]
+) -> None:
+    """With suite.retries=0, both folds still finish: their flow runs crashed before they
+    started, which counts against suite.requeues, not the retries; none trained twice."""
+    out = queued_folds_lost["out"]
+    assert queued_folds_lost["returncode"] == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    for name, runs in _queued_fold_runs(stack).items():
+        assert [r["state_type"] for r in runs] == ["CRASHED", "COMPLETED"], (name, runs)
+        assert "no heartbeat for 90 s" in runs[0]["state"]["message"]
+        assert "fold:started" not in runs[0]["tags"]
+        assert "fold:started" in runs[1]["tags"]
+        assert runs[1]["state"]["message"].startswith("trained (MLflow run ")
+        said = [line for line in out.splitlines() if f"({runs[0]['id']}) of " in line]
+        assert len(said) == 1, out[-3000:]
+        assert "before the fold started" in said[0]
+        assert "not counted as a retry (1 of suite.requeues=3)" in said[0]
+    assert "2 fold(s) trained, 0 already finished and skipped" in out
+    client = MlflowClient(stack.mlflow_url)
+    exp = client.get_experiment_by_name("stack-queued")
+    assert exp is not None
+    folds = client.search_runs([exp.experiment_id], "tags.kind = 'fold'")
+    assert sorted(r.data.tags["fold"] for r in folds) == ["0", "1"]  # each trained once
+    assert {r.info.status for r in folds} == {"FINISHED"}
+
+
+def test_a_rerun_in_deployments_mode_counts_the_folds_it_skipped(
+    stack: Any, learn_cache: Path, queued_folds_lost: dict[str, Any]
+) -> None:
+    """The same suite again: each fold's flow run finds its finished run and says so, and the
+    suite counts both as skipped, as in-process mode does."""
+    proc = suite_cli(stack, learn_cache, queued_folds_lost["run_root"], *QUEUED)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "0 fold(s) trained, 2 already finished and skipped" in out, out[-3000:]
+    for name, runs in _queued_fold_runs(stack).items():
+        assert runs[-1]["state_type"] == "COMPLETED", (name, runs)
+        assert runs[-1]["state"]["message"].startswith("already finished (MLflow run "), runs
+    client = MlflowClient(stack.mlflow_url)
+    exp = client.get_experiment_by_name("stack-queued")
+    assert exp is not None
+    assert len(client.search_runs([exp.experiment_id], "tags.kind = 'fold'")) == 2
 
 
 def test_a_remote_folds_bad_input_is_one_error_line_and_not_retried(
