@@ -19,7 +19,7 @@ from deployments.credentials import (
     Auth,
     own_secret,
 )
-from deployments.layout import LOCAL, S3_GATEWAY, WORKER_NAME, Layout
+from deployments.layout import GATEWAYS, LOCAL, WORKER_NAME, Layout, max_body
 from deployments.services import apply_defaults
 
 BIN = Path(sys.executable).parent  # the programs of this environment: weed, mlflow, prefect
@@ -55,10 +55,13 @@ def s3(stack: Layout, creds: Mapping[str, str], env: dict[str, str]) -> Command:
     return argv, env | dict(creds)
 
 
-def s3_gateway(stack: Layout, env: dict[str, str]) -> Command:
-    """S3 alone on the listen address (see deployments/s3proxy.py)."""
-    port = str(stack.ports.s3)
-    return [sys.executable, "-m", "deployments.s3proxy", stack.host, port, LOCAL, port], env
+def gateway(stack: Layout, service: str, env: dict[str, str]) -> Command:
+    """A server's front door on the listen address (deployments/relay.py): its body limit,
+    credentials checked before a body is read; S3's REST API alone."""
+    server = stack.addresses[service]
+    port, limit = str(server.port), str(max_body(service, os.environ))
+    argv = ["-m", "deployments.relay", service, stack.host, port, server.host, port, limit]
+    return [sys.executable, *argv], env
 
 
 def mlflow(
@@ -72,7 +75,7 @@ def mlflow(
         "--artifacts-destination",
         f"s3://{stack.bucket}/artifacts",
         "--host",
-        stack.host,
+        stack.addresses["mlflow"].host,
         "--port",
         str(stack.ports.mlflow),
         "--workers",
@@ -128,7 +131,7 @@ def prefect(stack: Layout, auth: Auth | None, env: dict[str, str]) -> Command:
         "server",
         "start",
         "--host",
-        stack.host,
+        stack.addresses["prefect"].host,
         "--port",
         str(stack.ports.prefect),
     ]
@@ -159,8 +162,9 @@ def command(stack: Layout, name: str, creds: Mapping[str, str], auth: Auth | Non
     env = _base_env()
     if name == "s3":
         return s3(stack, creds, env)
-    if name == S3_GATEWAY:
-        return s3_gateway(stack, env)
+    gateways = {g: s for s, g in GATEWAYS.items()}
+    if name in gateways:
+        return gateway(stack, gateways[name], env)
     if name == "mlflow":
         return mlflow(stack, creds, auth, env)
     if name == "prefect":

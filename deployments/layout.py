@@ -5,6 +5,7 @@ clients are told. Nothing here starts or asks anything."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,30 @@ WORKER_NAME = "agegender-stack-worker"
 DATABASES = ("sqlite", "postgres")  # where Prefect and MLflow keep their data
 LOCAL = "127.0.0.1"  # where what only the stack itself talks to listens (PostgreSQL, SeaweedFS)
 S3_GATEWAY = "s3-gateway"  # S3 relayed to the --listen address (SeaweedFS itself stays local)
+# beyond loopback every server listens on 127.0.0.1 behind its front door on the listen address
+# (deployments/relay.py): a body limit, and credentials checked before a body is read
+GATEWAYS = {"s3": S3_GATEWAY, "mlflow": "mlflow-gateway", "prefect": "prefect-gateway"}
+# the largest request body each front door lets through, in MiB (the variable overrides it):
+# S3's largest single PUT; MLflow's artifacts come through its server (PROXIED_ARTIFACTS), a
+# model's weights in one PUT; Prefect's API takes JSON only
+MAX_BODY_MB = {"s3": 5120, "mlflow": 512, "prefect": 32}
+
+
+def max_body_var(service: str) -> str:
+    return f"AGEGENDER_{service.upper()}_MAX_BODY_MB"
+
+
+def max_body(service: str, environ: Mapping[str, str]) -> int:
+    """The front door's body limit for `service`, in bytes, from `environ` or the default."""
+    var = max_body_var(service)
+    value = environ.get(var, "").strip() or str(MAX_BODY_MB[service])
+    if not value.isdigit() or int(value) < 1:
+        raise StackError(
+            f"{var}={value!r}: expected a whole number of MiB, at least 1 "
+            f"(default {MAX_BODY_MB[service]}); nothing was started"
+        )
+    return int(value) << 20
+
 
 # MLflow 3 clients move artifacts over its multipart size straight to S3 (presigned URLs) when
 # the server offers it; a worker elsewhere sends everything through the MLflow server instead
@@ -110,21 +135,20 @@ class Layout:
     def services(self) -> tuple[str, ...]:
         """This stack's services, in start order."""
         db = ("postgres",) if self.db == "postgres" else ()
-        gateway = (S3_GATEWAY,) if self.public else ()
-        return db + SERVICES[:1] + gateway + SERVICES[1:]
+        servers = [(s, GATEWAYS[s]) if self.public else (s,) for s in SERVICES[:-1]]
+        return db + sum(servers, ()) + SERVICES[-1:]
 
     @cached_property
     def addresses(self) -> dict[str, Address]:
-        """Each service that listens: where (S3 and PostgreSQL on loopback; Prefect, MLflow
-        and the S3 gateway on the listen address)."""
+        """Each service that listens: where (the servers on loopback, their front doors on
+        the listen address, on the same ports; one and the same without `--listen`)."""
         local, ports = self.local_host, self.ports
-        return {
-            "s3": Address(local, ports.s3, f"http://{local}:{ports.s3}"),
-            S3_GATEWAY: Address(self.host, ports.s3, f"http://{self.host}:{ports.s3}"),
-            "mlflow": Address(self.host, ports.mlflow, f"http://{self.host}:{ports.mlflow}"),
-            "prefect": Address(self.host, ports.prefect, f"http://{self.host}:{ports.prefect}/api"),
-            "postgres": Address(local, ports.postgres, f"postgresql://{local}:{ports.postgres}"),
-        }
+        out = {"postgres": Address(local, ports.postgres, f"postgresql://{local}:{ports.postgres}")}
+        for name, gateway in GATEWAYS.items():
+            port, path = getattr(ports, name), "/api" if name == "prefect" else ""
+            out[name] = Address(local, port, f"http://{local}:{port}{path}")
+            out[gateway] = Address(self.host, port, f"http://{self.host}:{port}{path}")
+        return out
 
     @property
     def s3_url(self) -> str:
@@ -138,11 +162,12 @@ class Layout:
 
     @property
     def mlflow_url(self) -> str:
-        return self.addresses["mlflow"].url
+        """MLflow as its clients reach it (through its front door beyond loopback)."""
+        return self.addresses[GATEWAYS["mlflow"]].url
 
     @property
     def prefect_api(self) -> str:
-        return self.addresses["prefect"].url
+        return self.addresses[GATEWAYS["prefect"]].url
 
     # --- where the data are -----------------------------------------------------------------
 

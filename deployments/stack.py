@@ -11,8 +11,9 @@ service is its own process group; PIDs go to `RUN_DIR/stack.json`, logs to `RUN_
 a fixed sleep. S3 credentials come only from the environment or a `.env` file (never written
 anywhere by us); the S3 server refuses anonymous requests.
 
-`--listen ADDR` puts the Prefect server, the MLflow server and S3 (a relay, `s3proxy`) on ADDR,
-for workers on other machines; SeaweedFS itself and PostgreSQL stay on 127.0.0.1. Beyond loopback
+`--listen ADDR` puts the Prefect server, the MLflow server and S3 on ADDR, for workers on other
+machines, each through its front door (`relay`: body limits, and credentials checked before a
+body is read); the servers themselves, SeaweedFS and PostgreSQL stay on 127.0.0.1. Beyond loopback
 the servers must ask who calls (`Auth`, from the environment or `.env` only): Prefect's basic
 auth string, MLflow's `basic-auth` app (an admin, a `worker` user that writes runs, a `reader`
 that only looks), S3's signed requests.
@@ -43,12 +44,14 @@ from deployments.credentials import (
 )
 from deployments.layout import (
     DATABASES,
+    GATEWAYS,
     LOCAL,
     S3_GATEWAY,
     WORKER_NAME,
     Layout,
     Ports,
     check_listen,
+    max_body,
 )
 from deployments.mlflow_users import UsersError, ensure_users
 from deployments.pools import count_gpus
@@ -240,6 +243,9 @@ class Stack(Layout):
                 f"authentication is configured: set {', '.join(AUTH_SECRET_VARS)} in the "
                 "environment or in .env (see .env.example); nothing was started"
             )
+        if self.public:  # the front doors' body limits, valid
+            for server in GATEWAYS:
+                max_body(server, os.environ)
         return self.read_auth()  # all of them, valid: else an error naming the ones to set
 
     def up(self, progress: Callable[[str], None] = print, worker: bool = True) -> dict[str, str]:
@@ -254,7 +260,7 @@ class Stack(Layout):
             started = time.monotonic()
             self.start(name, creds, auth)
             progress(f"{name} healthy in {time.monotonic() - started:.1f} s")
-            if name == "mlflow" and auth is not None:
+            if name == self.front("mlflow") and auth is not None:
                 progress(self._mlflow_users(auth))
         ensure_bucket(self.s3_url, creds, self.bucket)
         progress(f"bucket s3://{self.bucket} ready")
@@ -266,6 +272,10 @@ class Stack(Layout):
             progress("worker online on pool 'local'")
         self.make_private()  # what `prefect deploy` wrote in the worker's folder
         return self.client_env()
+
+    def front(self, server: str) -> str:
+        """The service clients reach `server` through: its front door beyond loopback."""
+        return GATEWAYS[server] if self.public else server
 
     def _mlflow_users(self, auth: Auth) -> str:
         """The worker and reader users (`deployments/mlflow_users.py`)."""

@@ -431,9 +431,9 @@ def test_s3_relay_passes_signed_requests_only(
     st, values = auth_stack
     port = st.ports.s3
     log = tmp_path / "relay.log"
-    cmd = [sys.executable, "-m", "deployments.s3proxy", "127.0.0.2", str(port), "127.0.0.1"]
+    cmd = [sys.executable, "-m", "deployments.relay", "s3", "127.0.0.2", str(port), "127.0.0.1"]
     with log.open("w") as out:
-        relay = subprocess.Popen([*cmd, str(port)], cwd=REPO, stdout=out, stderr=out)
+        relay = subprocess.Popen([*cmd, str(port), str(1 << 30)], cwd=REPO, stdout=out, stderr=out)
     url = f"http://127.0.0.2:{port}"
     try:
         for _ in range(300):  # up when it relays SeaweedFS's 403

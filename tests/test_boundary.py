@@ -70,7 +70,7 @@ def test_each_orchestration_room_imports_only_the_rooms_below_it() -> None:
 OPS_RULES: dict[str, set[str]] = {
     "services": set(),
     "mlflow_users": set(),  # also run alone, as a script, in compose's MLflow image
-    "s3proxy": set(),
+    "relay": set(),
     "prefect_api": {"services"},
     "s3": {"services"},
     "credentials": {"services"},
@@ -89,7 +89,7 @@ OPS_RULES["cli"] = set(OPS_RULES)
 OPS_STDLIB_ONLY = (
     "services",
     "mlflow_users",
-    "s3proxy",
+    "relay",
     "prefect_api",
     "credentials",
     "supervisor",

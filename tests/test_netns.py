@@ -12,9 +12,11 @@ import json
 import os
 import random
 import secrets
+import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,7 @@ import pytest
 
 from deployments.commands import BIN
 from deployments.credentials import AUTH_SECRET_VARS
-from deployments.layout import Ports
+from deployments.layout import S3_GATEWAY, Ports
 from deployments.s3 import list_objects
 from deployments.services import DEFAULTS, apply_defaults, basic_auth
 from deployments.stack import Stack
@@ -520,3 +522,86 @@ def test_a_worker_killed_mid_fold_in_the_namespace_is_crashed_and_the_fold_resum
         assert fold_run.info.status == "FINISHED"
         history = client.get_metric_history(fold_run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(1, len(history) + 1))  # no epoch lost
+
+
+def _group_rss_mb(pgid: int) -> float:
+    """The resident memory of a service's whole process group (MLflow's and Prefect's servers
+    run workers of their own), in MB."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                total += int((proc / "statm").read_text().split()[1])
+    return total * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _send(url: str, head: str, size: int = 0, chunked: bool = False) -> tuple[int, str]:
+    """One raw request to `url`'s host: `head`'s lines, then `size` bytes of body (in chunks if
+    `chunked`) for as long as the server reads them; its status line and headers."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    block = b"\0" * (1 << 16)
+    frame = b"%x\r\n%s\r\n" % (len(block), block) if chunked else block
+    with socket.create_connection((host, int(port)), timeout=120) as s:
+        s.sendall(f"{head}\r\nHost: {host}:{port}\r\n\r\n".encode())
+        sent = 0
+        while sent < size:
+            readable, _, _ = select.select([s], [s], [], 120)
+            if readable:
+                break
+            try:
+                s.sendall(frame)
+            except OSError:  # refused and closed: the answer waits in the socket
+                break
+            sent += len(block)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in answer and (got := s.recv(1 << 16)):
+                answer += got
+    status = answer.split(b"\r\n", 1)[0].decode(errors="replace")
+    return int(status.split()[1]) if status.startswith("HTTP/") else 0, answer.decode("latin-1")
+
+
+def test_the_front_doors_refuse_bodies_before_the_servers_read_them(host_stack: Stack) -> None:
+    """Issue 26: on the listen address an unauthenticated 256 MiB body gets 401 and a 1 GiB one
+    401 or 413 at once, an authenticated 1 GiB one 413 (Content-Length or chunked), while the
+    MLflow and Prefect servers' memory stays flat; a malformed request to the S3 relay gets
+    400 and one log line; the 11th wrong password from one address gets 429. Last in this
+    module: that address (the host's) is then refused credentials for a minute."""
+    st = host_stack
+    admin = st.auth_env("admin")
+    mlflow_auth = basic_auth(
+        f"{admin['MLFLOW_TRACKING_USERNAME']}:{admin['MLFLOW_TRACKING_PASSWORD']}"
+    )
+    prefect_auth = basic_auth(admin["PREFECT_API_AUTH_STRING"])
+    pids = st.supervisor.pids()
+    before = {name: _group_rss_mb(pids[name]) for name in ("mlflow", "prefect")}
+    search = "POST /api/2.0/mlflow/experiments/search HTTP/1.1\r\nContent-Type: application/json"
+    flows = "POST /api/flows/filter HTTP/1.1\r\nContent-Type: application/json"
+    big, over = 1 << 30, f"Content-Length: {1 << 30}"
+    assert _send(st.mlflow_url, f"{search}\r\nContent-Length: {256 << 20}", 256 << 20)[0] == 401
+    assert _send(st.mlflow_url, f"{search}\r\n{over}", big)[0] in (401, 413)
+    assert _send(st.prefect_api, f"{flows}\r\n{over}", big)[0] in (401, 413)
+    mlflow_login = f"Authorization: {mlflow_auth['Authorization']}"
+    prefect_login = f"Authorization: {prefect_auth['Authorization']}"
+    assert _send(st.mlflow_url, f"{search}\r\n{mlflow_login}\r\n{over}", big)[0] == 413
+    chunked = f"{flows}\r\n{prefect_login}\r\nTransfer-Encoding: chunked"
+    assert _send(st.prefect_api, chunked, big, chunked=True)[0] == 413
+    after = {name: _group_rss_mb(pids[name]) for name in ("mlflow", "prefect")}
+    assert all(after[n] - before[n] < 100 for n in after), (before, after)
+    # the servers still answer their callers
+    ok = "GET /api/2.0/mlflow/experiments/search?max_results=1 HTTP/1.1"
+    assert _send(st.mlflow_url, f"{ok}\r\n{mlflow_login}")[0] == 200
+
+    assert _send(st.s3_public_url, "GARBAGE")[0] == 400
+    log = st.log(S3_GATEWAY).read_text()
+    assert "(malformed request) 400" in log, log[-2000:]
+    assert "Traceback" not in log, log[-2000:]
+
+    wrong = basic_auth(f"{admin['MLFLOW_TRACKING_USERNAME']}:not-the-password")["Authorization"]
+    get = f"GET /api/2.0/mlflow/experiments/search?max_results=1 HTTP/1.1\r\nAuthorization: {wrong}"
+    codes = [_send(st.mlflow_url, get)[0] for _ in range(11)]
+    assert codes == [401] * 10 + [429], codes
+    status, answer = _send(st.mlflow_url, get)
+    assert status == 429
+    assert "Retry-After:" in answer, answer
