@@ -20,7 +20,10 @@ stay on loopback. The Host header passes unchanged (SigV4 signs it; MLflow check
 one line per request: address, method, path without query, status; never a header. Standard
 library only.
 
-    python -m deployments.relay SERVICE LISTEN_ADDR PORT TARGET_ADDR TARGET_PORT MAX_BODY_BYTES
+    python -m deployments.relay SERVICE LISTEN_ADDR PORT TARGET_ADDR TARGET_PORT MAX_BODY
+
+MAX_BODY is bytes, or whole MiB as `512MiB`. The compose stack runs this file as a script in its
+front doors (docker/compose.yaml: `mlflow-door`, `prefect-door`, `s3-door`; MiB from docker/.env).
 """
 
 from __future__ import annotations
@@ -332,15 +335,31 @@ class Server(ThreadingHTTPServer):
         sys.stderr.write(f"{client_address[0]} dropped: {type(exc).__name__}: {exc}\n")
 
 
+def body_limit(text: str) -> int | None:
+    """MAX_BODY in bytes: `N` bytes or `NMiB` (compose's AGEGENDER_*_MAX_BODY_MB), N >= 1;
+    None for anything else."""
+    digits = text.removesuffix("MiB")
+    if not (digits.isascii() and digits.isdigit()) or int(digits) < 1:
+        return None
+    return int(digits) << 20 if digits != text else int(digits)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 6 or argv[0] not in SERVICES:
         sys.exit(
             "usage: python -m deployments.relay {s3,mlflow,prefect} LISTEN_ADDR PORT "
-            "TARGET_ADDR TARGET_PORT MAX_BODY_BYTES"
+            "TARGET_ADDR TARGET_PORT MAX_BODY (bytes, or MiB as 512MiB)"
+        )
+    limit = body_limit(argv[5])
+    if limit is None:
+        sys.exit(
+            f"error: the {argv[0]} front door's body limit {argv[5]!r} is not a whole number of "
+            f"bytes or of MiB (512MiB), at least 1: fix AGEGENDER_{argv[0].upper()}_MAX_BODY_MB "
+            "in docker/.env, then `docker compose ... up -d` again; nothing was started"
         )
     Relay.service = argv[0]
     Relay.target = (argv[3], int(argv[4]))
-    Relay.max_body = int(argv[5])
+    Relay.max_body = limit
     Server((argv[1], int(argv[2])), Relay).serve_forever()
 
 

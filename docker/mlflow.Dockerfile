@@ -2,8 +2,10 @@
 # The MLflow tracking server: PostgreSQL backend store, artifacts proxied to S3 (SeaweedFS), its
 # basic-auth app (the `auth` extra: Flask-WTF).
 # The server's settings (stores, hosts, workers) come from compose.yaml's `command`; this image
-# also runs the one-shot `s3-init` service (it has boto3). Built with docker/ as the context:
-#   docker build -f docker/mlflow.Dockerfile -t agegender-mlflow:latest docker
+# also runs the one-shot `s3-init` service (it has boto3) and the front doors on $LISTEN
+# (compose's `*-door` services: deployments/relay.py, standard library only).
+# Built from the repository root; mlflow.Dockerfile.dockerignore sends relay.py alone:
+#   docker build -f docker/mlflow.Dockerfile -t agegender-mlflow:latest .
 FROM python:3.11-slim-bookworm
 
 ARG MLFLOW_VERSION=3.17.2
@@ -25,6 +27,9 @@ RUN python -m venv /opt/venv \
         "psycopg2-binary==${PSYCOPG2_VERSION}" \
     && useradd --uid 10002 --user-group --create-home --home-dir /home/mlflow \
         --shell /usr/sbin/nologin mlflow
+
+# the front doors' relay, run as a script: `python /opt/agegender/relay.py SERVICE ...`
+COPY deployments/relay.py /opt/agegender/relay.py
 
 USER 10002:10002
 WORKDIR /home/mlflow

@@ -261,7 +261,7 @@ def build_all(client: Any, logs: Path) -> dict[str, float]:
     took["agegender-mlflow:latest"] = build(
         client,
         DOCKER / "mlflow.Dockerfile",
-        DOCKER,
+        REPO,
         "agegender-mlflow:latest",
         log=logs / "mlflow.log",
     )

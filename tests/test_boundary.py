@@ -70,7 +70,7 @@ def test_each_orchestration_room_imports_only_the_rooms_below_it() -> None:
 OPS_RULES: dict[str, set[str]] = {
     "services": set(),
     "mlflow_users": set(),  # also run alone, as a script, in compose's MLflow image
-    "relay": set(),
+    "relay": set(),  # also run alone, as a script, in compose's front doors (MLflow image)
     "prefect_api": {"services"},
     "s3": {"services"},
     "credentials": {"services"},

@@ -36,9 +36,11 @@ from agegender.synth.adience import write_synthetic
 from deployments.prefect_api import PrefectApi
 from deployments.provision import deploy_env, prefect_cli
 from deployments.s3 import list_objects
+from deployments.services import basic_auth
 from tests import containers
 from tests.conftest import REPO, TINY_ARGS
-from tests.test_docker import ENV_EXAMPLE, SECRETS, _compose_binary, _read_env, _tool_env
+from tests.test_docker import DOORS, ENV_EXAMPLE, SECRETS, _compose_binary, _read_env, _tool_env
+from tests.test_netns import _send
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 
@@ -265,7 +267,8 @@ def test_every_service_is_healthy_and_asks_who_calls(compose_stack: ComposeStack
     assert res.returncode == 0, res.stderr
     services = {s["Service"]: s for s in map(json.loads, res.stdout.splitlines())}
     one_shot = {"s3-init", "mlflow-users", "prefect-init"}
-    assert set(services) == {"postgres", "s3", "prefect-server", "mlflow", "worker"} | one_shot
+    servers = {"postgres", "s3", "prefect-server", "mlflow", "worker"}
+    assert set(services) == servers | one_shot | set(DOORS)
     for name, s in services.items():
         if name in one_shot:
             assert (s["State"], s["ExitCode"]) == ("exited", 0), s
@@ -286,6 +289,22 @@ def test_every_service_is_healthy_and_asks_who_calls(compose_stack: ComposeStack
             {"AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "x"},
             "mlflow",
         )
+    # Issue 26: the published ports are the front doors': a body over the limit or without
+    # credentials is refused at once (only the head is sent; a server would wait for the body)
+    st = compose_stack
+    search = "POST /api/2.0/mlflow/experiments/search HTTP/1.1\r\nContent-Type: application/json"
+    flows = "POST /api/flows/filter HTTP/1.1\r\nContent-Type: application/json"
+    over = f"Content-Length: {1 << 30}"
+    mlflow_login = basic_auth(f"worker:{st.values['AGEGENDER_MLFLOW_WORKER_PASSWORD']}")
+    prefect_login = basic_auth(st.values["PREFECT_API_AUTH_STRING"])
+    assert _send(st.mlflow_url, f"{search}\r\nContent-Length: {256 << 20}")[0] == 401
+    assert _send(st.mlflow_url, f"{search}\r\n{over}")[0] in (401, 413)
+    assert _send(st.prefect_api, f"{flows}\r\n{over}")[0] in (401, 413)
+    login = f"Authorization: {mlflow_login['Authorization']}"
+    assert _send(st.mlflow_url, f"{search}\r\n{login}\r\n{over}")[0] == 413
+    login = f"Authorization: {prefect_login['Authorization']}"
+    assert _send(st.prefect_api, f"{flows}\r\n{login}\r\n{over}")[0] == 413
+    assert _send(st.s3_url, f"PUT /mlflow/big HTTP/1.1\r\nContent-Length: {6 << 30}")[0] == 413
     # made by compose itself (prefect-init): the pool, the GPU deployment, crash detection
     pools = {p["name"]: p["type"] for p in compose_stack.prefect("POST", "/work_pools/filter", {})}
     assert pools["gpu"] == "docker"

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from unittest import mock
 import pytest
 import yaml
 
+from deployments.layout import MAX_BODY_MB, max_body_var
 from deployments.services import TELEMETRY_OFF
 from tests.conftest import REPO
 
@@ -37,6 +39,13 @@ SECRETS = (
 )
 REQUIRED = (*SECRETS, "DATA_DIR", "DOCKER_GID")
 ONE_SHOT = {"s3-init", "mlflow-users", "prefect-init"}
+# the front doors on $LISTEN: door -> (deployments/relay.py's service, its server, their port)
+DOORS = {
+    "mlflow-door": ("mlflow", "mlflow", 5000),
+    "prefect-door": ("prefect", "prefect-server", 4200),
+    "s3-door": ("s3", "s3", 8333),
+}
+RELAY_IN_IMAGE = "/opt/agegender/relay.py"
 HADOLINT_THRESHOLD = "style"  # the strictest: our Dockerfiles are clean at every level
 
 
@@ -157,6 +166,7 @@ def test_services(config: dict[str, Any]) -> None:
         "mlflow-users",
         "prefect-init",
         "worker",
+        *DOORS,
     }
 
 
@@ -184,6 +194,58 @@ def test_ports_on_loopback_only_and_healthchecks_everywhere(config: dict[str, An
         port for service in config["services"].values() for port in service.get("ports", [])
     ]
     assert len(published) == 3  # S3, the Prefect UI/API and MLflow; PostgreSQL stays internal
+
+
+def test_only_the_front_doors_publish_ports(tmp_path: Path) -> None:
+    """Issue 26: on $LISTEN only the doors are published, each relaying (deployments/relay.py,
+    in the MLflow image, whose build context sends it) to its server on compose's network with
+    the native stack's body limit (AGEGENDER_*_MAX_BODY_MB, same defaults), once that server is
+    healthy; a bad limit stops the door with one error line."""
+    values = _sentinels() | {"LISTEN": "10.20.30.40", "AGEGENDER_PREFECT_MAX_BODY_MB": "7"}
+    env_file = _write_env(tmp_path / "doors.env", values)
+    res = _compose(tmp_path, env_file, "config", "--format", "json", check=True)
+    services = json.loads(res.stdout)["services"]
+    assert {name for name, s in services.items() if s.get("ports")} == set(DOORS)
+    for name, (service, server, port) in DOORS.items():
+        door = services[name]
+        assert [(p["host_ip"], p["target"]) for p in door["ports"]] == [("10.20.30.40", port)]
+        limit = values.get(max_body_var(service)) or MAX_BODY_MB[service]
+        relay = [service, "0.0.0.0", str(port), server, str(port), f"{limit}MiB"]
+        assert door["command"] == ["python", RELAY_IN_IMAGE, *relay], name
+        assert f"{port}" in json.dumps(services[server]["command"]), f"{server} not on {port}"
+        assert {k: v["condition"] for k, v in door["depends_on"].items()} == {
+            server: "service_healthy"
+        }
+        assert f"http://127.0.0.1:{port}/" in door["healthcheck"]["test"][1], name
+        assert door["image"] == services["mlflow"]["image"], name
+        assert door["build"] == services["mlflow"]["build"], name
+    build = services["mlflow"]["build"]
+    dockerfile = Path(build["context"]) / build["dockerfile"]
+    assert f"COPY deployments/relay.py {RELAY_IN_IMAGE}" in dockerfile.read_text()
+    from docker.utils.build import tar  # the context the test engine sends, BuildKit's
+
+    from tests.containers import _ignore_patterns
+
+    exclude = _ignore_patterns(dockerfile, Path(build["context"]))
+    with (
+        tar(build["context"], exclude=exclude, dockerfile=(build["dockerfile"], None)) as ctx,
+        tarfile.open(fileobj=ctx) as sent_tar,
+    ):
+        sent = sent_tar.getnames()
+    assert sorted(sent) == ["deployments/relay.py", "docker/mlflow.Dockerfile"]
+
+    env_file = _write_env(tmp_path / "bad.env", values | {"AGEGENDER_MLFLOW_MAX_BODY_MB": "12x"})
+    res = _compose(tmp_path, env_file, "config", "--format", "json", check=True)
+    argv = json.loads(res.stdout)["services"]["mlflow-door"]["command"][2:]
+    assert argv[-1] == "12xMiB"
+    res = subprocess.run(
+        [sys.executable, REPO / "deployments/relay.py", *argv],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: "), res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert "AGEGENDER_MLFLOW_MAX_BODY_MB" in res.stderr
 
 
 def test_the_port_and_healthcheck_checks_can_fail(tmp_path: Path) -> None:
