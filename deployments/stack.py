@@ -59,7 +59,7 @@ from deployments.prefect_api import PrefectApi
 from deployments.provision import provision
 from deployments.s3 import ensure_bucket, s3_ready
 from deployments.schedules import schedules
-from deployments.services import REPO, StackError, health
+from deployments.services import REPO, StackError, health, prefect_lost
 from deployments.supervisor import (
     GROUP_STOP,
     PRIVATE_UMASK,
@@ -101,13 +101,13 @@ class Stack(Layout):
     def log(self, name: str) -> Path:
         return self.supervisor.log(name)
 
-    def make_private(self) -> int:
+    def make_private(self, walk: bool = True) -> int:
         """The run dir closed to other users (0700 folders, 0600 files: its databases hold
         the worker's MLflow password, and its secrets and logs are there), older ones too;
         PostgreSQL's group may pass through it when the server runs as its own user. How
-        many were open to others."""
+        many were open to others. `walk=False`: the run dir itself only."""
         user = postgres.pg_user() if self.db == "postgres" else None
-        return make_private(self.run_dir, user.pw_gid if user else None)
+        return make_private(self.run_dir, user.pw_gid if user else None, walk)
 
     def save_state(self, pids: Mapping[str, int]) -> None:
         """stack.json: the PIDs and how this stack was started (what `Stack.at` reads back)."""
@@ -153,7 +153,7 @@ class Stack(Layout):
                 f"{name}: port {where.host}:{where.port} is already in use (another stack? "
                 "`agegender stack down`, or choose other ports)"
             )
-        self.make_private()
+        self.make_private(walk=False)  # `up` walked it once; servers start under umask 077
         user = None
         if name == "postgres":
             postgres.init(self.pg_data)
@@ -199,10 +199,9 @@ class Stack(Layout):
             return s3_ready(where.url, creds) if creds else port_open(where.host, where.port)
         if name == "postgres":
             return postgres.pg_ready(where.host, where.port)
-        if health(where.url, timeout=2.0) is not None:  # MLflow's root, Prefect's /api
-            return False
-        # Prefect answers /health without its database: /ready asks it (a dead PostgreSQL)
-        return name != "prefect" or health(where.url, timeout=2.0, path="ready") is None
+        if name == "prefect":  # its /api, and its database (it answers /health without one)
+            return prefect_lost(where.url, timeout=2.0) is None
+        return health(where.url, timeout=2.0) is None  # MLflow's root
 
     def _worker_online(self, api: PrefectApi, since: float | None = None) -> bool:
         """Our worker (the PID we started) runs and its own entry is ONLINE: a dead worker's
@@ -327,8 +326,8 @@ class Stack(Layout):
                 "log": str(self.log(name)),
             }
         if not out["services"]["prefect"]["healthy"]:
-            problem = health(self.prefect_api) or health(self.prefect_api, path="ready")
-            out["prefect_error"] = f"Prefect API at {self.prefect_api}: {problem or 'unhealthy'}"
+            lost = prefect_lost(self.prefect_api)
+            out["prefect_error"] = lost or f"Prefect API at {self.prefect_api}: unhealthy"
             return out
         try:
             out |= self._prefect_status(api)

@@ -151,17 +151,18 @@ def private_file(path: Path, flags: int) -> io.BufferedWriter:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600), "wb")
 
 
-def make_private(root: Path, group: int | None = None) -> int:
+def make_private(root: Path, group: int | None = None, walk: bool = True) -> int:
     """`root` and everything under it closed to other users: group and other bits off each
     folder and file (links are not followed), for what an older version left open. `group`:
     the one group that may pass through `root` itself (PostgreSQL's, when it runs as another
-    user). Returns how many were open to others."""
+    user). `walk=False`: `root` alone (what PRIVATE_UMASK creates inside is private already).
+    Returns how many were open to others."""
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if group is not None and root.stat().st_gid != group:
         os.chown(root, -1, group)
     paths = [
         os.path.join(folder, name)
-        for folder, folders, files in os.walk(root)
+        for folder, folders, files in (os.walk(root) if walk else ())
         for name in [*folders, *files]
     ]
     changed = 0
