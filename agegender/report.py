@@ -583,7 +583,9 @@ def _published_section(
         "conservative. A paired test needs their per-fold numbers, which Levi & Hassner did not "
         f"publish. {_interval_note(m_tests, level)} Holm-adjusted over the {m_tests} p-values "
         "of this summary, per reading.",
-        "Welch",
+        "Welch; corrected t where paired"
+        if any(t["diff"].test == CORRECTED for t in tests)
+        else "Welch",
         rows,
         reading=True,
     )

@@ -209,6 +209,7 @@ def test_published_per_fold_numbers_are_paired(monkeypatch: pytest.MonkeyPatch) 
     assert (t["diff"], t["t"], t["df"]) == pytest.approx((0.02, 2.43432, 4), abs=1e-5)
     row = _row(out["markdown"], "| ours age − paper P | age exact (10-crop) |")
     assert row[2] == "their per-fold numbers, paired"
+    assert "| p (Welch; corrected t where paired) | p (Holm) |" in out["markdown"]
     assert out["markdown"].count("| ours age − paper P |") == 1  # no second reading to print
 
 
