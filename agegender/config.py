@@ -454,6 +454,13 @@ class SuiteConfig(_Strict):
     backbone_lr: float = Field(
         1.0, ge=0.0, le=1.0, description="multitask_pretrained: backbone lr as a fraction of lr"
     )
+    published_spread: Literal["se", "sd"] = Field(
+        "se",
+        description="how the summary reads Levi & Hassner's '±' for its headline test (both "
+        "readings are printed): se = a standard error, their std = SE x sqrt(5), the cautious "
+        "reading (their side the wider) while their captions' wording is unverified; sd = a std "
+        "over their 5 folds. Source: ours",
+    )
 
     @model_validator(mode="after")
     def _pretrained_given(self) -> SuiteConfig:

@@ -2,14 +2,18 @@
 
 - Ours against a published mean ± std over n folds: Welch's t-test from summary statistics. Both
   sides are estimates; a one-sample t-test against the published mean would treat it as exact and
-  give p-values that are too small. Approximate: their folds are not ours (other splits, other
-  validation), so this is a comparison of two reported results, not a paired one.
+  give p-values that are too small. Approximate and conservative: their test parts are ours
+  (metadata fold k), so the two sides share the folds' difficulty, and treating them as
+  independent counts the fold-to-fold variance twice. With a paper's per-fold numbers the
+  comparison is paired over the folds instead (`corrected_paired`); Levi & Hassner published none.
 - Two of our variants on the same folds: the corrected resampled t-test (Nadeau & Bengio 2003,
   "Inference for the Generalization Error"). Training sets of k-fold CV overlap (five folds
   share 75 % of their training data), so fold differences are correlated and the paired t-test's
   variance is too small; the correction multiplies it by (1/k + n_test/n_train) instead of 1/k.
 - Holm's step-down correction across every p-value printed in one summary.
-Every difference comes with its 95 % confidence interval from the same t distribution.
+Every difference comes with its 95 % confidence interval from the same t distribution; the
+summary prints simultaneous (Bonferroni) intervals instead, at level 1 - 0.05 / m, because an
+unadjusted interval can exclude 0 while the Holm-adjusted p is above 0.05 (`interval`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class Difference:
     df: float
     p: float
     test: str
+    se: float = float("nan")
 
     def as_dict(self) -> dict[str, float | str]:
         return dict(self.__dict__)
@@ -52,7 +57,21 @@ def _from_t(diff: float, se: float, df: float, level: float, test: str) -> Diffe
     t = diff / se
     half = float(stats.t.ppf(0.5 + level / 2, df)) * se
     p = float(2 * stats.t.sf(abs(t), df))
-    return Difference(diff, diff - half, diff + half, t, df, p, test)
+    return Difference(diff, diff - half, diff + half, t, df, p, test, se)
+
+
+def bonferroni_level(m: int, alpha: float = 0.05) -> float:
+    """The simultaneous level over m tests: an interval at it excludes 0 only where p < alpha / m,
+    hence only where the Holm-adjusted p (never above m * p) is below alpha too."""
+    return 1 - alpha / max(m, 1)
+
+
+def interval(d: Difference, level: float) -> tuple[float, float]:
+    """d's interval at another level, from the same t distribution (NaN where undefined)."""
+    if not (math.isfinite(d.se) and d.df > 0):
+        return float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, d.df)) * d.se
+    return d.diff - half, d.diff + half
 
 
 def welch(

@@ -30,7 +30,18 @@ def compare_task(
     """Summary tables (logged as the suite's `summary` run; the CLI prints them) and a chart.
     `image_size`, `synthetic`: what the folds were trained on (the cache's)."""
     title = f"suite `{suite.name}`"
-    summary = summarize(aggregates, configs, image_size, synthetic, title=title)
+    # the source is known only when the suite pretrains; a given backbone names none
+    sources = {"celeba": "CelebA", "utkface": "UTKFace"}
+    pretrained_from = sources[suite.pretrain.source] if suite.pretrained is None else None
+    summary = summarize(
+        aggregates,
+        configs,
+        image_size,
+        synthetic,
+        title=title,
+        published_spread=suite.published_spread,
+        pretrained_from=pretrained_from,
+    )
     tracker = Tracker(suite.name, Path(run_root))
     run_id = _log_summary(tracker, suite, aggregates, summary, run_root)
     get_run_logger().info(f"summary tables logged to MLflow run {run_id} (summary.md)")
@@ -48,13 +59,15 @@ def _log_summary(
     run_id, _ = tracker.find_or_start("summary", tags, summary_note(suite.name))
     tracker.text(run_id, summary["markdown"], "summary.md")
     metrics: dict[str, float] = {}
-    for t in summary["tests"]:
+    for t in summary["tests"] + summary["tests_other_reading"]:
         for name, key in (
             ("p", "p"),
             ("p_holm", "p_holm"),
             ("diff", "diff"),
             ("ci_low", "low"),
             ("ci_high", "high"),
+            ("ci_sim_low", "sim_low"),
+            ("ci_sim_high", "sim_high"),
         ):
             if np.isfinite(t[key]):
                 metrics[f"{name}_{t['key']}"] = float(t[key])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from agegender.stats import corrected_paired, holm, welch
+from agegender.stats import bonferroni_level, corrected_paired, holm, interval, welch
 
 
 def test_welch_against_hand_computed_values() -> None:
@@ -70,3 +70,14 @@ def test_holm_by_hand() -> None:
     assert math.isnan(out[1])
     assert out[2] == pytest.approx(0.6)
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # 0.8 x 2 capped at 1; monotone
+
+
+def test_simultaneous_interval_by_hand() -> None:
+    """The corrected-t example above (mean 0.014, se 0.0121861, df 4) at the Bonferroni level
+    over 3 tests, 1 - 0.05 / 3: half-width t(1 - 0.05 / 6, 4) x se; at 0.95 it is the 95 % CI."""
+    d = corrected_paired([0.52, 0.48, 0.55, 0.50, 0.45], [0.50, 0.47, 0.51, 0.49, 0.46], 0.25)
+    assert bonferroni_level(3) == pytest.approx(0.983333, abs=1e-6)
+    half = sps.t.ppf(1 - 0.05 / 6, 4) * 0.0121861
+    assert interval(d, bonferroni_level(3)) == pytest.approx((0.014 - half, 0.014 + half), abs=1e-6)
+    assert interval(d, 0.95) == pytest.approx((d.low, d.high))
+    assert all(math.isnan(x) for x in interval(corrected_paired([0.5], [0.4], 0.25), 0.99))
