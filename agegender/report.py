@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from agegender.config import Config
+from agegender.config import Config, Resize
 from agegender.metrics import sample_std
 from agegender.stats import CORRECTED, WELCH, Difference, corrected_paired, holm, welch
 
@@ -71,9 +71,13 @@ THEIR_PROTOCOL = {
     "normalisation": "per-pixel mean image, 0-255, no std",
     "initialisation": "Gaussian N(0, 0.01) (Caffe fillers)",
     "training": "SGD, batch 50, lr 1e-3, 1e-4 after 10k, 50k iterations",
-    "resize": "256 px images, 227 px crops",
+    "resize": "256 px images, 227 px crops; full decode, cv::resize bilinear, no antialiasing",
     "repeats": "1 run per fold",
     "model": "one net per task",
+}
+RESIZE_METHODS = {  # how the cache made its images (`cache.resize`)
+    "antialias": "JPEG draft decoding, antialiased bilinear",
+    "caffe": "full decode, bilinear without antialiasing (as cv::resize)",
 }
 CROP_THEIRS = {"": "single centre crop", "_10crop": "over-sample (4 corners + centre, mirrored)"}
 
@@ -81,8 +85,11 @@ CROP_THEIRS = {"": "single centre crop", "_10crop": "over-sample (4 corners + ce
 Row = tuple[str, str, str, str]  # setting, ours, theirs, same | differs | unknown
 
 
-def protocol(config: Config, image_size: int, synthetic: bool, seeds: int) -> list[Row]:
-    """The protocol rows: ours (from the config that trained the folds) next to theirs."""
+def protocol(
+    config: Config, image_size: int, synthetic: bool, seeds: int, resize: Resize = "antialias"
+) -> list[Row]:
+    """The protocol rows: ours (from the config that trained the folds and the cache's
+    `image_size` and `resize`) next to theirs."""
     s, o, t = config.data.split, config.optim, config.train
     lists = s.protocol == "levi_hassner"
     if lists:
@@ -138,8 +145,8 @@ def protocol(config: Config, image_size: int, synthetic: bool, seeds: int) -> li
         ),
         (
             "resize",
-            f"{image_size} px images, {config.data.crop} px crops",
-            image_size == 256 and config.data.crop == 227,
+            f"{image_size} px images, {config.data.crop} px crops; {RESIZE_METHODS[resize]}",
+            image_size == 256 and config.data.crop == 227 and resize == "caffe",
         ),
         (
             "repeats",
@@ -182,13 +189,14 @@ def summarize(
     image_size: int,
     synthetic: bool,
     title: str = "agegender",
+    resize: Resize = "antialias",
 ) -> dict[str, Any]:
     """Markdown tables and the numbers behind them (every test, with its Holm-adjusted p)."""
     vals = {v: a["values"] for v, a in aggregates.items()}
     folds = {v: a["folds"] for v, a in aggregates.items()}
     order = _order(vals)
     base = configs.get("multitask") or next(iter(configs.values()))
-    ours = protocol(base, image_size, synthetic, _seeds(aggregates))
+    ours = protocol(base, image_size, synthetic, _seeds(aggregates), resize)
     n_folds = max((len(f) for f in folds.values()), default=0)
 
     lines = _header(title, synthetic, n_folds)
