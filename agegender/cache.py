@@ -1,8 +1,9 @@
 """The decode-once image cache: every image of a dataset decoded once into a uint8 memmap.
 
 Training reads ~50 epochs x 15k images; decoding 816x816 JPEGs each time would starve any GPU.
-The cache stores square RGB uint8 images (plain resize, as the paper; a non-square image such as
-CelebA's 178x218 aligned faces is centre-cropped to a square first) in `images.npy`, the labelled
+The cache stores square RGB uint8 images (antialiased resize, or with `resize="caffe"` the
+authors' cv::resize without antialiasing; a non-square image such as CelebA's 178x218 aligned
+faces is centre-cropped to a square first) in `images.npy`, the labelled
 rows that have an image in `index.tsv`, the images and rows that could not be used in
 `report.tsv`, and in `manifest.json` a fingerprint of inputs and settings. A rebuild on unchanged
 inputs decodes nothing; a changed dataset reuses every image whose file did not change.
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agegender.adience import Row, Table, metadata_digest, read_metadata
-from agegender.config import CacheConfig
+from agegender.config import CacheConfig, Resize
 from agegender.images import MAX_PIXELS, ImageRefused, open_image, to_rgb
 from agegender.parallel import Progress, map_chunks, torch_threads
 from agegender.provenance import synthetic_marker
@@ -100,6 +101,11 @@ class ImageCache:
         return int(self.manifest["settings"]["image_size"])
 
     @property
+    def resize(self) -> Resize:
+        """How the images were resized ("antialias" for caches built before the option)."""
+        return "caffe" if self.manifest["settings"].get("resize") == "caffe" else "antialias"
+
+    @property
     def dataset(self) -> str:
         return str(self.manifest["dataset"])
 
@@ -147,20 +153,28 @@ def aligned_dir(data_root: Path) -> Path:
 
 
 def decode_image(
-    path: Path | str, size: int, draft: bool = True, max_pixels: int = MAX_PIXELS
+    path: Path | str,
+    size: int,
+    draft: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    resize: Resize = "antialias",
 ) -> UInt8Array:
-    """size x size RGB uint8: JPEG decoded at reduced scale, then `square_resize`; an image of
-    more than `max_pixels` is refused from its header (`ImageRefused`), as `predict` does."""
+    """size x size RGB uint8: JPEG decoded at reduced scale (never with `resize="caffe"`, which
+    decodes in full as cv::imread does), then `square_resize`; an image of more than
+    `max_pixels` is refused from its header (`ImageRefused`), as `predict` does."""
     with open_image(str(path), max_pixels) as im:
-        if draft and im.format == "JPEG":
+        if draft and resize != "caffe" and im.format == "JPEG":
             im.draft("RGB", (size, size))  # DCT scaling, never below the requested size
         rgb = to_rgb(im)
-    return square_resize(rgb, size)
+    return square_resize(rgb, size, resize)
 
 
-def square_resize(rgb: UInt8Array, size: int) -> UInt8Array:
-    """The centre square (aligned faces sit in the middle; CelebA is 178x218), antialiased to
-    size x size (torch resizes uint8 several times faster than PIL)."""
+def square_resize(rgb: UInt8Array, size: int, resize: Resize = "antialias") -> UInt8Array:
+    """The centre square (aligned faces sit in the middle; CelebA is 178x218), resized to
+    size x size: antialiased bilinear (torch resizes uint8 several times faster than PIL), or
+    with "caffe" cv::resize's bilinear without antialiasing (INTER_LINEAR), with which Caffe's
+    convert_imageset made the authors' 256 px images (it squashed a non-square image instead
+    of cropping it; Adience's aligned faces are square)."""
     import torch
     from torch.nn.functional import interpolate
 
@@ -171,13 +185,27 @@ def square_resize(rgb: UInt8Array, size: int) -> UInt8Array:
         rgb = rgb[top : top + side, left : left + side]
     if rgb.shape[:2] == (size, size):
         return np.array(rgb, copy=True)
+    if resize == "caffe":  # OpenCV is already ours (face detection): its very resize
+        import cv2
+
+        square = np.ascontiguousarray(rgb)
+        return np.asarray(
+            cv2.resize(square, (size, size), interpolation=cv2.INTER_LINEAR), dtype=np.uint8
+        )
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
     out = interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def _settings(config: CacheConfig) -> dict[str, Any]:
-    return {"image_size": config.image_size, "draft": config.draft, "format": FORMAT_VERSION}
+    settings: dict[str, Any] = {
+        "image_size": config.image_size,
+        "draft": config.draft,
+        "format": FORMAT_VERSION,
+    }
+    if config.resize != "antialias":  # caches built before the option keep their fingerprint
+        settings["resize"] = config.resize
+    return settings
 
 
 @dataclass(frozen=True)
@@ -216,13 +244,13 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
 
 
 def _decode_into(
-    out: UInt8Array, size: int, draft: bool, jobs: list[tuple[int, str]]
+    out: UInt8Array, size: int, draft: bool, resize: Resize, jobs: list[tuple[int, str]]
 ) -> list[tuple[int, str | None]]:
     """Decode jobs (slot, file) into `out[slot]`; a problem string for each image that failed."""
     results: list[tuple[int, str | None]] = []
     for slot, path in jobs:
         try:
-            out[slot] = decode_image(path, size, draft)
+            out[slot] = decode_image(path, size, draft, resize=resize)
             results.append((slot, None))
         except ImageRefused as exc:  # opened, but not decoded: say why, and the limit
             results.append((slot, f"not decoded: {exc}"))
@@ -368,7 +396,7 @@ def _build(
     jobs = [(slot, str(image_dir / p)) for p, slot in slot_of.items() if p not in reusable]
     # Threads, not processes: PIL's decoder and torch's resize release the GIL, and threads need
     # no interpreter start-up (measured: 2 threads ~1.9x one, 4 processes cost seconds to spawn).
-    decode = partial(_decode_into, out, size, config.draft)
+    decode = partial(_decode_into, out, size, config.draft, config.resize)
     with torch_threads(1):
         results = map_chunks(decode, jobs, config.workers, progress, threads=True)
     out.flush()

@@ -172,7 +172,9 @@ def cmd_synth(a: argparse.Namespace) -> None:
 
 
 def cmd_prepare(a: argparse.Namespace) -> None:
-    config = CacheConfig(image_size=a.image_size, draft=not a.no_draft, workers=a.workers)
+    config = CacheConfig(
+        image_size=a.image_size, draft=not a.no_draft, resize=a.resize, workers=a.workers
+    )
     with progress_bar("decoding images") as bar:
         if a.format == "adience":
             res = cache.build_cache(a.data_root, a.cache, a.metadata, config, progress=bar)
@@ -431,6 +433,13 @@ def add_commands(sub: Commands, predict: bool = True) -> None:
     )
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full scale")
+    s.add_argument(
+        "--resize",
+        choices=("antialias", "caffe"),
+        default="antialias",
+        help="antialias: ours (JPEG draft, antialiased bilinear); caffe: as convert_imageset "
+        "(full decode, cv::resize bilinear without antialiasing)",
+    )
     s.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_prepare)

@@ -44,11 +44,19 @@ class SplitConfig(_Strict):
         return self
 
 
+Resize = Literal["antialias", "caffe"]
+
+
 class CacheConfig(_Strict):
     """How images are decoded into the cache (all but `workers` go into the fingerprint)."""
 
     image_size: int = Field(256, ge=8, le=1024, description="side of the square cached image")
     draft: bool = Field(True, description="let the JPEG decoder downscale before the resize")
+    resize: Resize = Field(
+        "antialias",
+        description="antialias: bilinear with antialiasing (ours); caffe: full JPEG decode, "
+        "bilinear without antialiasing, as cv::resize in Caffe's convert_imageset (theirs)",
+    )
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core")
 
 
@@ -442,6 +450,9 @@ class SuiteConfig(_Strict):
         0, ge=0, description="folds at once; 0 = 8 on each GPU (the measured best), 1 on a CPU"
     )
     image_size: int = Field(256, ge=8, le=1024, description="cache image side (paper: 256)")
+    resize: Resize = Field(
+        "antialias", description="the Adience cache's resize (cache.resize; theirs: caffe)"
+    )
     pretrained: str | None = Field(
         None,
         description="backbone for multitask_pretrained: a best.pt path, runs:/RUN_ID/PATH or "

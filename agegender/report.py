@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agegender.config import Config
+from agegender.config import Config, Resize
 from agegender.metrics import sample_std
 from agegender.stats import (
     CORRECTED,
@@ -108,9 +108,13 @@ THEIR_PROTOCOL = {
     "initialisation": "Gaussian N(0, 0.01) (Caffe fillers), from scratch",
     "training": "SGD, batch 50, lr 1e-3, 1e-4 after 10k (paper), 50k iterations (assumption: "
     "released Caffe solver, max_iter 50000)",
-    "resize": "256 px images, 227 px crops",
+    "resize": "256 px images, 227 px crops; full decode, cv::resize bilinear, no antialiasing",
     "repeats": "1 run per fold",
     "model": "one net per task",
+}
+RESIZE_METHODS = {  # how the cache made its images (`cache.resize`)
+    "antialias": "JPEG draft decoding, antialiased bilinear",
+    "caffe": "full decode, bilinear without antialiasing (as cv::resize)",
 }
 CROP_THEIRS = {"": "single centre crop", "_10crop": "over-sample (4 corners + centre, mirrored)"}
 
@@ -132,9 +136,11 @@ def protocol(
     synthetic: bool,
     seeds: int,
     pretrained_from: str | None = None,
+    resize: Resize = "antialias",
 ) -> list[Row]:
-    """The protocol rows: ours (from the config that trained the folds) next to theirs.
-    `pretrained_from`: the source a pretrained backbone learned on, where known."""
+    """The protocol rows: ours (from the config that trained the folds and the cache's
+    `image_size` and `resize`) next to theirs. `pretrained_from`: the source a pretrained
+    backbone learned on, where known."""
     s, o, t = config.data.split, config.optim, config.train
     lists = s.protocol == "levi_hassner"
     if lists:
@@ -205,8 +211,8 @@ def protocol(
         ),
         (
             "resize",
-            f"{image_size} px images, {config.data.crop} px crops",
-            image_size == 256 and config.data.crop == 227,
+            f"{image_size} px images, {config.data.crop} px crops; {RESIZE_METHODS[resize]}",
+            image_size == 256 and config.data.crop == 227 and resize == "caffe",
         ),
         (
             "repeats",
@@ -229,14 +235,15 @@ def protocols(
     synthetic: bool,
     seeds: int,
     pretrained_from: str | None = None,
+    resize: Resize = "antialias",
 ) -> list[Row]:
     """The protocol of every compared variant, from its own config: one row where they agree,
     one per variant group (named in the setting) where they do not."""
     base = configs.get("multitask") or next(iter(configs.values()))
     each = {
-        v: protocol(configs.get(v, base), image_size, synthetic, seeds, pretrained_from)
+        v: protocol(configs.get(v, base), image_size, synthetic, seeds, pretrained_from, resize)
         for v in order
-    } or {"": protocol(base, image_size, synthetic, seeds, pretrained_from)}
+    } or {"": protocol(base, image_size, synthetic, seeds, pretrained_from, resize)}
     rows: list[Row] = []
     for same_key in zip(*each.values(), strict=True):
         groups: dict[tuple[str, str], list[str]] = {}
@@ -286,6 +293,7 @@ def summarize(
     title: str = "agegender",
     published_spread: Spread = "se",
     pretrained_from: str | None = None,
+    resize: Resize = "antialias",
 ) -> dict[str, Any]:
     """Markdown tables and the numbers behind them (every test, with its Holm-adjusted p).
     `tests` hold the tests under the headline reading of published ± (`published_spread`),
@@ -293,7 +301,9 @@ def summarize(
     vals = {v: a["values"] for v, a in aggregates.items()}
     folds = {v: a["folds"] for v, a in aggregates.items()}
     order = _order(vals)
-    ours = protocols(order, configs, image_size, synthetic, _seeds(aggregates), pretrained_from)
+    ours = protocols(
+        order, configs, image_size, synthetic, _seeds(aggregates), pretrained_from, resize
+    )
     other: Spread = "sd" if published_spread == "se" else "se"
     n_folds = max((len(f) for f in folds.values()), default=0)
 

@@ -227,14 +227,21 @@ def cmd_suite(a: argparse.Namespace) -> None:
 
 
 def _cache_has_size(cache: Path, suite: SuiteRun) -> None:
-    """A `suite.image_size` that was given must be the prepared cache's: without --data-root
-    nothing rebuilds it, and the folds would train on the cache's size instead."""
+    """A `suite.image_size` or `suite.resize` that was given must be the prepared cache's:
+    without --data-root nothing rebuilds it, and the folds would train on the cache's instead."""
     built = (read_manifest(cache) or {}).get("settings", {}).get("image_size")
     if "image_size" in suite.model_fields_set and built not in (None, suite.image_size):
         raise ConfigError(
             f"suite.image_size={suite.image_size}, but the cache {cache} was built at {built} px "
             f"and without --data-root nothing rebuilds it: add --data-root DIR to rebuild it at "
             f"{suite.image_size} px, or drop suite.image_size to train at {built} px"
+        )
+    resize = (read_manifest(cache) or {}).get("settings", {}).get("resize", "antialias")
+    if "resize" in suite.model_fields_set and resize != suite.resize:
+        raise ConfigError(
+            f"suite.resize={suite.resize}, but the cache {cache} was resized with {resize} and "
+            f"without --data-root nothing rebuilds it: add --data-root DIR to rebuild it, or drop "
+            f"suite.resize"
         )
 
 

@@ -117,7 +117,9 @@ def _run(suite: SuiteRun, base: Config, cache_dir: str, run_root: str) -> dict[s
     aggregates: dict[str, dict[str, Any]] = {
         v: aggregate_task(v, suite.name, run_root, parents[v]) for v in suite.variants
     }
-    summary = compare_task(aggregates, suite, configs, cache.image_size, synthetic, run_root)
+    summary = compare_task(
+        aggregates, suite, configs, cache.image_size, synthetic, run_root, cache.resize
+    )
     champions: dict[str, dict[str, Any]] = {v: c for v, c in registered.items() if c}
     publish(tracker, summary, aggregates, parents, champions)
     return {
@@ -186,7 +188,7 @@ def suite_flow(
     tag_this_run(*run_tags(s.name))
     set_slots(s.slots)
     if data_root is not None:
-        prepare_cache_task(data_root, cache_dir, s.image_size)
+        prepare_cache_task(data_root, cache_dir, s.image_size, s.resize)
     return _run(s, base, cache_dir, run_root)
 
 

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from agegender.cache import build_cache
-from agegender.config import CacheConfig
+from agegender.config import CacheConfig, Resize
 
 
 def logged_progress(label: str, steps: int = 10) -> Callable[[int, int], None]:
@@ -28,12 +28,14 @@ def logged_progress(label: str, steps: int = 10) -> Callable[[int, int], None]:
 
 
 @task(cache_policy=NO_CACHE)
-def prepare_cache_task(data_root: str, cache_dir: str, image_size: int) -> str:
+def prepare_cache_task(
+    data_root: str, cache_dir: str, image_size: int, resize: Resize = "antialias"
+) -> str:
     """Decode-once cache of the data root (a no-op when it is up to date)."""
     res = build_cache(
         data_root,
         cache_dir,
-        config=CacheConfig(image_size=image_size),
+        config=CacheConfig(image_size=image_size, resize=resize),
         progress=logged_progress("decoding Adience"),
     )
     get_run_logger().info(

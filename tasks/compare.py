@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from agegender import plots
-from agegender.config import Config, SuiteConfig
+from agegender.config import Config, Resize, SuiteConfig
 from agegender.metrics import sample_std
 from agegender.report import LEVI_HASSNER, METRICS, summarize
 from tracking.schema import summary_note, summary_tags
@@ -26,9 +26,10 @@ def compare_task(
     image_size: int,
     synthetic: bool,
     run_root: str,
+    resize: Resize = "antialias",
 ) -> dict[str, Any]:
     """Summary tables (logged as the suite's `summary` run; the CLI prints them) and a chart.
-    `image_size`, `synthetic`: what the folds were trained on (the cache's)."""
+    `image_size`, `synthetic`, `resize`: what the folds were trained on (the cache's)."""
     title = f"suite `{suite.name}`"
     # the source is known only when the suite pretrains; a given backbone names none
     sources = {"celeba": "CelebA", "utkface": "UTKFace"}
@@ -41,6 +42,7 @@ def compare_task(
         title=title,
         published_spread=suite.published_spread,
         pretrained_from=pretrained_from,
+        resize=resize,
     )
     tracker = Tracker(suite.name, Path(run_root))
     run_id = _log_summary(tracker, suite, aggregates, summary, run_root)

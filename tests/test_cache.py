@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from agegender.adience import read_metadata, stats
-from agegender.cache import CacheError, build_cache, decode_image, open_cache
+from agegender.cache import CacheError, build_cache, decode_image, open_cache, square_resize
 from agegender.config import CacheConfig
 from agegender.synth.adience import SynthResult
 from tests.conftest import run_cli
@@ -70,6 +70,58 @@ def test_build_then_rebuild_decodes_nothing(data: Path, tmp_path: Path) -> None:
 
     second = build_cache(data, tmp_path / "cache", config=SMALL)
     assert (second.decoded, second.rebuilt, second.fingerprint) == (0, False, first.fingerprint)
+
+
+def test_caffe_resize_is_bilinear_without_antialiasing() -> None:
+    """cv::resize (INTER_LINEAR) from half-pixel centres: 6 -> 2 px samples source pixels 1
+    and 4 exactly ((0.5 x 3) - 0.5 = 1, (1.5 x 3) - 0.5 = 4); 4 -> 2 px averages each 2 x 2
+    block, rounded. The antialiased resize instead averages over each pixel's neighbours."""
+    six = np.arange(36, dtype=np.uint8).reshape(6, 6, 1).repeat(3, axis=2) * 7
+    np.testing.assert_array_equal(square_resize(six, 2, "caffe")[..., 0], [[49, 70], [175, 196]])
+    assert square_resize(six, 2)[..., 0].tolist() != [[49, 70], [175, 196]]
+    four = np.array([[10, 11, 0, 0], [12, 14, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]], np.uint8)
+    out = square_resize(four[:, :, None].repeat(3, axis=2), 2, "caffe")[..., 0]
+    np.testing.assert_array_equal(out, [[12, 0], [0, 0]])  # 47 / 4 = 11.75; 1 / 4 = 0.25
+
+
+def test_caffe_resize_is_its_own_cache(data: Path, tmp_path: Path) -> None:
+    """A cache resized one way is never reused the other way: the method is in the fingerprint
+    (and the manifest); the default's fingerprint is the one caches had before the option."""
+    plain = build_cache(data, tmp_path / "cache", config=SMALL)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert "resize" not in manifest["settings"]
+    caffe = SMALL.model_copy(update={"resize": "caffe"})
+    res = build_cache(data, tmp_path / "cache", config=caffe)
+    assert res.fingerprint != plain.fingerprint
+    assert (res.rebuilt, res.decoded, res.reused) == (True, plain.images, 0)
+    cache = open_cache(tmp_path / "cache")
+    assert cache.resize == "caffe"
+    path = data / "aligned" / cache.table.paths[0]
+    with Image.open(path) as im:  # decoded in full (no JPEG draft), then cv::resize
+        full = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(cache.image(0), square_resize(full, 32, "caffe"))
+    assert not np.array_equal(cache.image(0), decode_image(path, 32))
+    back = build_cache(data, tmp_path / "cache", config=SMALL)
+    assert (back.fingerprint, back.decoded) == (plain.fingerprint, plain.images)
+    assert open_cache(tmp_path / "cache").resize == "antialias"
+
+
+def test_suite_resize_must_be_the_prepared_caches(data: Path, tmp_path: Path) -> None:
+    """Without --data-root nothing rebuilds the cache: a `suite.resize` it was not built with
+    is refused in one line, not trained on the other resize."""
+    from agegender.config import ConfigError
+    from flows.cli import _cache_has_size
+    from flows.settings import SuiteRun
+
+    build_cache(data, tmp_path / "cache", config=SMALL)
+    _cache_has_size(tmp_path / "cache", SuiteRun(variants=("multitask",)))  # not given: fine
+    with pytest.raises(ConfigError) as err:
+        _cache_has_size(tmp_path / "cache", SuiteRun(variants=("multitask",), resize="caffe"))
+    assert str(err.value) == (
+        f"suite.resize=caffe, but the cache {tmp_path / 'cache'} was resized with antialias and "
+        "without --data-root nothing rebuilds it: add --data-root DIR to rebuild it, or drop "
+        "suite.resize"
+    )
 
 
 def test_bad_images_are_reported_and_the_rest_cached(data: Path, tmp_path: Path) -> None:

@@ -79,7 +79,9 @@ def test_real_data_like_for_like_with_welch_corrected_t_and_holm() -> None:
         "for both nets; assumption (released Caffe files: mean_file, compute_image_mean) | "
         "same method, other rows |",
         "| split | subject-disjoint (test = metadata fold k) | their published lists",
-        "| resize | 256 px images, 227 px crops | 256 px images, 227 px crops | same |",
+        "| resize | 256 px images, 227 px crops; JPEG draft decoding, antialiased bilinear | "
+        "256 px images, 227 px crops; full decode, cv::resize bilinear, no antialiasing "
+        "| differs |",
         "| crop mode | 10-crop | over-sample (4 corners + centre, mirrored) | same |",
         "| crop mode | centre crop | single centre crop | same |",
     )
@@ -131,10 +133,19 @@ def test_protocol_rows_follow_the_config() -> None:
         "| normalisation | per-channel mean and std |",
         "| initialisation | PyTorch default, batch norm instead of LRN |",
         "| tested checkpoint | best validation loss |",
-        "| resize | 72 px images, 64 px crops |",
+        "| resize | 72 px images, 64 px crops; JPEG draft decoding, antialiased bilinear |",
     )
     assert _row(md, "| normalisation |")[3] == "differs"
     assert _row(md, "| training |")[3] == "differs"
+
+
+def test_resize_row_names_the_method_and_is_same_only_for_caffe_at_256() -> None:
+    theirs = "256 px images, 227 px crops; full decode, cv::resize bilinear, no antialiasing"
+    caffe = "full decode, bilinear without antialiasing (as cv::resize)"
+    md = summarize(AGGREGATES, _configs(Config()), 256, synthetic=True, resize="caffe")["markdown"]
+    assert f"| resize | 256 px images, 227 px crops; {caffe} | {theirs} | same |" in md
+    md = summarize(AGGREGATES, _configs(Config()), 72, synthetic=True, resize="caffe")["markdown"]
+    assert f"| resize | 72 px images, 227 px crops; {caffe} | {theirs} | differs |" in md
 
 
 def test_variants_are_compared_on_a_crop_both_sides_have() -> None:

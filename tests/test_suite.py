@@ -195,7 +195,7 @@ def test_suite_survives_a_kill_and_tracks_everything(
         "corrected resampled t-test (Nadeau & Bengio 2003)",
         "| multitask_pretrained − multitask | age exact (10-crop) |",
         "| multitask − gender | gender (10-crop) |",
-        "| resize | 56 px images, 48 px crops |",
+        "| resize | 56 px images, 48 px crops; JPEG draft decoding, antialiased bilinear |",
     ):
         assert title in body, title
     holm = re.search(r"Holm-adjusted over the (\d) p-values", body)
