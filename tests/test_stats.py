@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from agegender.stats import corrected_paired, holm, welch
+from agegender.stats import corrected_paired, holm, user_bootstrap, welch
 
 
 def test_welch_against_hand_computed_values() -> None:
@@ -70,3 +70,20 @@ def test_holm_by_hand() -> None:
     assert math.isnan(out[1])
     assert out[2] == pytest.approx(0.6)
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # 0.8 x 2 capped at 1; monotone
+
+
+def test_user_bootstrap_resamples_users_not_faces() -> None:
+    """Three users, each one face right and one wrong: every resample of users scores exactly
+    0.5, so the clustered interval is [0.5, 0.5] (a face-level bootstrap of the same six faces
+    would spread from about 0.17 to 0.83)."""
+    hits = [1, 0, 1, 0, 0, 1]
+    users = ["a", "a", "b", "b", "c", "c"]
+    assert user_bootstrap(hits, users, seed=0) == (0.5, 0.5)
+    # one user all right, one all wrong: resamples give 0, 0.5 or 1 (1/4, 1/2, 1/4), so the
+    # 2.5 % and 97.5 % points are 0 and 1; accuracy pools faces, not user means
+    assert user_bootstrap([1, 1, 1, 0], ["a", "a", "a", "b"], seed=3) == (0.0, 1.0)
+    # seeded: the same fold gives the same interval, around its accuracy (14 of 40 = 0.35)
+    many = np.arange(40) % 3 == 0
+    who = [f"u{i // 2}" for i in range(40)]
+    assert user_bootstrap(many, who, seed=1) == user_bootstrap(many, who, seed=1) == (0.25, 0.45)
+    assert all(math.isnan(x) for x in user_bootstrap([], [], seed=0))
