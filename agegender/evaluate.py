@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,11 +82,18 @@ def _concat(chunks: dict[str, list[Tensor]]) -> Probs:
     return {head: torch.cat(parts).numpy() for head, parts in chunks.items()}
 
 
-def part_metrics(probs: Probs, part: PartData, suffix: str = "") -> dict[str, Any]:
-    """Per-head metrics (see `head_metrics`), keys suffixed e.g. `_10crop`."""
+def part_metrics(
+    probs: Probs,
+    part: PartData,
+    suffix: str = "",
+    users: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-head metrics (see `head_metrics`), keys suffixed e.g. `_10crop`; with `users` (one
+    per row of the part), user-clustered bootstrap intervals seeded by `seed`."""
     out: dict[str, Any] = {}
     targets = {"age": part.age.numpy(), "gender": part.gender.numpy()}
     for head, p in probs.items():
-        for key, value in head_metrics(p, targets[head], head).items():
+        for key, value in head_metrics(p, targets[head], head, users, seed).items():
             out[key + suffix] = value
     return out

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agegender.stats import user_bootstrap
+
 
 def confusion(labels: npt.ArrayLike, preds: npt.ArrayLike, classes: int) -> npt.NDArray[np.int64]:
     """Rows are the true class, columns the prediction."""
@@ -17,12 +19,18 @@ def confusion(labels: npt.ArrayLike, preds: npt.ArrayLike, classes: int) -> npt.
 
 
 def head_metrics(
-    probs: npt.NDArray[np.floating[Any]], labels: npt.NDArray[np.int64], prefix: str
+    probs: npt.NDArray[np.floating[Any]],
+    labels: npt.NDArray[np.int64],
+    prefix: str,
+    users: Sequence[str] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of one head on the rows that carry its label (labels < 0 are ignored).
 
     `age_1off` counts a prediction in the true or an adjacent group, as Levi & Hassner report;
     it is left out for a two-class age head (CelebA's young/old), where it would always be 1.
+    With `users` (one per row), each accuracy gets its user-clustered bootstrap 95 % interval,
+    `<metric>_ci_low` and `<metric>_ci_high`.
     """
     keep = labels >= 0
     probs, labels = probs[keep], labels[keep]
@@ -38,8 +46,14 @@ def head_metrics(
         f"{prefix}_per_class": per_class,
         f"{prefix}_confusion": cm.tolist(),
     }
+    hits = {f"{prefix}_acc": preds == labels}
     if prefix == "age" and classes > 2:
-        out["age_1off"] = float((np.abs(preds - labels) <= 1).mean()) if n else None
+        hits["age_1off"] = np.abs(preds - labels) <= 1
+        out["age_1off"] = float(hits["age_1off"].mean()) if n else None
+    if users is not None and n:
+        kept = np.asarray(users)[keep]
+        for key, hit in hits.items():
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = user_bootstrap(hit, kept, seed)
     return out
 
 

@@ -14,7 +14,9 @@ numbers, under both readings of their ± (a std over folds, or a standard error:
 `suite.published_spread` picks the headline), paired over folds instead where a paper gives
 per-fold numbers; the corrected resampled t-test between our variants; Holm's correction over
 every p-value printed in one summary (per reading); and for every difference a simultaneous
-(Bonferroni) interval, which excludes 0 only where the Holm-adjusted p is below 0.05.
+(Bonferroni) interval, which excludes 0 only where the Holm-adjusted p is below 0.05. Each
+fold's test accuracy also gets a user-clustered bootstrap interval (its own section), since a
+user's faces are not independent.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import numpy as np
 from agegender.config import Config, Resize
 from agegender.metrics import sample_std
 from agegender.stats import (
+    BOOTSTRAP_DRAWS,
     CORRECTED,
+    USER_BOOTSTRAP,
     WELCH,
     Difference,
     bonferroni_level,
@@ -338,6 +342,7 @@ def summarize(
     published = [t for t in tests if t["table"] != "variants"]
     tail = _published_section(published, others, n_folds, m_tests, level, published_spread)
     tail += _variants_section(variant_tests, primary, m_tests, level)
+    tail += _intervals_section(aggregates, order)
     return {
         "markdown": "\n".join(lines + tail),
         "narrow_markdown": "\n".join(narrow + tail),
@@ -670,13 +675,77 @@ def _ratio(aggregates: dict[str, dict[str, Any]], variants: tuple[str, ...]) -> 
     return 1 / max(k - 1, 1)
 
 
-def variant_table(values: dict[str, list[float]]) -> str:
-    """One variant's test metrics per fold, with mean and sample std (its parent's results.md)."""
-    lines = ["| metric | mean | std (ddof=1) | folds |", "|---|---|---|---|"]
+def variant_table(
+    values: dict[str, list[float]], intervals: dict[str, list[float]] | None = None
+) -> str:
+    """One variant's test metrics per fold, with mean and sample std (its parent's results.md),
+    and each fold's user-clustered bootstrap interval where the folds logged one."""
+    intervals = intervals or {}
+    head = "| metric | mean | std (ddof=1) | folds |"
+    lines = [head + (" per fold: 95 % CI |" if intervals else ""), "|---|---|---|---|"]
+    lines[1] += "---|" if intervals else ""
     for k, v in values.items():
-        lines.append(
+        row = (
             f"| test_{k} | {np.mean(v):.4f} | {sample_std(v):.4f} | "
             + ", ".join(f"{x:.3f}" for x in v)
             + " |"
         )
+        if intervals:
+            row += f" {_bounds(k, intervals)} |"
+        lines.append(row)
+    if intervals:
+        lines += ["", f"95 % CI: {INTERVALS}."]
     return "\n".join(lines)
+
+
+INTERVALS = f"{USER_BOOTSTRAP}, B = {BOOTSTRAP_DRAWS}, seeded per fold"
+
+
+def is_interval(key: str) -> bool:
+    """A bound of a fold's bootstrap interval (`age_acc_ci_low_10crop`), not a metric to
+    average across folds."""
+    return "_ci_low" in key or "_ci_high" in key
+
+
+def _bounds(metric: str, intervals: dict[str, list[float]]) -> str:
+    """Each fold's `[low, high]` of `metric` (`age_acc_10crop` -> `age_acc_ci_low_10crop`...)."""
+    crop = "_10crop" if metric.endswith("_10crop") else ""
+    base = metric.removesuffix(crop)
+    low, high = intervals.get(f"{base}_ci_low{crop}"), intervals.get(f"{base}_ci_high{crop}")
+    if low is None or high is None:
+        return "-"
+    return ", ".join(f"[{a:.3f}, {b:.3f}]" for a, b in zip(low, high, strict=True))
+
+
+def _intervals_section(aggregates: dict[str, dict[str, Any]], order: list[str]) -> list[str]:
+    """Each fold's test accuracy with its user-clustered interval: how far one fold's number
+    can be trusted (a fold's test part can hold 100 faces of 33 users)."""
+    rows = []
+    for v in order:
+        intervals = aggregates[v].get("intervals") or {}
+        values, folds = aggregates[v]["values"], aggregates[v]["folds"]
+        for suffix in ("_10crop", ""):
+            for m in _heads(v):
+                low = intervals.get(f"{m}_ci_low{suffix}")
+                high = intervals.get(f"{m}_ci_high{suffix}")
+                if m + suffix not in values or low is None or high is None:
+                    continue
+                cells = ", ".join(
+                    f"{k}: {100 * x:.1f} [{100 * a:.1f}, {100 * b:.1f}]"
+                    for k, x, a, b in zip(folds, values[m + suffix], low, high, strict=True)
+                )
+                rows.append(f"| ours: {v} | {NAMES[m]} ({CROPS[suffix]}) | {cells} |")
+    if not rows:
+        return []
+    return [
+        "## Per-fold test accuracy (%) with 95 % intervals",
+        "",
+        f"{INTERVALS}: the faces of one user are not independent, so the user is the unit "
+        "resampled. Unadjusted, one interval per fold; they say how precise one fold's number "
+        "is, not whether two models differ.",
+        "",
+        "| model | metric | fold: accuracy [95 % CI] |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]

@@ -667,9 +667,15 @@ def _train(
         bf16=t.precision == "bf16",
         channels_last=run.channels_last,
     )
-    test = part_metrics(pred.center, d.test)
+    # faces of one user are not independent: intervals resample the test users, seeded per fold
+    users = (
+        [ts.ids(int(r))[ts.id_fields.index("user_id")] for r in d.test.rows]
+        if "user_id" in ts.id_fields
+        else None
+    )
+    test = part_metrics(pred.center, d.test, users=users, seed=ts.seed_index)
     if pred.tencrop is not None:
-        test |= part_metrics(pred.tencrop, d.test, suffix="_10crop")
+        test |= part_metrics(pred.tencrop, d.test, "_10crop", users, ts.seed_index)
     _write_predictions(out / "test_predictions.csv", ts, d, pred.center, pred.tencrop)
     tested_val = next(h for h in run.history if h["epoch"] == tested_epoch)
     summary = {

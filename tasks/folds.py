@@ -19,7 +19,7 @@ from agegender import plots
 from agegender.cache import open_cache
 from agegender.config import Config
 from agegender.metrics import sample_std
-from agegender.report import variant_table
+from agegender.report import is_interval, variant_table
 from agegender.train import adience_fold
 from tasks.training import TrackedRun, retry_unless_bad_input, train_tracked
 from tracking.schema import NOTE, RunRecord, fold_tags, results_tags
@@ -98,6 +98,8 @@ def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> d
             if k.startswith("test_"):
                 values.setdefault(k[5:], []).append(v)
     values = {k: v for k, v in values.items() if len(v) == len(folds)}
+    # a fold's bounds are not numbers to average across folds: they go to their own table
+    intervals = {k: values.pop(k) for k in [k for k in values if is_interval(k)]}
     sizes = {
         k: [m[k] for m in by_fold.values()]
         for k in ("n_train", "n_test", "seeds")
@@ -106,14 +108,16 @@ def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> d
     metrics = {f"test_{k}_mean": float(np.mean(v)) for k, v in values.items()}
     metrics |= {f"test_{k}_std": sample_std(v) for k, v in values.items() if len(v) > 1}
     note = tracker.get(parent_id).tags.get(NOTE, "")
-    tracker.log(parent_id, metrics=metrics, tags=results_tags(note, folds, variant_table(values)))
+    tracker.log(
+        parent_id, metrics=metrics, tags=results_tags(note, folds, variant_table(values, intervals))
+    )
     with tempfile.TemporaryDirectory() as tmp:
         main = {f"test_{k}": v for k, v in values.items() if "10crop" not in k}
         plots.fold_bars(main, Path(tmp) / "fold_bars.png", f"{variant}: test metrics per fold")
         tracker.artifact(parent_id, Path(tmp) / "fold_bars.png")
     tracker.text(
         parent_id,
-        f"# {variant}\n\nfolds {', '.join(folds)}\n\n{variant_table(values)}\n",
+        f"# {variant}\n\nfolds {', '.join(folds)}\n\n{variant_table(values, intervals)}\n",
         "results.md",
     )
     tracker.finish(parent_id)
@@ -121,6 +125,7 @@ def aggregate_task(variant: str, suite: str, run_root: str, parent_id: str) -> d
         "variant": variant,
         "folds": [int(f) for f in folds],
         "values": values,
+        "intervals": intervals,
         "sizes": sizes,
         "parent_id": parent_id,
     }

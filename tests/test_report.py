@@ -12,7 +12,7 @@ import pytest
 from agegender import report
 from agegender.config import Config, SuiteConfig, Variant, load_config
 from agegender.metrics import sample_std
-from agegender.report import LEVI_HASSNER, Published, Spread, summarize
+from agegender.report import LEVI_HASSNER, Published, Spread, summarize, variant_table
 from agegender.stats import CORRECTED, corrected_paired, holm, welch
 
 FOLDS = [0, 1, 2, 3, 4]
@@ -288,4 +288,39 @@ def test_intervals_agree_with_holm() -> None:
         "| comparison | metric | difference [simultaneous CI] | p (corrected t) | p (Holm) |",
         "Intervals: 98.3 % simultaneous (Bonferroni over the 3 tests), so one excludes 0 only "
         "where p (Holm) < 0.05 too",
+    )
+
+
+INTERVALS = {
+    "gender_acc_ci_low": [0.80, 0.79, 0.81, 0.78, 0.84],
+    "gender_acc_ci_high": [0.88, 0.92, 0.89, 0.88, 0.92],
+}
+
+
+def test_fold_intervals_in_the_summary_and_the_variant_table() -> None:
+    """Each fold's user-clustered interval is printed next to its accuracy, with the method, in
+    the summary and the variant's results table; none is averaged across folds or tested."""
+    gender = AGGREGATES["gender"] | {"intervals": INTERVALS}
+    out = summarize(AGGREGATES | {"gender": gender}, _configs(Config()), 256, False, title="t")
+    _has_lines(
+        out["markdown"],
+        "## Per-fold test accuracy (%) with 95 % intervals",
+        "user-clustered percentile bootstrap (test users resampled with replacement), B = 2000, "
+        "seeded per fold: the faces of one user are not independent",
+        "| ours: gender | gender (centre crop) | 0: 84.0 [80.0, 88.0], 1: 86.0 [79.0, 92.0], "
+        "2: 85.0 [81.0, 89.0], 3: 83.0 [78.0, 88.0], 4: 88.0 [84.0, 92.0] |",
+    )
+    assert "(10-crop) | 0:" not in out["markdown"]  # no 10-crop bounds given, none printed
+    plain = summarize(AGGREGATES, _configs(Config()), 256, False, title="t")
+    assert out["tests"] == plain["tests"]  # the intervals add no test to Holm's family
+    table = variant_table(gender["values"], INTERVALS).splitlines()
+    assert table[0] == "| metric | mean | std (ddof=1) | folds | per fold: 95 % CI |"
+    assert table[2] == (
+        "| test_gender_acc | 0.8520 | 0.0192 | 0.840, 0.860, 0.850, 0.830, 0.880 | "
+        "[0.800, 0.880], [0.790, 0.920], [0.810, 0.890], [0.780, 0.880], [0.840, 0.920] |"
+    )
+    assert table[3].endswith("| - |")  # gender_acc_10crop: no bounds logged
+    assert table[-1].startswith("95 % CI: user-clustered percentile bootstrap")
+    assert variant_table(gender["values"]).splitlines()[0] == (
+        "| metric | mean | std (ddof=1) | folds |"
     )

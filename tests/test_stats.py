@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from agegender.stats import bonferroni_level, corrected_paired, holm, interval, welch
+from agegender.stats import (
+    bonferroni_level,
+    corrected_paired,
+    holm,
+    interval,
+    user_bootstrap,
+    welch,
+)
 
 
 def test_welch_against_hand_computed_values() -> None:
@@ -81,3 +88,20 @@ def test_simultaneous_interval_by_hand() -> None:
     assert interval(d, bonferroni_level(3)) == pytest.approx((0.014 - half, 0.014 + half), abs=1e-6)
     assert interval(d, 0.95) == pytest.approx((d.low, d.high))
     assert all(math.isnan(x) for x in interval(corrected_paired([0.5], [0.4], 0.25), 0.99))
+
+
+def test_user_bootstrap_resamples_users_not_faces() -> None:
+    """Three users, each one face right and one wrong: every resample of users scores exactly
+    0.5, so the clustered interval is [0.5, 0.5] (a face-level bootstrap of the same six faces
+    would spread from about 0.17 to 0.83)."""
+    hits = [1, 0, 1, 0, 0, 1]
+    users = ["a", "a", "b", "b", "c", "c"]
+    assert user_bootstrap(hits, users, seed=0) == (0.5, 0.5)
+    # one user all right, one all wrong: resamples give 0, 0.5 or 1 (1/4, 1/2, 1/4), so the
+    # 2.5 % and 97.5 % points are 0 and 1; accuracy pools faces, not user means
+    assert user_bootstrap([1, 1, 1, 0], ["a", "a", "a", "b"], seed=3) == (0.0, 1.0)
+    # seeded: the same fold gives the same interval, around its accuracy (14 of 40 = 0.35)
+    many = np.arange(40) % 3 == 0
+    who = [f"u{i // 2}" for i in range(40)]
+    assert user_bootstrap(many, who, seed=1) == user_bootstrap(many, who, seed=1) == (0.25, 0.45)
+    assert all(math.isnan(x) for x in user_bootstrap([], [], seed=0))

@@ -118,3 +118,15 @@ def test_head_metrics() -> None:
     assert m["age_per_class"][2] == 0.0
     assert m["age_per_class"][4] is None
     assert np.array(m["age_confusion"]).sum() == 4
+
+
+def test_head_metrics_user_clustered_intervals() -> None:
+    """Users a and b each have one right and one wrong exact age (both 1-off right): every
+    resample of the two users scores 0.5 exact and 1.0 1-off; the unlabelled row (user c, all
+    wrong) is neither counted nor resampled. Without users there are no interval keys."""
+    probs = np.eye(8, dtype=np.float32)[[0, 1, 3, 7, 7]]
+    labels = np.array([0, 2, 3, 6, -1])
+    m = head_metrics(probs, labels, "age", users=["a", "a", "b", "b", "c"], seed=4)
+    assert (m["age_acc"], m["age_acc_ci_low"], m["age_acc_ci_high"]) == (0.5, 0.5, 0.5)
+    assert (m["age_1off"], m["age_1off_ci_low"], m["age_1off_ci_high"]) == (1.0, 1.0, 1.0)
+    assert not any("_ci_" in k for k in head_metrics(probs, labels, "age"))
