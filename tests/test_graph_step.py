@@ -27,7 +27,7 @@ from tests.conftest import REPO
 
 # 86 training rows in fold 0: six steps of 16 an epoch, the last one short (6 rows); the rate
 # drops by 10x at steps 4, 8 and 12 (Caffe's step policy), inside the chunks
-TINY = ["data.crop=48", "data.batch_size=16", "train.iterations=13", "optim.step_size=4"]
+TINY = ["data.crop=48", "data.batch_size=16", "train.iterations=13", "optim.decay_every=0.3"]
 
 
 @pytest.fixture(scope="module")
