@@ -114,17 +114,23 @@ class OptimConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: Literal["step", "cosine", "constant"] = "step"
-    decay_every: float = Field(
-        0.2,
+    step_size: int = Field(
+        10_000,
+        ge=1,
+        description="step schedule: iterations between drops (Caffe's stepsize; the paper's "
+        "10k), whatever the run's length",
+    )
+    decay_every: float | None = Field(
+        None,
         gt=0.0,
         le=1.0,
-        description="step schedule: decay after this fraction of training "
-        "(0.2 of 50k iterations = the paper's 10k)",
+        description="step schedule: if set, replaces step_size: drop after this fraction of "
+        "training (moves with train.iterations or train.epochs)",
     )
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     step_repeat: bool = Field(
         True,
-        description="step schedule: decay every `decay_every` (Caffe's step policy); false: once",
+        description="step schedule: drop every step (Caffe's step policy); false: once",
     )
     bias_lr_mult: float = Field(2.0, ge=0.0, description="biases learn at this multiple of lr")
     bias_decay_mult: float = Field(
@@ -136,6 +142,12 @@ class OptimConfig(_Strict):
     backbone_lr: float = Field(
         1.0, ge=0.0, le=1.0, description="backbone learning rate as a fraction of lr (fine-tuning)"
     )
+
+    def step_every(self, total: int) -> int:
+        """Iterations between the step schedule's drops in a run of `total` iterations."""
+        if self.decay_every is None:
+            return self.step_size
+        return max(1, round(self.decay_every * total))
 
 
 class TrainConfig(_Strict):
@@ -231,8 +243,24 @@ class Config(_Strict):
             data["train"]["bf16"] = precision == "bf16"
         if self.model.init_from is not None:
             data["model"]["init_from"] = file_digest(self.model.init_from)
+        _hash_step_as_a_fraction(data["optim"], self.optim, self.train)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _hash_step_as_a_fraction(data: dict[str, Any], o: OptimConfig, t: TrainConfig) -> None:
+    """The step schedule as it was hashed before `optim.step_size` (`decay_every`, a fraction of
+    training, default 0.2), wherever a fraction gives the same drops, so that a suite rerun finds
+    the folds trained before it; otherwise `step_size`, and what the schedule never reads is out."""
+    step = data.pop("step_size")
+    if o.decay_every is not None:  # the fraction replaces step_size
+        return
+    if o.schedule != "step":  # neither is read
+        data["decay_every"] = 0.2
+    elif t.epochs is None and step <= t.iterations:
+        data["decay_every"] = step / t.iterations
+    else:  # drops that no fraction of this run gives (the paper's 10k in a shorter run)
+        data["step_size"] = step
 
 
 def file_digest(path: Path) -> str:
@@ -401,7 +429,8 @@ Source = Literal["celeba", "utkface"]
 
 
 class PretrainConfig(_Strict):
-    """Multi-task pretraining on a larger face set (the paper's second experiment)."""
+    """Multi-task pretraining on a larger face set (the seed's second experiment; Levi & Hassner
+    trained from scratch)."""
 
     source: Source = Field("celeba", description="celeba | utkface")
     root: Path | None = Field(None, description="the source's download (its official layout)")

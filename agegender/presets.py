@@ -38,8 +38,10 @@ PAPER: tuple[Setting, ...] = (
     Setting(
         "data.normalize",
         "mean_image",
-        "paper",
-        "mean image subtracted from the 0-255 pixels, no division by a std",
+        "assumption",
+        f"{RELEASED}: mean_file in the train prototxt (made by compute_image_mean), subtracted "
+        "from the 0-255 pixels, no division by a std; theirs was computed once, on the gender "
+        "net's training LMDB, and used for both nets, ours on each task's training rows",
     ),
     Setting(
         "data.norm_images",
@@ -78,7 +80,19 @@ PAPER: tuple[Setting, ...] = (
     Setting("optim.name", "sgd", "paper", "stochastic gradient descent"),
     Setting("optim.lr", 0.001, "paper", "initial learning rate 1e-3"),
     Setting("optim.schedule", "step", "paper", "reduced to 1e-4 after 10k iterations"),
-    Setting("optim.decay_every", 0.2, "paper", "10k of 50k iterations"),
+    Setting(
+        "optim.step_size",
+        10_000,
+        "paper",
+        "a drop every 10k iterations, whatever train.iterations (Caffe's stepsize)",
+    ),
+    Setting(
+        "optim.decay_every",
+        None,
+        "paper",
+        "the step is a number of iterations, not a fraction of training (set, a fraction "
+        "replaces optim.step_size and moves with the run's length: ours)",
+    ),
     Setting("optim.gamma", 0.1, "paper", "1e-3 -> 1e-4"),
     Setting(
         "optim.step_repeat",
@@ -99,7 +113,7 @@ PAPER: tuple[Setting, ...] = (
         f"{RELEASED}: weight_decay 1 (weights), 0 (biases)",
     ),
     Setting("optim.head_lr_mult", 10.0, "assumption", f"{RELEASED}: fc8 blobs_lr 10 / 20"),
-    Setting("train.iterations", 50_000, "paper", "50k iterations"),
+    Setting("train.iterations", 50_000, "assumption", f"{RELEASED}: max_iter: 50000 in the solver"),
     Setting("train.epochs", None, "paper", "a fixed number of iterations, not epochs"),
     Setting("train.patience", None, "paper", "a fixed schedule: no early stopping"),
     Setting(

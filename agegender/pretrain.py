@@ -1,11 +1,15 @@
 """Pretraining on a larger face set (CelebA or UTKFace), whose backbone then starts Adience.
 
-The seed pretrained on CelebA with unpublished label files and the wrong attribute column, so
-its second experiment cannot be reproduced. Here pretraining is the same training loop as a
-fold (`agegender.train.train`) on a source's decode-once cache, with the source's own heads:
-CelebA has no ages, so its age head is binary (`Young`), UTKFace's has Adience's 8 groups. The
-model is selected on the source's validation part and tested once on its test part; only the
-backbone (conv1-3, fc6, fc7) moves on to Adience (`model.init_from`), with fresh heads.
+The seed's second experiment (Levi & Hassner trained from scratch): the seed pretrained on
+CelebA with unpublished label files and the wrong attribute column, so it cannot be reproduced.
+Here pretraining is the same training loop as a fold (`agegender.train.train`) on a source's
+decode-once cache, with the source's own heads: CelebA has no ages, so its age head is binary
+(`Young`), UTKFace's has Adience's 8 groups. The checkpoint tested once on the source's test part
+is the one the config names (`train.test_at`): the final weights under the paper preset, the
+epoch selected on the source's validation part with `best_val`. Only its backbone (conv1-3,
+fc6, fc7) moves on to Adience (`model.init_from`), with fresh heads; the normalisation does not:
+the backbone learned on the source minus the source's mean and is fine-tuned on Adience minus
+Adience's (each measured on its own training rows).
 
 Parts: CelebA's official partition (0 train, 1 val, 2 test). UTKFace has none and names no
 identities, so its split is a seeded random split by image; one person's photos can fall into
@@ -113,7 +117,7 @@ def pretrain(
     log: EpochLog | None = None,
     progress: Progress | None = None,
 ) -> FoldResult:
-    """Train on the source, select on its val part, test once; `out_dir/best.pt` is the
-    checkpoint whose backbone `model.init_from` loads."""
+    """Train on the source and test once the checkpoint `train.test_at` names (final, or
+    selected on its val part); `out_dir/best.pt` is it, whose backbone `model.init_from` loads."""
     cache = cache if isinstance(cache, SourceCache) else open_source_cache(cache)
     return train(source_set(cache, config, pretrain), config, out_dir, resume, log, progress)

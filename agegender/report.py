@@ -167,7 +167,12 @@ def protocol(
         norm_same = False
     if o.schedule == "step":
         drops = "every" if o.step_repeat else "once after"
-        sched = f"x{o.gamma:g} {drops} {o.decay_every:.0%} of training"
+        every = (
+            f"{o.step_size:,} iterations"
+            if o.decay_every is None
+            else f"{o.decay_every:.0%} of training"
+        )
+        sched = f"x{o.gamma:g} {drops} {every}"
     else:
         sched = o.schedule
     length = f"{t.epochs:g} epochs" if t.epochs is not None else f"{t.iterations:,} iterations"
@@ -178,7 +183,7 @@ def protocol(
         and o.gamma == 0.1
         and t.epochs is None
         and t.iterations == 50_000
-        and round(o.decay_every * t.iterations) == 10_000
+        and o.step_every(t.iterations) == 10_000
         and config.data.batch_size == 50
     )
     init = {"caffe": "Gaussian (Caffe fillers)", "pytorch": "PyTorch default"}[config.model.init]

@@ -99,7 +99,7 @@ def total_iterations(config: Config, n_train: int) -> int:
 def lr_factor(config: Config, total: int) -> Callable[[int], float]:
     o = config.optim
     if o.schedule == "step":
-        every = max(1, round(o.decay_every * total))
+        every = o.step_every(total)
         if not o.step_repeat:
             return lambda it: o.gamma if it >= every else 1.0
         return lambda it: float(o.gamma ** (it // every))

@@ -86,7 +86,7 @@ def train(
             f"train.device={a.device}",
             f"train.precision={a.precision}",
             f"train.step={a.step}",
-            f"optim.decay_every={min(1.0, a.decay_every / a.iterations)}",
+            f"optim.step_size={a.decay_every}",
             *extra,
         ],
         preset="paper",

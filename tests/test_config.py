@@ -28,7 +28,7 @@ def test_defaults_are_the_papers_solver() -> None:
         5e-4,
     )
     assert (c.data.batch_size, c.train.iterations, c.data.crop) == (50, 50_000, 227)
-    assert c.optim.decay_every * c.train.iterations == 10_000
+    assert (c.optim.step_size, c.optim.decay_every) == (10_000, None)
 
 
 def test_file_then_overrides(tmp_path: Path) -> None:
@@ -199,6 +199,44 @@ def test_modern_preset_and_deviations_are_recorded(tmp_path: Path) -> None:
     assert (mine.preset, mine.model.norm, mine.optim.name) == (str(preset), "batchnorm", "sgd")
     with pytest.raises(ConfigError, match="not one of paper, modern and not a YAML/JSON file"):
         load_config(preset="fancy")
+
+
+def test_configs_from_before_step_size_load_and_hash_as_they_did() -> None:
+    """A checkpoint's or a finished fold's config saved before `optim.step_size` holds
+    `optim.decay_every` (a fraction; 0.2 in both presets): it loads and still means a fraction,
+    and a config whose drops a fraction gives keeps its hash (hashes from 73d97f8)."""
+    old = Config().model_dump(mode="json")
+    del old["optim"]["step_size"]
+    old["optim"]["decay_every"] = 0.2
+    saved = Config.model_validate(old)
+    assert (saved.optim.step_every(50_000), saved.optim.step_every(2000)) == (10_000, 400)
+    small = ["data.crop=48", "train.iterations=2000", "optim.step_repeat=false"]
+    small += ["train.tencrop=false"]
+    assert [
+        saved.hash(),
+        Config().hash(),
+        load_config(preset="modern").hash(),  # cosine: the step's settings are read by nothing
+        load_config(None, [*small, "optim.step_size=1600"]).hash(),  # = decay_every=0.8
+    ] == ["4cfff7eda38f", "4cfff7eda38f", "15049d14fab1", "32ed2193a7b0"]
+    # the paper's 10k in 2,000 iterations never drops; before, the preset dropped at 400
+    assert load_config(None, ["train.iterations=2000"]).hash() != "375dd142b904"
+
+
+def test_the_pretraining_override_picks_the_checkpoint_carried_over() -> None:
+    """The backbone carried over is the checkpoint the pretraining config tests: the final
+    weights under the paper preset, the source's best validation epoch when asked."""
+    given = ["suite.pretrain.root=/data/celeba"]
+    suite, base = load_suite_config(None, given)
+    assert suite.pretrain.train_config(base).train.test_at == "final"
+    suite, base = load_suite_config(
+        None, [*given, "suite.pretrain.overrides=[train.test_at=best_val]"]
+    )
+    picked = suite.pretrain.train_config(base).train
+    assert (picked.test_at, picked.select_metric, base.train.test_at) == (
+        "best_val",
+        "loss",
+        "final",
+    )
 
 
 def test_suite_seeds() -> None:

@@ -15,7 +15,14 @@ import torch
 from agegender.cache import open_cache
 from agegender.config import deviations, load_config
 from agegender.splits import make_split
-from agegender.train import RunError, prepare_run, train_epoch, train_fold
+from agegender.train import (
+    RunError,
+    lr_factor,
+    prepare_run,
+    total_iterations,
+    train_epoch,
+    train_fold,
+)
 from tests.conftest import REPO, run_cli
 
 # Small and quick on a CPU: 48 px crops of 56 px images, batch norm, Adam with a cosine decay,
@@ -181,6 +188,30 @@ def test_solver_groups_follow_caffes_multipliers(learn_cache: Path) -> None:
     assert [once.scheduler.lr_lambdas[0](i) for i in (9_999, 10_000, 49_999)] == [1, 0.1, 0.1]
 
 
+def test_the_papers_step_stays_at_10k_whatever_the_runs_length() -> None:
+    """The paper drops the rate after 10k iterations (Caffe's stepsize), not after a fraction of
+    training: a shorter run (2,000 iterations, or 30 epochs of 10,000 rows = 6,000) never drops,
+    a longer one (100k) drops at 10k, 20k, ...; `optim.decay_every`, a fraction, still moves."""
+
+    def lr(overrides: list[str], its: tuple[int, ...], n_train: int = 0) -> list[float]:
+        config = load_config(None, overrides)
+        factor = lr_factor(config, total_iterations(config, n_train))
+        return [config.optim.lr * factor(i) for i in its]
+
+    assert lr(["train.iterations=2000"], (0, 400, 1_999)) == pytest.approx([1e-3] * 3)
+    assert lr(["train.epochs=30"], (0, 1_200, 5_999), 10_000) == pytest.approx([1e-3] * 3)
+    assert lr(["train.iterations=100000"], (9_999, 10_000, 19_999, 20_000)) == pytest.approx(
+        [1e-3, 1e-4, 1e-4, 1e-5]
+    )
+    once = ["train.iterations=100000", "optim.step_repeat=false"]
+    assert lr(once, (9_999, 10_000, 99_999)) == pytest.approx([1e-3, 1e-4, 1e-4])
+    fraction = ["train.iterations=2000", "optim.decay_every=0.2"]
+    assert lr(fraction, (399, 400, 799, 800)) == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5])
+    assert lr(["train.epochs=30", "optim.decay_every=0.2"], (1_199, 1_200), 10_000) == (
+        pytest.approx([1e-3, 1e-4])
+    )
+
+
 def test_deterministic_mode_is_scoped_to_the_run(learn_cache: Path, tmp_path: Path) -> None:
     config = load_config(
         None, [*SMALL, "train.iterations=4", "train.tencrop=false", "train.deterministic=true"]
@@ -199,7 +230,7 @@ def test_deterministic_mode_is_scoped_to_the_run(learn_cache: Path, tmp_path: Pa
 PAPER_SMALL = [
     "data.crop=48",
     "train.iterations=2000",
-    "optim.decay_every=0.8",
+    "optim.step_size=1600",
     "optim.step_repeat=false",
     "train.tencrop=false",
 ]
@@ -213,7 +244,7 @@ def test_paper_preset_learns(learn_cache: Path, tmp_path: Path) -> None:
     assert config.preset == "paper"
     assert deviations(config) == [
         "data.crop=48",
-        "optim.decay_every=0.8",
+        "optim.step_size=1600",
         "optim.step_repeat=False",
         "train.iterations=2000",
         "train.tencrop=False",
