@@ -236,10 +236,20 @@ PAPER_SMALL = [
 ]
 
 
+# Controls on permuted labels, each with its own permutation and initialisation (train.seed),
+# trained exactly as the real run: what a net makes of this small test part (100 faces of 33
+# users) without a label to learn spreads widely (gender 0.447 and 0.636 against a 0.509
+# majority were measured), so the real run is set against each of them and against the
+# majority class with its user-clustered interval, not against one control with a margin.
+CONTROL_SEEDS = (1, 2)
+
+
 @pytest.mark.integration
 def test_paper_preset_learns(learn_cache: Path, tmp_path: Path) -> None:
     """The paper's settings train (from the raw-scale inputs their init expects), and what they
-    learn comes from the pixels: a control on permuted labels stays at chance."""
+    learn comes from the pixels: the real run's user-clustered 95 % interval lies above what every
+    control on permuted labels scores (the fold's test part is 100 faces of 33 users, too few
+    for a margin over one control to mean anything)."""
     config = load_config(None, PAPER_SMALL)
     assert config.preset == "paper"
     assert deviations(config) == [
@@ -250,24 +260,42 @@ def test_paper_preset_learns(learn_cache: Path, tmp_path: Path) -> None:
         "train.tencrop=False",
     ]
     real = train_fold(learn_cache, 0, config, tmp_path / "real").summary
-    control_cfg = load_config(None, [*PAPER_SMALL, "data.shuffle_labels=true"])
-    control = train_fold(learn_cache, 0, control_cfg, tmp_path / "control").summary
-    t, c = real["test"], control["test"]
+    controls = [
+        train_fold(
+            learn_cache,
+            0,
+            load_config(
+                None,
+                [
+                    *PAPER_SMALL,
+                    "data.shuffle_labels=true",
+                    f"train.seed={seed}",
+                ],
+            ),
+            tmp_path / f"control{seed}",
+        ).summary["test"]
+        for seed in CONTROL_SEEDS
+    ]
+    t = real["test"]
     age_major, gender_major = _majority(t["age_confusion"]), _majority(t["gender_confusion"])
-    print(
-        f"paper preset: {t['age_acc']:.3f} / {t['age_1off']:.3f} / {t['gender_acc']:.3f}; "
-        f"control {c['age_acc']:.3f} / {c['age_1off']:.3f} / {c['gender_acc']:.3f}; "
-        f"majority {age_major:.3f} / {gender_major:.3f}"
-    )
-    # Measured (fold 0, seed 0): age 0.453, 1-off 0.780, gender 0.760; control 0.136, 0.241,
-    # 0.636; majority age 0.149, gender 0.509 (seed 1: see the note in the README).
+    for m in ("age_acc", "age_1off", "gender_acc"):
+        print(
+            f"{m}: paper preset {t[m]:.3f} [{t[m + '_ci_low']:.3f}, {t[m + '_ci_high']:.3f}]; "
+            f"controls {', '.join(f'{c[m]:.3f}' for c in controls)}"
+        )
+    print(f"majority age {age_major:.3f}, gender {gender_major:.3f}")
+    # Measured: see "Does the paper preset train?" in the README.
     assert real["test_at"] == "final"
     assert real["iterations"] == 2000
-    assert t["age_acc"] >= c["age_acc"] + 0.15
-    assert t["age_1off"] >= c["age_1off"] + 0.25
-    assert t["gender_acc"] >= c["gender_acc"] + 0.05
-    assert t["age_acc"] >= age_major + 0.15
-    assert c["age_acc"] <= age_major + 0.08
+    # age and 1-off: the whole interval above every control (margins of ~0.2 and ~0.45 when the
+    # test was written); gender, the weakest signal: above every control, and the interval above
+    # the majority class (one earlier control scored 0.636 against a 0.509 majority)
+    for m in ("age_acc", "age_1off"):
+        assert t[m + "_ci_low"] > max(c[m] for c in controls), m
+    assert t["gender_acc"] > max(c["gender_acc"] for c in controls)
+    assert t["gender_acc_ci_low"] > gender_major
+    assert t["age_acc_ci_low"] > age_major
+    assert all(c["age_acc"] <= age_major + 0.08 for c in controls)
 
 
 @pytest.mark.integration
