@@ -245,6 +245,7 @@ CONTROL_SEEDS = (1, 2)
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1800)  # three runs of 2,000 iterations: ~460 s on an idle 2-core machine
 def test_paper_preset_learns(learn_cache: Path, tmp_path: Path) -> None:
     """The paper's settings train (from the raw-scale inputs their init expects), and what they
     learn comes from the pixels: the real run's user-clustered 95 % interval lies above what every
