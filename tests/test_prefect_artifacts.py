@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from agegender.cache import build_cache
 from agegender.config import CacheConfig, load_config
+from agegender.report import is_interval
 from agegender.synth.adience import SynthResult
 from tests.conftest import REPO, TINY_TRAIN, free_port, serving
 from tests.test_mlflow_ui import TIMEOUT_MS, browser_page
@@ -132,7 +133,16 @@ def test_a_suite_leaves_its_results_on_its_flow_run(local_suite: dict[str, Any])
     assert [r["fold"] for r in rows] == ["0", "1", "mean", "std"]
     assert "seeds" not in rows[0]  # one run per fold: no column that says so
     for row in rows[:2]:
-        logged = fold_metrics[row["fold"]]
+        # a fold's bootstrap bounds are logged with it, bracket its accuracy, and are no column
+        bounds = {k: v for k, v in fold_metrics[row["fold"]].items() if is_interval(k)}
+        logged = {k: v for k, v in fold_metrics[row["fold"]].items() if k not in bounds}
+        accuracies = [k for k in logged if k.removesuffix("_10crop") in ("age_acc", "age_1off")]
+        assert accuracies, logged
+        for k in accuracies:
+            crop = "_10crop" if k.endswith("_10crop") else ""
+            metric = k.removesuffix("_10crop")
+            low, high = bounds[f"{metric}_ci_low{crop}"], bounds[f"{metric}_ci_high{crop}"]
+            assert low <= logged[k] <= high, (k, low, logged[k], high)
         shown = {k: v for k, v in row.items() if k not in ("fold", "n_test")}
         assert set(shown) == set(logged)
         for k, v in logged.items():
