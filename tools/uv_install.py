@@ -57,7 +57,9 @@ def main(args: list[str]) -> int:
         from uv import find_uv_bin
     except ImportError:
         return subprocess.call([sys.executable, "-m", "pip", "install", *args])
-    cmd = [find_uv_bin(), "pip", "install", "--python", sys.executable]
+    # Bytecode now, as pip writes it: uv leaves none, and where PYTHONDONTWRITEBYTECODE is set
+    # (this machine, CI) every process compiled torch, MLflow and Prefect from source again
+    cmd = [find_uv_bin(), "pip", "install", "--python", sys.executable, "--compile-bytecode"]
     settings = pip_settings()
     env = os.environ | {"UV_NO_PROGRESS": "1"}
     if "cert" in settings:
