@@ -201,6 +201,24 @@ def _json_request(text: str) -> dict[str, Any]:
         raise RequestError(f"expected exactly one of {', '.join(FORMATS)}, got {got}")
     for i, flag in enumerate(_raw_detects(payload[keys[0]])):
         _detect(i, flag, True)
+    data = payload[keys[0]]
+    if keys[0] in ("inputs", "instances") and isinstance(data, dict) and "image" in data:
+        # columns as records: under an `Any` column MLflow 3.17 makes a list of photos one row
+        images = data["image"] if isinstance(data["image"], list) else [data["image"]]
+        flags = data.get("detect")
+        flags = flags if isinstance(flags, list) else [flags] * len(images)
+        if len(flags) != len(images):
+            raise RequestError(
+                f"{len(images)} images but {len(flags)} detect values: send one per image"
+            )
+        rows = [
+            {"image": im} if f is None else {"image": im, "detect": f}
+            for im, f in zip(images, flags, strict=True)
+        ]
+        extra = {k: v for k, v in data.items() if k not in ("image", "detect")}
+        if extra:  # the schema check names them
+            rows = [r | extra for r in rows]
+        return {"dataframe_records": rows}
     return payload
 
 
