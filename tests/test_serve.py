@@ -325,7 +325,7 @@ def test_metrics_and_the_access_log_count_what_was_sent(
     assert re.search(r'127\.0\.0\.1 "POST /invocations" 200 \d+ bytes \d+\.\d ms$', last), last
 
 
-def test_beyond_loopback_only_with_credentials_and_they_are_checked(
+def test_unknown_model_public_host_without_credentials_and_bad_credentials_refused(
     served_model_uri: dict[str, Any], tmp_path: Path
 ) -> None:
     refused = subprocess.run(
@@ -340,6 +340,19 @@ def test_beyond_loopback_only_with_credentials_and_they_are_checked(
         "error: --host 0.0.0.0 listens beyond this machine, and anyone who reaches it could use "
         "the model: set AGEGENDER_SERVE_AUTH=user:password (a password of 12+ characters) in the "
         "environment or .env, as `stack up --listen` asks for credentials"
+    ]
+    unknown = subprocess.run(
+        _serve_cmd(served_model_uri | {"uri": "models:/agegender-nobody@champion"}, free_port()),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert unknown.returncode == 2
+    store = f"sqlite:///{served_model_uri['run_root']}/mlflow.db"
+    assert unknown.stderr.strip().splitlines() == [
+        f"error: --model models:/agegender-nobody@champion: MLflow at {store}: Registered "
+        "Model with name=agegender-nobody not found"
     ]
     port = free_port()
     cmd = _serve_cmd(served_model_uri, port)
