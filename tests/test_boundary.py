@@ -57,6 +57,7 @@ def test_each_orchestration_room_imports_only_the_rooms_below_it() -> None:
         "tracking": ("tracking.store", ("prefect", "tasks", "flows")),
         "tasks": ("tasks.folds", ("flows",)),
         "deployments": ("deployments.stack", ("tracking", "tasks", "flows", "mlflow")),
+        "serving": ("serving.app", ("prefect", "tasks", "flows")),
     }
     for room, (reached, forbidden) in rooms.items():
         loaded = _modules_after(_EVERY_MODULE.format(package=room))
