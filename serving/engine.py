@@ -19,6 +19,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,9 @@ class Engine:
         # what the tests and metrics count: requests decoded, photos decoded, forward passes...
         self.counts: collections.Counter[str] = collections.Counter()
         self._slots = threading.BoundedSemaphore(settings.decode_workers)
+        # photos are decoded on `decode_workers` threads in all: one request alone uses them all
+        # (as `agegender predict` does), several never hold more decoded photos than that
+        self._decoders = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self._lock = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._waiting = 0  # requests waiting for a decode slot
@@ -147,6 +151,7 @@ class Engine:
             self._queue.clear()
             self._lock.notify_all()
         self._thread.join(timeout=10)
+        self._decoders.shutdown(wait=False, cancel_futures=True)
 
     # -- a request's steps ---------------------------------------------------------------------
 
@@ -209,13 +214,14 @@ class Engine:
                 "too_many_pixels",
                 f"{total:,} pixels in one request, over the limit of {s.max_request_pixels:,}",
             )
-        return [self._prepare(p, deadline) for p in checked]
+        return list(self._decoders.map(lambda p: self._prepare(p, deadline), checked))
 
     def _prepare(self, p: PhotoInput, deadline: float) -> Photo:
         if time.monotonic() > deadline:
             raise self._busy(504, "deadline", "the request's deadline passed while decoding")
         if p.data is not None or p.array is not None:
-            self.counts["decodes"] += 1
+            with self._lock:
+                self.counts["decodes"] += 1
         detector = self.detector if p.detect else None
         return p.prepare(self.predictor.image_size, detector, self.settings.max_photo_pixels)
 

@@ -119,7 +119,7 @@ def test_bad_requests_are_refused_in_our_words(engine: Engine) -> None:
     status, _, message = _refusal(engine, huge)
     assert (status, message) == (
         400,
-        "the body is not valid JSON (line 1, column 24: Unterminated string starting at)",
+        "the body is not valid JSON (line 1, column 23: Unterminated string starting at)",
     )  # never the body
 
     # photos that cannot be decoded get their row, the rest are answered
