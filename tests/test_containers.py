@@ -190,6 +190,7 @@ def _values(engine: containers.Engine, data: Path) -> dict[str, str]:
     values = {k: v for k, v in _read_env(ENV_EXAMPLE).items() if v != "change-me"}
     values |= {name: secrets.token_hex(16) for name in SECRETS}
     values["PREFECT_API_AUTH_STRING"] = f"agegender:{secrets.token_hex(16)}"  # user:password
+    values["AGEGENDER_SERVE_AUTH"] = f"serve:{secrets.token_hex(16)}"
     values |= PORTS | {
         "DATA_DIR": str(data),
         "DOCKER_SOCKET": str(engine.sock),
