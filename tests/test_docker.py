@@ -717,8 +717,11 @@ def test_serve_service_serves_the_champion_with_credentials(tmp_path: Path) -> N
     assert command[:2] == ["agegender", "serve"]
     assert command[command.index("--model") + 1] == "models:/agegender-multitask@champion"
     assert command[command.index("--host") + 1] == "0.0.0.0"
+    # the same port inside: the server checks the Host header's port against its own
+    assert command[command.index("--port") + 1] == "15001"
+    assert 'allowed_hosts=["10.20.30.40"]' in command  # Host: $LISTEN:$SERVE_PORT
     assert [(p["host_ip"], p["published"], p["target"]) for p in serve["ports"]] == [
-        ("10.20.30.40", "15001", 5001)
+        ("10.20.30.40", "15001", 15001)
     ]
     env = serve["environment"]
     assert env["AGEGENDER_SERVE_AUTH"] == values["AGEGENDER_SERVE_AUTH"]
@@ -727,7 +730,7 @@ def test_serve_service_serves_the_champion_with_credentials(tmp_path: Path) -> N
     assert env["MLFLOW_TRACKING_PASSWORD"] == values["AGEGENDER_MLFLOW_READER_PASSWORD"]
     check = serve["healthcheck"]["test"]
     assert check[0] == "CMD-SHELL"
-    assert "http://127.0.0.1:5001/ping" in check[1]
+    assert "http://127.0.0.1:15001/ping" in check[1]
     assert "os.environ['AGEGENDER_SERVE_AUTH']" in check[1]  # the value never on a command line
     assert {k: v["condition"] for k, v in serve["depends_on"].items()} == {
         "mlflow": "service_healthy",
