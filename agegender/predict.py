@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agegender.cache import decode_image, square_resize
 from agegender.config import Config
@@ -150,6 +150,8 @@ def _open(source: str | io.BytesIO, max_pixels: int) -> Image.Image:
     """An opened image whose size was checked before any pixel is decoded."""
     try:
         return open_image(source, max_pixels)
+    except UnidentifiedImageError:  # its words name a file object's address
+        raise ValueError("not an image file (JPEG, PNG, ...)") from None
     except (OSError, SyntaxError) as exc:
         raise ValueError(f"not an image PIL can read ({type(exc).__name__}: {exc})") from None
 
@@ -260,16 +262,19 @@ def predict_photos(
     oversample: bool = False,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    probabilities: Callable[[UInt8, bool], dict[str, npt.NDArray[np.float32]]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Rows in photo order: one per face (or one saying why there is none). Faces of several
-    photos share a batch; `progress` gets the number of photos done."""
+    photos share a batch; `progress` gets the number of photos done. `probabilities` replaces
+    the predictor's own (the model server's batcher: faces of other requests join the pass)."""
+    forward = probabilities or predictor.probabilities
     pending: list[Photo] = []
     queued = done = 0
 
     def flush() -> Iterator[dict[str, Any]]:
         nonlocal done
         crops = [img for p in pending for _, img in p.faces]
-        probs = predictor.probabilities(np.stack(crops), oversample) if crops else {}
+        probs = forward(np.stack(crops), oversample) if crops else {}
         i = 0
         for p in pending:
             for row in p.rows():
