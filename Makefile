@@ -62,15 +62,15 @@ demo: venv
 	@echo "one row per face: $(DEMO)/predictions.jsonl (where the faces were drawn: $(DEMO)/photos/faces.csv)"
 
 # A registered model as a REST service (default: the demo's champion in the demo's MLflow store;
-# with MLFLOW_TRACKING_URI set, that server's). POST JSON to http://127.0.0.1:5001/invocations.
+# with MLFLOW_TRACKING_URI set, that server's): `agegender serve`, MLflow's scoring protocol on
+# http://127.0.0.1:5001 (/invocations, /ping, /model, /metrics). SERVE_ARGS: settings, e.g.
+# "max_photos=16 float_range=0..1" (README: Serving).
 SERVE_MODEL ?= models:/agegender-multitask@champion
 SERVE_PORT ?= 5001
+SERVE_ARGS ?=
 serve: venv
-	PATH="$(abspath $(BIN)):$$PATH" \
-	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(DEMO))/suite/mlflow.db}" \
-	    $(BIN)/python -m deployments.services $(BIN)/mlflow models serve -m $(SERVE_MODEL) \
-	    --env-manager local \
-	    --host 127.0.0.1 --port $(SERVE_PORT)
+	$(BIN)/agegender serve --model $(SERVE_MODEL) --run-root $(DEMO)/suite --port $(SERVE_PORT) \
+	    $(SERVE_ARGS)
 
 # The local service stack (S3, MLflow, Prefect server + worker) on 127.0.0.1; S3 credentials from
 # the environment or .env (see .env.example). PIDs and logs under runs/stack.

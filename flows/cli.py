@@ -42,6 +42,7 @@ from deployments.services import (
     prefect_lost,
 )
 from flows.settings import SuiteRun
+from serving import cli as serve_cli
 from tracking import TrackingError
 
 DB_VARS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_commands(sub, predict=False)  # `predict` is ours: it also takes model URIs
     add_commands(sub)
     ops_cli.add_commands(sub)
+    serve_cli.add_commands(sub)
     return parser
 
 

@@ -411,3 +411,39 @@ def mlflow_serving(root: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with serving(cmd, env, root, root / "server.log", f"http://127.0.0.1:{port}/health") as proc:
         yield proc
+
+
+SERVED_NAME = "agegender-served"
+
+
+@pytest.fixture(scope="session")
+def served_model_uri(
+    small_synth: SynthResult, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A tiny trained model as the suite leaves one: a fold run (with its `config_hash` tag)
+    that logged it as an MLflow pyfunc, registered as `agegender-served@champion` in a local
+    SQLite store under `run_root`. For the model-server tests (`agegender serve`)."""
+    from agegender.config import load_config
+    from agegender.train import train_fold
+    from tracking.store import Tracker
+
+    root = tmp_path_factory.mktemp("served")
+    build_cache(small_synth.out, root / "cache", config=CacheConfig(image_size=56, workers=1))
+    config = load_config(None, [*TINY_TRAIN[:-2], "train.iterations=2", "train.tencrop=false"])
+    checkpoint = train_fold(root / "cache", 0, config, root / "fold").out_dir / "best.pt"
+    run_root = root / "runs"
+    tracker = Tracker("served", run_root)
+    run_id = tracker.start("fold 0", {"kind": "fold", "config_hash": config.hash()})
+    model_id = tracker.log_pyfunc(run_id, checkpoint, "multitask-fold0", {"fold": 0})
+    version = tracker.register(run_id, "multitask-fold0", SERVED_NAME, {}, None, model_id)
+    tracker.set_alias(SERVED_NAME, "champion", version)
+    tracker.finish(run_id)
+    return {
+        "uri": f"models:/{SERVED_NAME}@champion",
+        "run_root": run_root,
+        "name": SERVED_NAME,
+        "version": version,
+        "run_id": run_id,
+        "config_hash": config.hash(),
+        "checkpoint": checkpoint,
+    }

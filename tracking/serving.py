@@ -28,6 +28,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -354,3 +355,97 @@ def input_example() -> Any:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, format="JPEG", quality=80)
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()], "detect": [False]})
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What `agegender serve` serves and says it serves (`GET /model`): the model's folder and
+    checkpoint, and where it came from in the registry (None where a local folder has no such
+    thing)."""
+
+    folder: Path
+    checkpoint: Path
+    uri: str
+    name: str | None
+    version: str | None
+    alias: str | None
+    run_id: str | None
+    config_hash: str | None
+    input_schema: Any | None
+
+
+def served_model(uri: str, run_root: Path, dst: Path) -> ServedModel:
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH` (downloaded under `dst`
+    through `tracking.store`) or a local model folder (an MLflow model's, or a run folder or
+    `best.pt`). The config hash is the run's `config_hash` tag (a fold run's), else the
+    checkpoint's own config's. Unknown models and unreachable stores are one ValueError line."""
+    from mlflow.exceptions import MlflowException
+
+    from tracking import TrackingError
+    from tracking.store import Tracker, store_uri
+
+    name = version = alias = run_id = None
+    config_hash: str | None = None
+    if uri.startswith(("models:/", "runs:/")):
+        store = store_uri(run_root)
+        if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+            raise ValueError(
+                f"--model {uri}: no MLflow store at {store}; set MLFLOW_TRACKING_URI or "
+                "--run-root to the suite's"
+            )
+        try:
+            tracker = Tracker(None, run_root)
+            if uri.startswith("models:/"):
+                found = tracker.model_version(uri)
+                name, version, run_id = found.name, str(found.version), found.run_id
+                alias = uri.partition("@")[2] or None
+            else:
+                run_id = tracker.run_of(uri)
+            if run_id:
+                config_hash = tracker.get(run_id).tags.get("config_hash")
+            folder = tracker.download(uri, dst)
+        except MlflowException as exc:
+            raise ValueError(f"--model {uri}: {_first_line(exc.message)}") from None
+        except TrackingError as exc:
+            raise ValueError(f"--model {uri}: {exc}") from None
+    else:
+        folder = Path(uri)
+    checkpoint = _checkpoint(folder)
+    if checkpoint is None:
+        raise ValueError(
+            f"--model {uri}: no best.pt in {folder} (expected an MLflow model folder with "
+            "artifacts/best.pt, a run folder or a best.pt)"
+        )
+    input_schema = None
+    if (folder / "MLmodel").is_file():
+        from mlflow.models import Model
+
+        info = Model.load(str(folder))
+        input_schema = info.get_input_schema()  # type: ignore[no-untyped-call]
+        run_id = run_id or info.run_id
+    if config_hash is None:
+        config_hash = _checkpoint_config_hash(checkpoint)
+    return ServedModel(
+        folder, checkpoint, uri, name, version, alias, run_id, config_hash, input_schema
+    )
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+
+
+def _checkpoint(folder: Path) -> Path | None:
+    for candidate in (folder / "artifacts" / "best.pt", folder / "best.pt", folder):
+        if candidate.is_file() and candidate.suffix == ".pt":
+            return candidate
+    return None
+
+
+def _checkpoint_config_hash(checkpoint: Path) -> str | None:
+    from agegender.config import Config
+    from agegender.train import load_checkpoint
+
+    try:
+        return Config.model_validate(load_checkpoint(checkpoint)["config"]).hash()
+    except (KeyError, ValueError, TypeError):
+        return None

@@ -427,6 +427,10 @@ class Tracker:
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self._retry(lambda: self.client.set_registered_model_alias(name, alias, version))
 
+    def model_version(self, uri: str) -> ModelVersion:
+        """The registered version behind `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+        return self._version(uri)
+
     def _version(self, uri: str) -> ModelVersion:
         name, sep, alias = uri.removeprefix("models:/").partition("@")
         if sep:
