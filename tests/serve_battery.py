@@ -194,12 +194,19 @@ def send(
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(text.encode("latin-1") + b"\r\n")
+        answered = False
         try:
             for piece in pieces:
-                if select.select([sock], [], [], 0)[0]:
-                    break  # an answer (or a close) before the whole body
-                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-                sent += len(piece)
+                data = memoryview(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                while data and not answered:
+                    readable, writable, _ = select.select([sock], [sock], [], timeout)
+                    answered = bool(readable)  # an answer (or a close) before the whole body
+                    if writable and not answered:
+                        n = sock.send(data[: 1 << 16])
+                        data = data[n:]
+                        sent += n
+                if answered:
+                    break
             else:
                 if chunked:
                     sock.sendall(b"0\r\n\r\n")
@@ -356,6 +363,10 @@ class Battery:
         result = Result(name, status, seconds, peak, ok)
         result.sent = max(r.sent for r in replies)
         result.answer_bytes = max(len(r.body) for r in replies)
+        print(
+            f"{name}: {status}, {seconds:.1f} s, {peak / MiB:+.0f} MiB, good after: {ok}",
+            flush=True,
+        )
         for reply in replies[:1]:
             result.notes.append(reply.body[:300].decode("utf-8", "replace"))
         return result

@@ -7,16 +7,14 @@ after the mixed requests (200 here; benchmarks/serve_battery.py sends 2,000)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, serving
+from tests.conftest import REPO, free_port, serving
 from tests.serve_battery import Battery, GiB, Result, table
+from tests.test_serve import _env, _serve_cmd
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -25,16 +23,17 @@ MIXED = 200
 
 @pytest.fixture(scope="module")
 def battery(
-    served_model_uri: str, photos: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+    served_model_uri: dict[str, Any],
+    photos: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Battery, dict[str, Result], int]]:
-    """One server for the module, the whole battery run once; its table printed."""
-    work = tmp_path_factory.mktemp("battery")
+    """One server with the default limits for the module, the whole battery run once; its
+    table printed."""
+    log = tmp_path_factory.mktemp("battery") / "serve.log"
     port = free_port()
-    bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "agegender"), "serve", "--model", served_model_uri, "--port", str(port)]
-    env = dict(os.environ) | {"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    probe = f"http://127.0.0.1:{port}/ping"
-    with serving(cmd, env, work, work / "server.log", probe) as proc:
+    with serving(
+        _serve_cmd(served_model_uri, port), _env(), REPO, log, f"http://127.0.0.1:{port}/ping"
+    ) as proc:
         run = Battery(port, proc.pid, (photos["dir"] / "two.jpg").read_bytes())
         run.start()
         results, final = run.run(MIXED)
