@@ -78,6 +78,10 @@ RUN pip install --no-cache-dir --no-deps . \
 
 USER 10001:10001
 
+# /app is root's: the server runs in its user's home, where the run root it makes (`runs/suite`,
+# unused with an MLflow server) can be written; the model's download goes to /tmp.
+WORKDIR /home/agegender
+
 EXPOSE 5001
 
 # /ping answers 200 once the model is loaded and one warm-up prediction ran. The credentials
