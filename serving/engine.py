@@ -159,6 +159,9 @@ class Engine:
             with self._lock:
                 self._in_flight -= 1
                 self._lock.notify_all()
+                idle = self._in_flight == 0
+            if idle and _LIBC is not None:  # what the requests freed, back to the system
+                _LIBC.malloc_trim(0)
 
     def close(self) -> None:
         with self._lock:

@@ -379,7 +379,8 @@ def test_the_serve_profile_answers_with_the_champion(compose_stack: ComposeStack
     t0 = time.monotonic()
     up = st.compose("--profile", "serve", "up", "-d", "--no-build", "--pull", "never", "--wait",
                     "--wait-timeout", "600", "serve")  # fmt: skip
-    assert up.returncode == 0, up.stdout + up.stderr + _logs(st)
+    serve_logs = st.compose("--profile", "serve", "logs", "--no-color", "--tail", "40", "serve")
+    assert up.returncode == 0, up.stdout + up.stderr + serve_logs.stdout
     _record("serve_up_s", round(time.monotonic() - t0))
     try:
         url = f"http://127.0.0.1:{PORTS['SERVE_PORT']}"
