@@ -66,6 +66,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); o
 COPY README.md ./
 COPY agegender/ agegender/
 COPY tracking/ tracking/
+COPY serving/ serving/
 COPY tasks/ tasks/
 COPY flows/ flows/
 COPY deployments/ deployments/

@@ -24,8 +24,8 @@ def add_commands(sub: Any) -> None:
         epilog="Settings (key=value, e.g. max_photos=16): "
         "model, run_root, host, port, allowed_hosts, device, detect, oversample, float_range, "
         "max_request_bytes, max_body_bytes_in_flight, max_photos, max_photo_pixels, "
-        "max_request_pixels, decode_workers, deadline_s, upload_timeout_s, batch_window_ms, "
-        "max_batch (README: Serving).",
+        "max_request_pixels, decode_workers, max_decode_pixels, deadline_s, upload_timeout_s, "
+        "batch_window_ms, max_batch (README: Serving).",
     )
     s.add_argument(
         "--model",

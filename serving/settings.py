@@ -39,6 +39,9 @@ class ServeSettings(BaseModel):
     max_photo_pixels: int = Field(50_000_000, gt=0, description="per photo, from its header")
     max_request_pixels: int = Field(100_000_000, gt=0, description="all photos of a request")
     decode_workers: int = Field(2, gt=0, description="requests parsed and decoded at once")
+    max_decode_pixels: int = Field(
+        50_000_000, gt=0, description="pixels decoded at once over all requests (~17 B each)"
+    )
     deadline_s: float = Field(30.0, gt=0, description="a request's time from arrival to answer")
     upload_timeout_s: float = Field(10.0, gt=0, description="408 if the body is not in by then")
     batch_window_ms: float = Field(

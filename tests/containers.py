@@ -273,6 +273,15 @@ def build_all(client: Any, logs: Path) -> dict[str, float]:
         CPU_TORCH,
         log=logs / "worker.log",
     )
+    # the worker's instructions first, word for word, with its build arguments: its layers again
+    took["agegender-serve:latest"] = build(
+        client,
+        DOCKER / "serve.Dockerfile",
+        REPO,
+        "agegender-serve:latest",
+        CPU_TORCH,
+        log=logs / "serve.log",
+    )
     return took
 
 

@@ -13,6 +13,7 @@ reads comes back through the servers' APIs, as a user would read it.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
@@ -32,6 +33,7 @@ from unittest import mock
 import pytest
 import yaml
 
+from agegender.labels import GENDERS
 from agegender.synth.adience import write_synthetic
 from deployments.prefect_api import PrefectApi
 from deployments.provision import deploy_env, prefect_cli
@@ -44,7 +46,7 @@ from tests.test_netns import _send
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 
-PORTS = {"PREFECT_PORT": "14200", "MLFLOW_PORT": "15000", "S3_PORT": "18333"}
+PORTS = {"PREFECT_PORT": "14200", "MLFLOW_PORT": "15000", "S3_PORT": "18333", "SERVE_PORT": "15001"}
 HEARTBEAT_S = 30  # Prefect's minimum: CRASHED after 90 s without one
 ARTIFACTS = REPO / "runs" / "test-artifacts"
 SUBNET = "198.19.10.0/24"  # compose's network (the engine's pool holds the rest)
@@ -190,6 +192,7 @@ def _values(engine: containers.Engine, data: Path) -> dict[str, str]:
     values = {k: v for k, v in _read_env(ENV_EXAMPLE).items() if v != "change-me"}
     values |= {name: secrets.token_hex(16) for name in SECRETS}
     values["PREFECT_API_AUTH_STRING"] = f"agegender:{secrets.token_hex(16)}"  # user:password
+    values["AGEGENDER_SERVE_AUTH"] = f"serve:{secrets.token_hex(16)}"
     values |= PORTS | {
         "DATA_DIR": str(data),
         "DOCKER_SOCKET": str(engine.sock),
@@ -223,7 +226,7 @@ def compose_stack(engine: containers.Engine, images: dict[str, Any]) -> Iterator
         _deploy_cpu_variant(st)
         yield st
     finally:
-        st.compose("down", "-v", "--remove-orphans", "--timeout", "20")
+        st.compose("--profile", "serve", "down", "-v", "--remove-orphans", "--timeout", "20")
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -361,6 +364,53 @@ def test_a_suite_runs_its_fold_in_a_flow_run_container(compose_stack: ComposeSta
     for name in ("best.pt", "result.json"):
         tail = f"/{exp.experiment_id}/{fold.info.run_id}/artifacts/{name}"
         assert any(k.endswith(tail) for k in keys), (tail, keys[:20])
+
+
+def test_the_serve_profile_answers_with_the_champion(compose_stack: ComposeStack) -> None:
+    """Issue 29 item 8: `--profile serve` starts the serving image on the champion the suite
+    above registered, read from the compose MLflow as its reader; healthy once /ping answers (a
+    warm-up prediction ran); from the host it refuses a request without credentials (401) and
+    answers one with them in MLflow's format, saying which model version it serves."""
+    from mlflow.tracking import MlflowClient
+
+    st = compose_stack
+    with mock.patch.dict(os.environ, st.mlflow_env("reader")):
+        champion = MlflowClient().get_model_version_by_alias("agegender-multitask", "champion")
+    t0 = time.monotonic()
+    up = st.compose("--profile", "serve", "up", "-d", "--no-build", "--pull", "never", "--wait",
+                    "--wait-timeout", "600", "serve")  # fmt: skip
+    serve_logs = st.compose("--profile", "serve", "logs", "--no-color", "--tail", "40", "serve")
+    assert up.returncode == 0, up.stdout + up.stderr + serve_logs.stdout
+    _record("serve_up_s", round(time.monotonic() - t0))
+    try:
+        url = f"http://127.0.0.1:{PORTS['SERVE_PORT']}"
+        photo = next(st.data.glob("adience/aligned/*/*.jpg")).read_bytes()
+        body = json.dumps(
+            {"dataframe_records": [{"image": base64.b64encode(photo).decode(), "detect": False}]}
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 401
+        login = basic_auth(st.values["AGEGENDER_SERVE_AUTH"])
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers=headers | login)
+        with urllib.request.urlopen(request, timeout=300) as r:
+            (row,) = json.load(r)["predictions"]
+        assert (row["image"], row["status"], row["error"]) == (0, "whole image", None), row
+        assert row["age"] in row["age_probs"], row
+        assert row["gender"] in GENDERS, row
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{url}/model", headers=login), timeout=60
+        ) as r:
+            served = json.load(r)
+        assert (served["name"], str(served["version"]), served["run_id"]) == (
+            "agegender-multitask",
+            champion.version,
+            champion.run_id,
+        ), served
+    finally:
+        st.compose("--profile", "serve", "rm", "--stop", "--force", "serve")
 
 
 # Who marks the killed fold CRASHED: with its worker alive, the worker, from the container's exit

@@ -36,6 +36,7 @@ SECRETS = (
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
     "AGEGENDER_MLFLOW_WORKER_PASSWORD",
     "AGEGENDER_MLFLOW_READER_PASSWORD",
+    "AGEGENDER_SERVE_AUTH",
 )
 REQUIRED = (*SECRETS, "DATA_DIR", "DOCKER_GID")
 ONE_SHOT = {"s3-init", "mlflow-users", "prefect-init"}
@@ -124,10 +125,11 @@ def _sentinels() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """compose.yaml resolved by Docker Compose itself (interpolated, merged, normalised)."""
+    """compose.yaml resolved by Docker Compose itself (interpolated, merged, normalised), with
+    the profile `serve` on: every check below covers the model server too."""
     tmp = tmp_path_factory.mktemp("compose")
     env_file = _write_env(tmp / "sentinel.env", _sentinels())
-    res = _compose(tmp, env_file, "config", "--format", "json", check=True)
+    res = _compose(tmp, env_file, "--profile", "serve", "config", "--format", "json", check=True)
     data: dict[str, Any] = json.loads(res.stdout)
     return data
 
@@ -166,6 +168,7 @@ def test_services(config: dict[str, Any]) -> None:
         "mlflow-users",
         "prefect-init",
         "worker",
+        "serve",
         *DOORS,
     }
 
@@ -193,7 +196,8 @@ def test_ports_on_loopback_only_and_healthchecks_everywhere(config: dict[str, An
     published = [
         port for service in config["services"].values() for port in service.get("ports", [])
     ]
-    assert len(published) == 3  # S3, the Prefect UI/API and MLflow; PostgreSQL stays internal
+    # S3, the Prefect UI/API, MLflow and the model server; PostgreSQL stays internal
+    assert len(published) == 4
 
 
 def test_only_the_front_doors_publish_ports(tmp_path: Path) -> None:
@@ -443,7 +447,11 @@ def _hadolint(tmp_path: Path, dockerfile: Path) -> subprocess.CompletedProcess[s
 
 
 def test_the_dockerfiles_are_found() -> None:
-    assert [path.name for path in DOCKERFILES] == ["mlflow.Dockerfile", "worker.Dockerfile"]
+    assert [path.name for path in DOCKERFILES] == [
+        "mlflow.Dockerfile",
+        "serve.Dockerfile",
+        "worker.Dockerfile",
+    ]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
@@ -474,8 +482,10 @@ def test_images_run_as_a_non_root_user_without_telemetry(dockerfile: Path) -> No
             assert f"{key}={value}" in text, (dockerfile.name, key)
 
 
-def test_worker_image_copies_every_package_through_its_dockerignore() -> None:
-    dockerfile = (DOCKER / "worker.Dockerfile").read_text()
+@pytest.mark.parametrize("image", ["worker", "serve"])
+def test_image_copies_every_package_through_its_dockerignore(image: str) -> None:
+    """`agegender` (flows/cli.py) imports every package, `serve` included."""
+    dockerfile = (DOCKER / f"{image}.Dockerfile").read_text()
     copied = {
         match.group(1).rstrip("/")
         for match in re.finditer(r"^COPY\s+(\S+)\s+\S+\s*$", dockerfile, re.MULTILINE)
@@ -486,11 +496,15 @@ def test_worker_image_copies_every_package_through_its_dockerignore() -> None:
         for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
     assert packages <= copied, f"packages the image would miss: {packages - copied}"
-    ignore = (DOCKER / "worker.Dockerfile.dockerignore").read_text().splitlines()
+    ignore = (DOCKER / f"{image}.Dockerfile.dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "*" in ignore  # everything else stays out of the build context
     assert copied <= allowed, f"copied but not in the build context: {copied - allowed}"
-    assert 'CMD ["prefect", "worker", "start", "--pool", "gpu", "--type", "docker"' in dockerfile
+    cmd = {
+        "worker": 'CMD ["prefect", "worker", "start", "--pool", "gpu", "--type", "docker"',
+        "serve": 'CMD ["agegender", "serve", "--model", "models:/agegender-multitask@champion"',
+    }
+    assert cmd[image] in dockerfile
 
 
 def test_worker_image_installs_prefect_docker() -> None:
@@ -662,3 +676,67 @@ def test_servers_ask_for_credentials_and_listen_on_the_given_address(tmp_path: P
     assert users["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     script = config["configs"]["mlflow-users"]["file"]
     assert Path(script) == REPO / "deployments" / "mlflow_users.py"
+
+
+# --- the model server (profile `serve`) ---------------------------------------------------------
+
+
+def test_serve_image_shares_the_worker_images_layers() -> None:
+    """Every instruction of serve.Dockerfile before its code is the worker's, word for word: the
+    builder reuses the worker's torch and requirements layers (seconds, no second copy)."""
+
+    def instructions(name: str) -> list[str]:
+        text = (DOCKER / name).read_text().replace("\\\n", " ")
+        lines = [ln.strip() for ln in text.splitlines()]
+        return [ln for ln in lines if ln and not ln.startswith("#")]
+
+    worker, serve = instructions("worker.Dockerfile"), instructions("serve.Dockerfile")
+    shared = serve.index("COPY README.md ./")
+    assert shared > 5
+    assert serve[:shared] == worker[:shared]
+    assert any("pip install" in line and "requirements" in line for line in serve[:shared])
+
+
+def test_serve_service_serves_the_champion_with_credentials(tmp_path: Path) -> None:
+    """Only with `--profile serve`: `agegender serve` on the champion from the compose MLflow
+    (as its reader), published on $LISTEN by itself (it checks Host, credentials and sizes
+    before a body is read), every request asking for AGEGENDER_SERVE_AUTH, healthy when /ping
+    answers (a warm-up prediction ran)."""
+    values = _sentinels() | {"LISTEN": "10.20.30.40", "SERVE_PORT": "15001"}
+    env_file = _write_env(tmp_path / "serve.env", values)
+    res = _compose(tmp_path, env_file, "config", "--format", "json", check=True)
+    assert "serve" not in json.loads(res.stdout)["services"]  # off without its profile
+    res = _compose(tmp_path, env_file, "--profile", "serve", "config", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    services = json.loads(res.stdout)["services"]
+    serve = services["serve"]
+    assert serve["profiles"] == ["serve"]
+    assert serve["build"]["dockerfile"] == "docker/serve.Dockerfile"
+    assert serve["image"] == "agegender-serve:latest"
+    command = serve["command"]
+    assert command[:2] == ["agegender", "serve"]
+    assert command[command.index("--model") + 1] == "models:/agegender-multitask@champion"
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    # the same port inside: the server checks the Host header's port against its own
+    assert command[command.index("--port") + 1] == "15001"
+    assert 'allowed_hosts=["10.20.30.40"]' in command  # Host: $LISTEN:$SERVE_PORT
+    assert [(p["host_ip"], p["published"], p["target"]) for p in serve["ports"]] == [
+        ("10.20.30.40", "15001", 15001)
+    ]
+    env = serve["environment"]
+    assert env["AGEGENDER_SERVE_AUTH"] == values["AGEGENDER_SERVE_AUTH"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "reader"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == values["AGEGENDER_MLFLOW_READER_PASSWORD"]
+    check = serve["healthcheck"]["test"]
+    assert check[0] == "CMD-SHELL"
+    assert "http://127.0.0.1:15001/ping" in check[1]
+    assert "os.environ['AGEGENDER_SERVE_AUTH']" in check[1]  # the value never on a command line
+    assert {k: v["condition"] for k, v in serve["depends_on"].items()} == {
+        "mlflow": "service_healthy",
+        "mlflow-users": "service_completed_successfully",
+    }
+    del values["AGEGENDER_SERVE_AUTH"]  # required: no server without credentials
+    env_file = _write_env(tmp_path / "noauth.env", values)
+    res = _compose(tmp_path, env_file, "--profile", "serve", "config", "--quiet")
+    assert "required variable AGEGENDER_SERVE_AUTH is missing a value" in res.stderr
