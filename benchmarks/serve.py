@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 make_model = importlib.import_module("predict").make_model  # benchmarks/predict.py's paper net
 
 
-def model_folder(root: Path, crop: int, image_size: int) -> Path:
+def model_folder(root: Path, crop: int, image_size: int, device: str) -> Path:
     """The pyfunc model folder `Tracker.log_model` logs (checkpoint, code, signature)."""
     import mlflow.pyfunc
 
@@ -54,15 +54,15 @@ def model_folder(root: Path, crop: int, image_size: int) -> Path:
         python_model=AgeGenderModel(),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(REPO / "agegender"), str(REPO / "tracking")],
-        model_config={"detect": True, "oversample": False, "device": "cpu"},
+        model_config={"detect": True, "oversample": False, "device": device},
         signature=signature(("age", "gender")),
         input_example=input_example(),
     )
     return path
 
 
-def cli_rate(checkpoint: Path, paths: list[str], repeat: int) -> float:
-    predictor = Predictor.load(checkpoint, "cpu")
+def cli_rate(checkpoint: Path, paths: list[str], repeat: int, device: str) -> float:
+    predictor = Predictor.load(checkpoint, device)
     detector = FaceDetector()
     list(predict_paths(predictor, paths, detector=detector))  # warm-up
     start = time.perf_counter()
@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=227)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3, help="CLI passes over the photos")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda[:N]: the CLI's and both servers'")
     ap.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
     ap.add_argument("settings", nargs="*", help="agegender serve key=value settings")
     a = ap.parse_args()
@@ -173,8 +174,8 @@ def main() -> None:
             group_photo(1 + i % 3, a.width, a.height, seed=i)[0].save(path, quality=90)
             paths.append(str(path))
         encoded = [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]
-        folder = model_folder(root, a.crop, a.image_size)
-        cli = cli_rate(root / "best.pt", paths, a.repeat)
+        folder = model_folder(root, a.crop, a.image_size, a.device)
+        cli = cli_rate(root / "best.pt", paths, a.repeat, a.device)
         print(f"CLI (agegender predict, in-process): {cli:.1f} photos/s steady")
         print(
             f"{'server':<22}{'clients':>8}{'photos/req':>11}{'photos/s':>10}{'x CLI':>7}"
@@ -182,7 +183,7 @@ def main() -> None:
         )
         port = free_port()
         cmd = [str(Path(sys.executable).with_name("agegender")), "serve", "--model", str(folder)]
-        cmd += ["--port", str(port), "--device", "cpu", *a.settings]
+        cmd += ["--port", str(port), "--device", a.device, *a.settings]
         with server(cmd, f"http://127.0.0.1:{port}", root / "serve.log") as url:
             for per in map(int, a.sizes.split(",")):
                 for clients in map(int, a.clients.split(",")):
