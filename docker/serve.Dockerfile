@@ -84,6 +84,10 @@ WORKDIR /home/agegender
 
 EXPOSE 5001
 
+# torch's idle OpenMP threads sleep instead of spinning, leaving the cores to the decode threads
+# (top-level README, "Workers, time-outs, limits")
+ENV OMP_WAIT_POLICY=PASSIVE
+
 # /ping answers 200 once the model is loaded and one warm-up prediction ran. The credentials
 # come from the environment (AGEGENDER_SERVE_AUTH, user:password), never the command line.
 HEALTHCHECK --interval=10s --timeout=10s --start-period=120s --retries=3 \
