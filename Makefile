@@ -69,7 +69,7 @@ SERVE_MODEL ?= models:/agegender-multitask@champion
 SERVE_PORT ?= 5001
 SERVE_ARGS ?=
 # OMP_WAIT_POLICY=PASSIVE: torch's idle OpenMP threads sleep instead of spinning, leaving the
-# cores to the decode threads (benchmarks/serve.py, 4 clients: 0.84/0.88 -> 0.99/1.02 x the CLI).
+# cores to the decode threads (benchmarks/serve.py, 4 and 16 clients: 0.66-0.87 -> 0.80-0.91 x the CLI).
 serve: venv
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/agegender serve --model $(SERVE_MODEL) --run-root $(DEMO)/suite --port $(SERVE_PORT) \
 	    $(SERVE_ARGS)
