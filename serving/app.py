@@ -113,21 +113,6 @@ class Budget:
             self.held -= n
 
 
-class Answered(Exception):
-    """A request refused by the gate: its status, our words, and how long to wait."""
-
-    def __init__(
-        self, status: int, kind: str, message: str, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message, self.retry_after = (
-            status,
-            kind,
-            message,
-            retry_after,
-        )
-
-
 def error_body(status: int, message: str) -> bytes:
     return json.dumps({"error_code": HTTPStatus(status).name, "message": message[:200]}).encode()
 
@@ -150,22 +135,9 @@ def build_app(
     expected_auth = basic_credentials(auth) if auth else None
     hosts = {settings.host.lower(), *LOOPBACK, *(h.lower() for h in settings.allowed_hosts)}
     model = dict(info) | {
+        # every setting but where it listens and what it serves: the limits in force
         "limits": settings.model_dump(
-            include={
-                "max_request_bytes",
-                "max_body_bytes_in_flight",
-                "max_photos",
-                "max_photo_pixels",
-                "max_request_pixels",
-                "decode_workers",
-                "deadline_s",
-                "upload_timeout_s",
-                "batch_window_ms",
-                "max_batch",
-                "float_range",
-                "detect",
-                "oversample",
-            }
+            exclude={"model", "run_root", "host", "port", "allowed_hosts", "device"}
         )
     }
 
@@ -211,7 +183,7 @@ def build_app(
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise Answered(499, "client_gone", "the client went away")
+                    raise Refused(499, "client_gone", "the client went away")
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > settings.max_request_bytes:
@@ -228,7 +200,7 @@ def build_app(
         try:
             await asyncio.wait_for(gather(), max(left, 0.0))
         except TimeoutError:
-            raise Answered(
+            raise Refused(
                 408,
                 "upload_timeout",
                 f"the request's body was not in within {settings.upload_timeout_s:g} s "
@@ -236,17 +208,17 @@ def build_app(
             ) from None
         return b"".join(chunks)
 
-    def too_large(size: int | None) -> Answered:
+    def too_large(size: int | None) -> Refused:
         got = f"{size} bytes" if size is not None else "more"
-        return Answered(
+        return Refused(
             413,
             "request_too_large",
             f"the request's body is {got}, over the limit of {settings.max_request_bytes} "
             "bytes (max_request_bytes); send fewer or smaller photos per request",
         )
 
-    def no_room() -> Answered:
-        return Answered(
+    def no_room() -> Refused:
+        return Refused(
             503,
             "busy_bodies",
             "the server holds as many request bodies as it may (max_body_bytes_in_flight); "
@@ -258,14 +230,14 @@ def build_app(
         arrival = scope["agegender.arrival"]
         raw_type = headers.get("content-type")
         if not raw_type:
-            raise Answered(
+            raise Refused(
                 415,
                 "content_type",
                 "no Content-Type: send application/json (MLflow's scoring formats) or text/csv",
             )
         media = raw_type.split(";")[0].strip().lower()
         if media not in MEDIA_TYPES:
-            raise Answered(
+            raise Refused(
                 415,
                 "content_type",
                 f"Content-Type {media[:60]!r} is not accepted: send application/json "
@@ -276,12 +248,12 @@ def build_app(
             try:
                 length = int(headers["content-length"])
             except ValueError:
-                raise Answered(400, "bad_length", "Content-Length is not a number") from None
+                raise Refused(400, "bad_length", "Content-Length is not a number") from None
             if length > settings.max_request_bytes:
                 raise too_large(length)
         wait = engine.expected_wait()
         if wait >= settings.deadline_s:
-            raise Answered(
+            raise Refused(
                 503,
                 "queue_full",
                 f"the queue would keep this request {wait:.1f} s, past its deadline of "
@@ -334,7 +306,7 @@ def build_app(
             await send({"type": "http.response.body", "body": body})
             sent["status"], sent["bytes"] = status, len(body)
 
-        async def refuse(exc: Answered | Refused) -> None:
+        async def refuse(exc: Refused) -> None:
             metrics.errors.labels(exc.kind).inc()
             extra: tuple[tuple[bytes, bytes], ...] = ()
             if exc.retry_after is not None:
@@ -347,7 +319,7 @@ def build_app(
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             if not host_ok(headers.get("host", "")):
-                raise Answered(400, "unknown_host", "unknown Host")
+                raise Refused(400, "unknown_host", "unknown Host")
             if expected_auth and path not in OPEN:
                 given = headers.get("authorization", "").encode("latin-1")
                 if not hmac.compare_digest(given, expected_auth):
@@ -359,9 +331,9 @@ def build_app(
                     )
                     return
             if path not in ROUTES:
-                raise Answered(404, "not_found", f"no such endpoint; try {', '.join(ROUTES)}")
+                raise Refused(404, "not_found", f"no such endpoint; try {', '.join(ROUTES)}")
             if method != ROUTES[path] and not (method == "HEAD" and ROUTES[path] == "GET"):
-                raise Answered(405, "method", f"{path} takes {ROUTES[path]}")
+                raise Refused(405, "method", f"{path} takes {ROUTES[path]}")
             if path == "/invocations":
                 rows = await invocations(scope, receive, headers)
                 body = json.dumps({"predictions": rows}).encode()
@@ -379,7 +351,7 @@ def build_app(
                 await respond(200, json.dumps(model | {"ready": engine.ready}).encode())
             else:
                 await respond(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-        except (Answered, Refused) as exc:
+        except Refused as exc:
             await refuse(exc)
         except Exception as exc:
             log.error("internal error on %s %s: %s", method, path, type(exc).__name__)

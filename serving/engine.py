@@ -207,9 +207,7 @@ class Engine:
             self._slots.release()
         seconds = time.monotonic() - start
         with self._lock:
-            self._decode_s = (
-                seconds if not self._decode_s else (1 - EMA) * self._decode_s + EMA * seconds
-            )
+            self._decode_s = _average(self._decode_s, seconds)
         return photos
 
     def _decode(self, body: bytes, content_type: str, deadline: float) -> list[Photo]:
@@ -366,9 +364,7 @@ class Engine:
         self.counts["faces_forwarded"] += faces
         per_face = (time.monotonic() - start) / faces
         with self._lock:
-            self._face_s = (
-                per_face if not self._face_s else (1 - EMA) * self._face_s + EMA * per_face
-            )
+            self._face_s = _average(self._face_s, per_face)
         k = 0
         for item in items:
             n = len(item.images)
