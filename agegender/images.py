@@ -57,4 +57,4 @@ def to_rgb(im: Image.Image) -> UInt8:
             "32-bit float pixels (mode F): no known 8-bit scale; save it with 8 or 16 bits "
             "per channel"
         )
-    return np.array(im.convert("RGB"))
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"))  # convert would copy RGB

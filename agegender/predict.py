@@ -165,7 +165,8 @@ def _decode(im: Image.Image) -> tuple[UInt8, float]:
                 k = DETECT_SIDE / max(im.size)
                 im.draft("RGB", (round(im.size[0] * k), round(im.size[1] * k)))
             scale = w / im.size[0]
-            rgb = to_rgb(ImageOps.exif_transpose(im))
+            ImageOps.exif_transpose(im, in_place=True)  # no copy: 4 bytes a pixel each
+            rgb = to_rgb(im)
     except ImageRefused:
         raise
     except Exception as exc:  # truncated or corrupt data shows only when decoding

@@ -2,13 +2,16 @@
 
     python benchmarks/serve.py [--photos 12] [--requests 8] [--crop 227 --image-size 256]
 
-One run: the CLI's steady photos/s (`predict_paths` in-process, after a warm-up pass), then
-`agegender serve` (a subprocess, default settings) at 1, 4 and 16 concurrent clients sending
-1- and 16-photo requests (each client `--requests` requests): photos/s, p50 and p99 of request
-latency, refusals, and the ratio to the CLI; then `mlflow models serve` on the same model folder
-(the old path) at 1 client for the p50 comparison. The model is the paper's net (its weights do
-not change the speed), saved as the pyfunc model folder the suite logs; photos are synthetic
-group photos (JPEG, 1-3 faces). Speeds are ratios within one run: the host is shared.
+One run, interleaved so that a shared host's drift falls on both sides of every ratio:
+- `agegender serve` (a subprocess, default settings) at 1, 4 and 16 concurrent clients sending
+  1- and 16-photo requests (each client `--requests` requests): photos/s, p50 and p99 of request
+  latency, refusals; each level's "x CLI" is against the mean of the CLI's steady photos/s
+  (`predict_paths` in-process, warm) measured just before and just after that level;
+- then, with `mlflow models serve` (the old path) up on the same model folder beside it, one
+  client sending 1-photo requests to the two servers in turn (`--pairs` pairs, same photo, order
+  alternating): both p50s and the median of the per-pair latency ratios.
+The model is the paper's net (its weights do not change the speed), saved as the pyfunc model
+folder the suite logs; photos are synthetic group photos (JPEG, 1-3 faces).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import base64
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,8 +29,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,14 +65,19 @@ def model_folder(root: Path, crop: int, image_size: int, device: str) -> Path:
     return path
 
 
-def cli_rate(checkpoint: Path, paths: list[str], repeat: int, device: str) -> float:
+def cli_meter(checkpoint: Path, paths: list[str], repeat: int, device: str) -> Callable[[], float]:
+    """A function measuring the CLI's steady photos/s now (warmed up once here)."""
     predictor = Predictor.load(checkpoint, device)
     detector = FaceDetector()
     list(predict_paths(predictor, paths, detector=detector))  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeat):
-        list(predict_paths(predictor, paths, detector=detector))
-    return repeat * len(paths) / (time.perf_counter() - start)
+
+    def rate() -> float:
+        start = time.perf_counter()
+        for _ in range(repeat):
+            list(predict_paths(predictor, paths, detector=detector))
+        return repeat * len(paths) / (time.perf_counter() - start)
+
+    return rate
 
 
 @contextmanager
@@ -151,6 +160,27 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
+def paired(ours: str, theirs: str, photos: list[str], pairs: int) -> dict[str, float]:
+    """One client, 1-photo requests to the two servers in turn (same photo, order alternating):
+    drift of a shared host falls on both; the median of the per-pair ratios is the comparison."""
+    bodies = [json.dumps({"dataframe_records": [{"image": p}]}).encode() for p in photos]
+    mine: list[float] = []
+    other: list[float] = []
+    for k in range(pairs):
+        body = bodies[k % len(bodies)]
+        order = [(ours, mine), (theirs, other)]
+        for url, out in order if k % 2 else order[::-1]:
+            status, seconds = post(url, body)
+            if status != 200:
+                raise SystemExit(f"{url} answered {status} to a good request")
+            out.append(seconds)
+    return {
+        "ours": statistics.median(mine),
+        "theirs": statistics.median(other),
+        "ratio": statistics.median(a / b for a, b in zip(mine, other, strict=True)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--photos", type=int, default=12, help="distinct photos")
@@ -164,9 +194,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="CLI passes over the photos")
     ap.add_argument("--device", default="cpu", help="cpu, cuda[:N]: the CLI's and both servers'")
     ap.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
+    ap.add_argument("--pairs", type=int, default=48, help="requests to each server, in turn")
     ap.add_argument("settings", nargs="*", help="agegender serve key=value settings")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         root = Path(tmp)
         paths = []
         for i in range(a.photos):
@@ -175,37 +206,42 @@ def main() -> None:
             paths.append(str(path))
         encoded = [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]
         folder = model_folder(root, a.crop, a.image_size, a.device)
-        cli = cli_rate(root / "best.pt", paths, a.repeat, a.device)
-        print(f"CLI (agegender predict, in-process): {cli:.1f} photos/s steady")
-        print(
-            f"{'server':<22}{'clients':>8}{'photos/req':>11}{'photos/s':>10}{'x CLI':>7}"
-            f"{'p50 s':>8}{'p99 s':>8}{'refused':>8}"
-        )
+        cli = cli_meter(root / "best.pt", paths, a.repeat, a.device)
         port = free_port()
         cmd = [str(Path(sys.executable).with_name("agegender")), "serve", "--model", str(folder)]
         cmd += ["--port", str(port), "--device", a.device, *a.settings]
-        with server(cmd, f"http://127.0.0.1:{port}", root / "serve.log") as url:
-            for per in map(int, a.sizes.split(",")):
-                for clients in map(int, a.clients.split(",")):
-                    r = load(url, encoded, clients, per, a.requests)
-                    print(
-                        f"{'agegender serve':<22}{clients:>8}{per:>11}{r['photos_s']:>10.1f}"
-                        f"{r['photos_s'] / cli:>7.2f}{r['p50']:>8.3f}{r['p99']:>8.3f}"
-                        f"{r['refused']:>8.0f}",
-                        flush=True,
-                    )
+        url = servers.enter_context(server(cmd, f"http://127.0.0.1:{port}", root / "serve.log"))
+        print(
+            f"{'server':<22}{'clients':>8}{'photos/req':>11}{'photos/s':>10}{'CLI':>7}{'x CLI':>7}"
+            f"{'p50 s':>8}{'p99 s':>8}{'refused':>8}"
+        )
+        before = cli()
+        for per in map(int, a.sizes.split(",")):
+            for clients in map(int, a.clients.split(",")):
+                r = load(url, encoded, clients, per, a.requests)
+                after = cli()
+                steady = (before + after) / 2
+                before = after
+                print(
+                    f"{'agegender serve':<22}{clients:>8}{per:>11}{r['photos_s']:>10.1f}"
+                    f"{steady:>7.1f}{r['photos_s'] / steady:>7.2f}{r['p50']:>8.3f}"
+                    f"{r['p99']:>8.3f}{r['refused']:>8.0f}",
+                    flush=True,
+                )
         if not a.no_mlflow:
             port = free_port()
             cmd = ["mlflow", "models", "serve", "-m", str(folder), "--env-manager", "local"]
             cmd += ["--host", "127.0.0.1", "--port", str(port)]
-            with server(cmd, f"http://127.0.0.1:{port}", root / "mlflow.log") as url:
-                r = load(url, encoded, 1, 1, a.requests)
-                print(
-                    f"{'mlflow models serve':<22}{1:>8}{1:>11}{r['photos_s']:>10.1f}"
-                    f"{r['photos_s'] / cli:>7.2f}{r['p50']:>8.3f}{r['p99']:>8.3f}"
-                    f"{r['refused']:>8.0f}",
-                    flush=True,
-                )
+            theirs = servers.enter_context(
+                server(cmd, f"http://127.0.0.1:{port}", root / "mlflow.log")
+            )
+            r = paired(url, theirs, encoded, a.pairs)
+            print(
+                f"1 client, 1-photo requests in turn ({a.pairs} each): agegender serve p50 "
+                f"{r['ours']:.3f} s, mlflow models serve p50 {r['theirs']:.3f} s, median ratio "
+                f"{r['ratio']:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

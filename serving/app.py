@@ -251,15 +251,7 @@ def build_app(
                 raise Refused(400, "bad_length", "Content-Length is not a number") from None
             if length > settings.max_request_bytes:
                 raise too_large(length)
-        wait = engine.expected_wait()
-        if wait >= settings.deadline_s:
-            raise Refused(
-                503,
-                "queue_full",
-                f"the queue would keep this request {wait:.1f} s, past its deadline of "
-                f"{settings.deadline_s:g} s (deadline_s); retry later",
-                wait - settings.deadline_s,
-            )
+        engine.admit(arrival + settings.deadline_s)  # before the body is read
         held = [0]
         if length is not None:
             if not budget.take(length):

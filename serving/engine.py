@@ -112,6 +112,7 @@ class Engine:
         self._face_s = 0.0  # seconds of forward pass per face (moving average)
         self._closed = False
         self._pixels_decoding = 0  # pixels of the photos being decoded now, over all requests
+        self._trim_due = False  # a request since the last idle trim had a big body
         _return_freed_memory()
         self._thread = threading.Thread(target=self._batcher, name="batcher", daemon=True)
         self._thread.start()
@@ -156,6 +157,9 @@ class Engine:
         """The request's rows, or Refused. Blocking; `deadline` is a `time.monotonic()` value."""
         with self._lock:
             self._in_flight += 1
+            # a big body leaves parsed objects in the heaps; an ordinary request leaves nothing
+            # worth a trim (1.2 ms, and the pages it hands back fault in again on the next pass)
+            self._trim_due |= len(body) >= MMAP_BYTES
         try:
             photos = self._decoded(body, content_type, deadline)
             return self._predicted(photos, deadline)
@@ -163,8 +167,12 @@ class Engine:
             with self._lock:
                 self._in_flight -= 1
                 self._lock.notify_all()
-                idle = self._in_flight == 0
-            if idle and _LIBC is not None:  # what the requests freed, back to the system
+                trim, self._trim_due = (
+                    (True, False)
+                    if self._in_flight == 0 and self._trim_due
+                    else (False, self._trim_due)
+                )
+            if trim and _LIBC is not None:  # what the requests freed, back to the system
                 _LIBC.malloc_trim(0)
 
     def close(self) -> None:
@@ -183,13 +191,22 @@ class Engine:
     def _busy(self, status: int, kind: str, message: str) -> Refused:
         return Refused(status, kind, message, retry_after=max(1.0, round(self.expected_wait(), 1)))
 
-    def _decoded(self, body: bytes, content_type: str, deadline: float) -> list[Photo]:
-        """Parse, check and decode in a slot; refused at once if the queue says it would not
-        start before its deadline."""
+    def admit(self, deadline: float) -> None:
+        """Refused (503 + Retry-After) if the queue says a request would not start before its
+        deadline: the app asks before reading the body, `answer` again once it is read."""
         wait = self.expected_wait()
         if time.monotonic() + wait > deadline:
             self.counts["refused_at_arrival"] += 1
-            raise self._busy(503, "busy", f"the server is busy: about {wait:.1f} s of work queued")
+            raise self._busy(
+                503,
+                "busy",
+                f"the server is busy: about {wait:.1f} s of work queued, past the deadline",
+            )
+
+    def _decoded(self, body: bytes, content_type: str, deadline: float) -> list[Photo]:
+        """Parse, check and decode in a slot; refused at once if the queue says it would not
+        start before its deadline."""
+        self.admit(deadline)
         with self._lock:
             self._waiting += 1
         try:
@@ -253,7 +270,8 @@ class Engine:
     @contextlib.contextmanager
     def _decoding(self, pixels: int, deadline: float) -> Iterator[None]:
         """Pixels decoded at once over all requests stay within `max_decode_pixels` (a decode
-        peaks near 17 bytes a pixel: a 49 MP PNG took +840 MiB, two at once +1.6 GiB); memory
+        peaks near 10 bytes a pixel: six 49 MP PNGs one after another +469 MiB; before the decode
+        stopped copying the image twice, 17 and +840 MiB, two at once +1.6 GiB); memory
         a big decode freed in a thread's malloc arena is handed back to the system (glibc
         keeps it otherwise: +544 MiB after two 49 MP decodes, 9 after malloc_trim)."""
         take = min(pixels, self.settings.max_decode_pixels)
@@ -332,13 +350,16 @@ class Engine:
 
     def _batcher(self) -> None:
         while (taken := self._take()) is not None:
-            now = time.monotonic()
+            with self._lock:  # a pass cannot stop: one that would end past a deadline is not run
+                ends = time.monotonic() + self._face_s * sum(len(i.images) for i in taken)
             live = []
             for item in taken:
-                if now > item.deadline:
+                if ends > item.deadline:
                     self.counts["dropped"] += 1
                     item.refused = self._busy(
-                        504, "deadline", "the request's deadline passed while it waited for the net"
+                        504,
+                        "deadline",
+                        "the request's deadline would pass before its forward pass ends",
                     )
                     item.done.set()
                 else:

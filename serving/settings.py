@@ -3,6 +3,7 @@ with a default sized for a small host; the README gives measured advice)."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,9 +39,13 @@ class ServeSettings(BaseModel):
     max_photos: int = Field(64, gt=0, description="photos per request")
     max_photo_pixels: int = Field(50_000_000, gt=0, description="per photo, from its header")
     max_request_pixels: int = Field(100_000_000, gt=0, description="all photos of a request")
-    decode_workers: int = Field(2, gt=0, description="requests parsed and decoded at once")
+    decode_workers: int = Field(
+        default_factory=lambda: min(32, os.cpu_count() or 1),
+        gt=0,
+        description="requests parsed and decoded at once (as `agegender predict`: the CPUs, <= 32)",
+    )
     max_decode_pixels: int = Field(
-        50_000_000, gt=0, description="pixels decoded at once over all requests (~17 B each)"
+        50_000_000, gt=0, description="pixels decoded at once over all requests (~10 B each)"
     )
     deadline_s: float = Field(30.0, gt=0, description="a request's time from arrival to answer")
     upload_timeout_s: float = Field(10.0, gt=0, description="408 if the body is not in by then")

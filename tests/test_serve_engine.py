@@ -174,6 +174,22 @@ def test_rows_are_the_cli_rows(
     assert as_float == as_int
     assert over[2] == "photo 0: float pixel values must be 0..1 (float_range), got 0.09 to 2.55"
 
+    # a photo without `detect` gets the server's default, even beside one that sets it (MLflow's
+    # cast of the column would make it True)
+    two = _b64((photos["dir"] / "two.jpg").read_bytes())
+    off = _engine(predictor, detect=False)
+    try:
+        rows = _ask(
+            off, {"dataframe_records": [{"image": two, "detect": True}, {"image": two}]}
+        ).rows
+    finally:
+        off.close()
+    assert [(r["image"], r["status"]) for r in rows] == [
+        (0, "face"),
+        (0, "face"),
+        (1, "whole image"),
+    ]
+
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that says it is width x height but holds a few bytes: decoding it would fail as
@@ -258,7 +274,7 @@ def test_concurrent_requests_share_forward_passes(
 
 def test_a_request_past_its_deadline_does_no_work(predictor: Predictor) -> None:
     """Waiting for a decode slot past the deadline: 503 with Retry-After, nothing decoded or
-    forwarded; faces whose deadline passed before the pass are dropped from it."""
+    forwarded; faces whose deadline would pass before the pass ends are dropped from it."""
     engine = _engine(predictor, decode_workers=1)
     photo = {"dataframe_records": [{"image": _b64(_png(np.zeros((32, 32, 3), np.uint8)))}]}
     try:
@@ -285,6 +301,14 @@ def test_a_request_past_its_deadline_does_no_work(predictor: Predictor) -> None:
             engine._forward(faces, False, time.monotonic() - 1)
         assert (dropped.value.status, dropped.value.kind) == (504, "deadline")
         assert engine.counts["dropped"] == 1
+        # a pass cannot be stopped: one measured to end past the deadline does not start
+        engine._face_s = 10.0  # seconds a face, as measured on a slow device
+        with pytest.raises(Refused) as would_end_late:
+            engine._forward(faces, False, time.monotonic() + 5)
+        assert would_end_late.value.message == (
+            "the request's deadline would pass before its forward pass ends"
+        )
+        assert engine.counts["dropped"] == 2
         for key in ("decodes", "passes", "faces_forwarded", "header_checks"):
             assert engine.counts[key] == counts[key], key
     finally:

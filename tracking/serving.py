@@ -157,11 +157,22 @@ def parse_request(body: bytes, content_type: str | None, input_schema: Any) -> A
     except UnicodeDecodeError as exc:
         raise RequestError(f"the body is not UTF-8 (byte {exc.start})") from None
     try:
+        flags = None
         if mime == "text/csv":
             data = parse_csv_input(io.StringIO(text))
         else:
-            data = infer_and_parse_data(_json_request(text), input_schema)
-        return data if input_schema is None else _enforce_schema(data, input_schema)
+            payload = _json_request(text)
+            flags = _raw_detects(next(v for k, v in payload.items() if k in FORMATS))
+            data = infer_and_parse_data(payload, input_schema)
+        parsed = data if input_schema is None else _enforce_schema(data, input_schema)
+        if (
+            flags is not None
+            and isinstance(parsed, pd.DataFrame)
+            and "detect" in parsed.columns
+            and len(flags) == len(parsed)
+        ):  # the cast made an absent flag True: the server's default decides, as the README says
+            parsed["detect"] = pd.Series(flags, index=parsed.index, dtype=object)
+        return parsed
     except RequestError:
         raise
     except MlflowException as exc:
